@@ -1,0 +1,50 @@
+# The README's commands: `make run` (agent + simulator + local broker) and `make test`.
+# Both set everything up from a fresh clone: venv, the Cython kernel, mosquitto.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+KERNEL := $(VENV)/.kernel-built
+KERNEL_SRC := agent/fusion/_kernel_py.py agent/fusion/_kernel.pxd
+# The compiled kernel is required unless the caller says otherwise (EBIKE_AGENT_BUILD_EXT=0).
+export EBIKE_AGENT_BUILD_EXT ?= 1
+
+.PHONY: setup broker run test test-compiled test-pure bench lint clean
+
+setup: $(KERNEL)
+
+$(INSTALLED): setup.py pyproject.toml
+	PYTHON=$(PYTHON) sh devtools/ensure-system.sh build
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(KERNEL): $(INSTALLED) $(KERNEL_SRC)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c 'from agent.fusion import kernel; print("fusion kernel in use:", kernel.BUILD)'
+	touch $@
+
+broker:
+	sh devtools/ensure-system.sh broker
+
+run: setup broker
+	$(PY) -m devtools.demo
+
+test: test-compiled test-pure
+
+test-compiled: setup broker
+	$(PY) -m pytest tests
+
+test-pure: setup broker
+	EBIKE_AGENT_PUREPYTHON=1 $(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m devtools.bench
+
+lint: setup
+	$(PY) -m ruff check agent firmware_sim devtools tests setup.py
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info agent/fusion/_kernel_py.c agent/fusion/*.so bench-results.json

@@ -1,0 +1,35 @@
+"""``ebike-agent status``: ask a running agent how it is doing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from agent import config
+from agent.cli.run import DEFAULT_CONFIG
+from agent.control.client import request
+
+
+def _line(st: dict[str, Any]) -> str:
+    ob, up = st["outbox"], st["uplink"]
+    sources = ", ".join(f"{s['name']}:{'up' if s['open'] else 'down'}" for s in st["sources"])
+    return (f"{st['device_id']} kernel={st['kernel']} {st['frames_per_s']:.0f} frames/s "
+            f"records={st['records_committed']} buffered={ob['records']} "
+            f"batches sent/acked={up['batches_sent']}/{up['batches_acked']} "
+            f"broker={'up' if up['connected'] else 'down'} sources=[{sources}]")
+
+
+def _status(args: argparse.Namespace) -> int:
+    path = args.socket or config.load(args.config).control_socket
+    st = request(path)["status"]
+    print(json.dumps(st, indent=1) if args.json else _line(st))
+    return 0
+
+
+def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="status of the running agent")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="find the control socket in this config")
+    p.add_argument("--socket", help="the agent's control socket (overrides --config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)

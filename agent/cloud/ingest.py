@@ -1,0 +1,100 @@
+"""The reference cloud-side consumer: what a fleet backend must do with our batches.
+
+Each record becomes one row, unique on (device, sequence), so a batch delivered twice
+(QoS 1 after a reconnect) is stored once; the set of sequence numbers per device
+shows gaps, which must never appear unless the device announced a drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+import cbor2
+
+from agent.errors import DecodeError, StoreError
+from agent.uplink.wire import decode_batch
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, t_ms INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (device, seq)
+);
+CREATE TABLE IF NOT EXISTS window_signals (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, t_ms INTEGER NOT NULL, dur_ms INTEGER NOT NULL,
+    signal INTEGER NOT NULL, count INTEGER NOT NULL, min REAL, max REAL, mean REAL, last REAL,
+    PRIMARY KEY (device, seq, signal)
+);
+"""
+
+
+class Ingest:
+    """Stores decoded batches; counts what arrived, twice, or broken."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.db = sqlite3.connect(path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {path}: {e}") from e
+        self.batches = 0
+        self.records = 0
+        self.duplicates = 0
+        self.bad_batches = 0
+        self.last_error = ""
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One MQTT message; a bad batch is counted and logged, never fatal."""
+        try:
+            device, records = decode_batch(payload)
+        except DecodeError as e:
+            self.bad_batches += 1
+            self.last_error = f"{topic}: {e}"
+            log.warning("bad batch on %s: %s", topic, e)
+            return
+        if topic.split("/")[-2:-1] != [device]:
+            self.bad_batches += 1
+            self.last_error = f"{topic}: device {device!r} does not match the topic"
+            return
+        with self.db:
+            for seq, rec in records:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
+                    (device, seq, rec["k"], rec["t"], cbor2.dumps(rec)),
+                )
+                if cur.rowcount == 0:
+                    self.duplicates += 1
+                    continue
+                self.records += 1
+                self.db.executemany(
+                    "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(device, seq, rec["t"], rec["d"], *row) for row in rec["s"]],
+                )
+        self.batches += 1
+
+    def gaps(self) -> dict[str, list[tuple[int, int]]]:
+        """Missing sequence ranges per device, between the first and last seen."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        rows = self.db.execute(
+            "SELECT device, seq, nxt FROM (SELECT device, seq, lead(seq) OVER (PARTITION BY device ORDER BY seq)"
+            " AS nxt FROM records) WHERE nxt > seq + 1"
+        )
+        for device, seq, nxt in rows:
+            out.setdefault(device, []).append((seq + 1, nxt - 1))
+        return out
+
+    def report(self) -> dict[str, Any]:
+        devices = {d: {"records": n, "first": lo, "last": hi} for d, n, lo, hi in self.db.execute(
+            "SELECT device, count(*), min(seq), max(seq) FROM records GROUP BY device")}
+        return {
+            "batches": self.batches, "records": self.records, "duplicates": self.duplicates,
+            "bad_batches": self.bad_batches, "devices": devices,
+            "gaps": {d: [list(g) for g in gs] for d, gs in self.gaps().items()},
+        }
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,240 @@
+"""The agent's configuration: one TOML file, checked against the schema below at start-up.
+
+Every key has a type, a default (or is required) and a check. Anything unknown or out
+of range refuses the start with ``<file>:<key>: <reason>``: a typo must not silently
+turn into a default on a vehicle nobody is watching.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from agent.errors import ConfigError
+
+SOURCE_KINDS = ("uart", "slcan")
+SLCAN_BITRATES = (10000, 20000, 50000, 100000, 125000, 250000, 500000, 800000, 1000000)
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    port: str
+    protocol: str
+    bitrate: int = 250000
+    baudrate: int = 115200
+    poll_interval: float = 0.0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password: str = ""
+    topic_prefix: str = "ebike/v1/{device_id}/"
+    keepalive: int = 30
+    max_inflight: int = 8
+    max_batch_records: int = 200
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: str = "/var/lib/ebike-agent/outbox.sqlite"
+    quota_mb: float = 256.0
+    commit_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    live: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    device_id: str
+    sources: tuple[SourceConfig, ...]
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    windows: WindowsConfig = field(default_factory=WindowsConfig)
+    control_socket: str = "/run/ebike-agent/control.sock"
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.broker.topic_prefix.format(device_id=self.device_id)
+
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _port(v: Any) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a TCP port, 1-65535"
+
+
+def _one_of(options: tuple[Any, ...]) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {', '.join(map(str, options))}"
+
+    return check
+
+
+def _protocol(v: str) -> str | None:
+    if v in ("bafang-can", "nmea") or (v.startswith("dbc:") and len(v) > 4):
+        return None
+    return "must be bafang-can, nmea or dbc:<path>"
+
+
+def _device_id(v: str) -> str | None:
+    return None if _DEVICE_ID.match(v) else "must be 1-64 of A-Z a-z 0-9 _ . - (no MQTT wildcards)"
+
+
+def _prefix(v: str) -> str | None:
+    if "+" in v or "#" in v:
+        return "must not contain MQTT wildcards"
+    return None if v.endswith("/") else "must end with '/'"
+
+
+# (key, type, default or REQUIRED, check)
+REQUIRED = object()
+Schema = tuple[tuple[str, type, Any, Check | None], ...]
+
+_SOURCE: Schema = (
+    ("name", str, REQUIRED, None),
+    ("kind", str, REQUIRED, _one_of(SOURCE_KINDS)),
+    ("port", str, REQUIRED, None),
+    ("protocol", str, REQUIRED, _protocol),
+    ("bitrate", int, 250000, _one_of(SLCAN_BITRATES)),
+    ("baudrate", int, 115200, _positive),
+    ("poll_interval", float, 0.0, _non_negative),
+)
+_BROKER: Schema = (
+    ("host", str, "127.0.0.1", None),
+    ("port", int, 1883, _port),
+    ("tls_ca", str, "", None),
+    ("tls_cert", str, "", None),
+    ("tls_key", str, "", None),
+    ("username", str, "", None),
+    ("password", str, "", None),
+    ("topic_prefix", str, "ebike/v1/{device_id}/", _prefix),
+    ("keepalive", int, 30, _positive),
+    ("max_inflight", int, 8, _positive),
+    ("max_batch_records", int, 200, _positive),
+)
+_OUTBOX: Schema = (
+    ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),
+    ("quota_mb", float, 256.0, _positive),
+    ("commit_interval", float, 1.0, _positive),
+)
+_WINDOWS: Schema = (("live", float, 1.0, _positive),)
+_TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows")
+
+
+def _table(path: str, where: str, raw: Any, schema: Schema) -> dict[str, Any]:
+    """Check one TOML table against its schema: types, defaults, ranges, unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(path, where, "must be a table")
+    known = {k for k, _, _, _ in schema}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(path, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for key, typ, default, check in schema:
+        name = f"{where}.{key}"
+        if key not in raw:
+            if default is REQUIRED:
+                raise ConfigError(path, name, "is required")
+            out[key] = default
+            continue
+        value = raw[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise ConfigError(path, name, f"must be {typ.__name__}, not {type(value).__name__}")
+        reason = check(value) if check else None
+        if reason:
+            raise ConfigError(path, name, reason)
+        out[key] = value
+    return out
+
+
+def parse(path: str, data: dict[str, Any]) -> Config:
+    """Validate an already-parsed TOML document; ``path`` only names it in errors."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(path, key, f"unknown key (known: {', '.join(_TOP_KEYS)})")
+    if "device_id" not in data:
+        raise ConfigError(path, "device_id", "is required")
+    device_id = data["device_id"]
+    if not isinstance(device_id, str) or _device_id(device_id):
+        raise ConfigError(path, "device_id", _device_id(str(device_id)) or "must be str")
+    raw_sources = data.get("sources", [])
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise ConfigError(path, "sources", "must be a non-empty array of tables ([[sources]])")
+    sources = []
+    for i, raw in enumerate(raw_sources):
+        src = SourceConfig(**_table(path, f"sources[{i}]", raw, _SOURCE))
+        if src.kind == "slcan" and src.protocol == "nmea":
+            raise ConfigError(path, f"sources[{i}].protocol", "an SLCAN adapter carries CAN, not NMEA")
+        if src.kind == "uart" and src.protocol != "nmea":
+            raise ConfigError(path, f"sources[{i}].protocol", "a UART source speaks nmea (CAN protocols need kind slcan or candump)")
+        if src.protocol.startswith("dbc:"):
+            src = replace(src, protocol="dbc:" + _resolve(path, src.protocol[4:]))
+        sources.append(src)
+    names = [s.name for s in sources]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(path, f"sources[{i}].name", f"duplicate source name {name!r}")
+    broker = BrokerConfig(**_table(path, "broker", data.get("broker", {}), _BROKER))
+    if bool(broker.tls_cert) != bool(broker.tls_key):
+        raise ConfigError(path, "broker.tls_cert", "tls_cert and tls_key go together")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = getattr(broker, key)
+        if value and not os.path.isfile(value):
+            raise ConfigError(path, f"broker.{key}", f"no such file: {value}")
+    outbox = OutboxConfig(**_table(path, "outbox", data.get("outbox", {}), _OUTBOX))
+    control = data.get("control_socket", "/run/ebike-agent/control.sock")
+    if not isinstance(control, str) or not control:
+        raise ConfigError(path, "control_socket", "must be a non-empty path")
+    return Config(
+        path=path,
+        device_id=device_id,
+        sources=tuple(sources),
+        broker=broker,
+        outbox=replace(outbox, path=_resolve(path, outbox.path)),
+        windows=WindowsConfig(**_table(path, "windows", data.get("windows", {}), _WINDOWS)),
+        control_socket=_resolve(path, control),
+    )
+
+
+def load(path: str) -> Config:
+    """Read and validate ``path``; every failure is a ConfigError naming file and key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "-", f"cannot read: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "-", f"not valid TOML: {e}") from e
+    return parse(path, data)
+
+
+def _resolve(path: str, value: str) -> str:
+    """Relative paths in a config file are relative to that file, not to the cwd."""
+    return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(path)), value)

@@ -1,0 +1,74 @@
+"""The technicians' door into a running agent: a Unix socket answering one JSON
+request per connection (``{"cmd": "status"}``), served from the agent's own loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import socket
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 0.5
+MAX_REQUEST = 4096
+
+
+class ControlServer:
+    """Listens on a Unix socket; each request is answered within REQUEST_TIMEOUT."""
+
+    def __init__(self, path: str, status: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.status = status
+        self.sock: socket.socket | None = None
+
+    def start(self, selector: selectors.BaseSelector) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o660)
+        self.sock.listen(4)
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, "control")
+
+    def handle(self, listener: Any) -> None:
+        """Answer one client; a slow or broken client costs at most REQUEST_TIMEOUT."""
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(REQUEST_TIMEOUT)
+            try:
+                request = json.loads(_read_line(conn) or b"{}")
+                reply = self._dispatch(request)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except (OSError, ValueError) as e:
+                log.info("control: dropped a client: %s", e)
+
+    def _dispatch(self, request: Any) -> dict[str, Any]:
+        cmd = request.get("cmd", "status") if isinstance(request, dict) else None
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        return {"ok": False, "error": f"unknown request {cmd!r}"}
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while b"\n" not in buf and len(buf) < MAX_REQUEST:
+        chunk = conn.recv(1024)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0]

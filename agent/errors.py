@@ -1,0 +1,55 @@
+"""The agent's one error tree, so callers can catch by meaning rather than by origin.
+
+    AgentError
+     +-- ConfigError            bad configuration: names the file, key and reason
+     +-- SourceError            a device or capture could not be used
+     |    +-- SourceUnavailableError   the device is absent now; retried with backoff
+     +-- DecodeError (+ValueError)     a frame or sentence is malformed
+     +-- StoreError             the outbox could not be read or written
+     +-- UplinkError            the broker link or a batch failed
+     +-- CommandRejected        a cloud command failed verification
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """A configuration file or value is unusable; the agent refuses to start."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        super().__init__(f"{path}:{key}: {reason}")
+        self.path = path
+        self.key = key
+        self.reason = reason
+
+
+class SourceError(AgentError):
+    """A source (serial port, CAN interface, capture file) failed."""
+
+
+class SourceUnavailableError(SourceError):
+    """The device is not there now; the source retries with backoff."""
+
+
+class DecodeError(AgentError, ValueError):
+    """Input bytes do not form a valid frame; counted and skipped, never fatal."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StoreError(AgentError):
+    """The durable outbox could not do what was asked."""
+
+
+class UplinkError(AgentError):
+    """Publishing to, or talking with, the broker failed."""
+
+
+class CommandRejected(AgentError):
+    """A command from the cloud failed verification and was not run."""

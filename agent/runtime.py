@@ -1,0 +1,235 @@
+"""Wires the data path: sources -> decode -> fusion kernel -> outbox -> uplink.
+
+One thread runs it all around a selector: a read of a port is parsed into a batch
+and handed to the kernel in one call; closed windows become records, committed to
+the outbox in groups; the uplink leases rows and deletes them on the broker's ack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import time
+import uuid
+from typing import Any, Callable
+
+import cbor2
+
+from agent import __version__
+from agent.config import Config, SourceConfig
+from agent.control.server import ControlServer
+from agent.dbc.compile import CompiledDbc, compile_dbc, profile_path
+from agent.errors import ConfigError, DecodeError
+from agent.fusion.kernel import BUILD, Kernel
+from agent.protocols.nmea import NmeaFramer, decode_sentence
+from agent.signals import BY_NAME, ID_SPACE
+from agent.sources import make_source
+from agent.sources.base import Source
+from agent.sources.slcan import SlcanSource
+from agent.store.outbox import LANE_LIVE, Outbox
+from agent.uplink.mqtt import Uplink
+from agent.uplink import wire
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_BYTES = 256 * 1024
+TICK = 0.1
+DRAIN_TIMEOUT = 5.0
+
+
+def dbc_for(protocol: str) -> str:
+    """The DBC behind a CAN protocol name: ``bafang-can`` or ``dbc:<path>``."""
+    return profile_path("bafang" if protocol == "bafang-can" else protocol[len("dbc:"):])
+
+
+class NmeaHandler:
+    """GNSS sentences to catalogue samples; bad sentences counted by reason."""
+
+    def __init__(self) -> None:
+        self.framer = NmeaFramer()
+        self.ok = 0
+        self.bad: dict[str, int] = {}
+
+    def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
+        ids: list[int] = []
+        values: list[float] = []
+        for sentence in self.framer.feed(data):
+            try:
+                decoded = decode_sentence(sentence)
+            except DecodeError as e:
+                reason = e.reason.split(":")[0]
+                self.bad[reason] = self.bad.get(reason, 0) + 1
+                continue
+            self.ok += 1
+            for name, value in decoded.items():
+                ids.append(BY_NAME[name].id)
+                values.append(value)
+        return kernel.feed_values(ids, [now] * len(ids), values)  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        return {"sentences": self.ok, "bad": dict(self.bad), "garbage_bytes": self.framer.garbage_bytes}
+
+
+class CanHandler:
+    """SLCAN text to frames to the kernel's compiled DBC tables, one kernel call per read."""
+
+    def __init__(self, source: SlcanSource) -> None:
+        self.parser = source.parser
+
+    def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
+        keys, datas = self.parser.feed(data)
+        return kernel.feed_frames(keys, datas, [now] * len(keys))  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        p = self.parser
+        return {"frames": p.frames, "bad": p.bad, "remote": p.remote, "adapter_errors": p.errors}
+
+
+Handler = NmeaHandler | CanHandler
+
+
+def _handler(cfg: SourceConfig, source: Source) -> Handler:
+    if cfg.protocol == "nmea":
+        return NmeaHandler()
+    assert isinstance(source, SlcanSource)
+    return CanHandler(source)
+
+
+def _one_dbc(cfg: Config) -> CompiledDbc | None:
+    """The kernel holds one set of CAN tables: every CAN source must share its DBC."""
+    paths = {dbc_for(s.protocol) for s in cfg.sources if s.protocol != "nmea"}
+    if len(paths) > 1:
+        raise ConfigError(cfg.path, "sources", "all CAN sources must use the same DBC for now")
+    return compile_dbc(paths.pop()) if paths else None
+
+
+class Runtime:
+    """The agent: owns every part of the path and the loop that drives them."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.boot_id = uuid.uuid4().hex
+        dbc = _one_dbc(cfg)
+        self.kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live)
+        if dbc is not None:
+            self.kernel.set_can_tables(*dbc.kernel_tables())
+        self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024))
+        self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
+                             birth=self._state(True), death=self._state(False))
+        self.sources = [make_source(s) for s in cfg.sources]
+        self.handlers = [_handler(c, s) for c, s in zip(cfg.sources, self.sources)]
+        self.selector = selectors.DefaultSelector()
+        self.control = ControlServer(cfg.control_socket, self.status)
+        self.pending: list[tuple[int, float, bytes]] = []
+        self.last_commit = time.monotonic()
+        self.records = 0
+        self.stopping = False
+        self.rate_mark = (time.monotonic(), 0)
+        self.frame_rate = 0.0
+
+    def _state(self, online: bool) -> bytes:
+        return cbor2.dumps({"online": online, "boot": self.boot_id, "version": __version__, "kernel": BUILD})
+
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Run until SIGTERM/SIGINT (or ``until()``), then flush and drain what can be sent."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.control.start(self.selector)
+        self.uplink.start()
+        log.info("agent %s up: kernel %s, %d sources", self.cfg.device_id, BUILD, len(self.sources))
+        try:
+            while not self.stopping and not until():
+                self.step(TICK)
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def step(self, timeout: float) -> None:
+        """One turn: (re)open sources, read what is ready, close windows, commit, send."""
+        for i, src in enumerate(self.sources):
+            if not src.is_open and src.poll_open():
+                self.selector.register(src.fileno(), selectors.EVENT_READ, i)
+        for key, _ in self.selector.select(timeout):
+            if key.data == "control":
+                self.control.handle(key.fileobj)
+                continue
+            self._read(key.data, key.fd)
+        now = time.time()
+        self._records(self.kernel.close_due(now), now)
+        self._commit(force=False)
+        self._send()
+        self._rate()
+
+    def _read(self, i: int, fd: int) -> None:
+        src = self.sources[i]
+        data = src.read()
+        if not src.is_open:
+            self.selector.unregister(fd)
+        if data:
+            now = time.time()
+            self._records(self.handlers[i].feed(data, now, self.kernel), now)
+
+    def _records(self, closed: list[Any], now: float) -> None:
+        for start, length, rows in closed:
+            self.pending.append((LANE_LIVE, start, wire.window_record(start, length, rows)))
+
+    def _commit(self, force: bool) -> None:
+        mono = time.monotonic()
+        if self.pending and (force or mono - self.last_commit >= self.cfg.outbox.commit_interval):
+            self.records += len(self.outbox.append(self.pending))
+            self.pending = []
+            self.last_commit = mono
+
+    def _send(self) -> None:
+        acked, failed = self.uplink.poll()
+        self.outbox.ack(acked)
+        self.outbox.release(failed)
+        while self.uplink.can_send():
+            batch = self.outbox.lease(self.cfg.broker.max_batch_records, MAX_BATCH_BYTES)
+            if not batch:
+                return
+            seqs = [seq for seq, _ in batch]
+            if not self.uplink.publish(seqs, wire.encode_batch(self.cfg.device_id, batch)):
+                self.outbox.release(seqs)
+                return
+
+    def _rate(self) -> None:
+        mono = time.monotonic()
+        mark_t, mark_frames = self.rate_mark
+        if mono - mark_t >= 1.0:
+            frames = self.kernel.frames + sum(h.ok for h in self.handlers if isinstance(h, NmeaHandler))
+            self.frame_rate = (frames - mark_frames) / (mono - mark_t)
+            self.rate_mark = (mono, frames)
+
+    def shutdown(self) -> None:
+        """Close the open window, commit it, give the uplink a moment to deliver, stop."""
+        now = time.time()
+        self._records(self.kernel.flush(), now)
+        self._commit(force=True)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while time.monotonic() < deadline and self.outbox.stats()["records"] and self.uplink.connected:
+            self._send()
+            time.sleep(0.02)
+        self._send()
+        self.uplink.stop(self._state(False))
+        for src in self.sources:
+            src.close()
+        self.control.close()
+        self.outbox.close()
+        log.info("agent stopped: %d records committed", self.records)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device_id": self.cfg.device_id, "version": __version__, "kernel": BUILD, "pid": os.getpid(),
+            "uptime": time.time() - self.started, "frames_per_s": self.frame_rate,
+            "records_committed": self.records, "records_pending": len(self.pending),
+            "fusion": self.kernel.counters(),
+            "sources": [dict(s.status(), protocol=c.protocol, decode=h.status())
+                        for c, s, h in zip(self.cfg.sources, self.sources, self.handlers)],
+            "outbox": self.outbox.stats(), "uplink": self.uplink.status(),
+        }

@@ -1,0 +1,62 @@
+"""A serial port through pyserial (the one module that imports it)."""
+
+from __future__ import annotations
+
+import serial
+
+from agent.config import SourceConfig
+from agent.errors import SourceUnavailableError
+from agent.sources.base import Source
+
+
+class UartSource(Source):
+    """A UART (USB-serial adapter, pty): non-blocking reads of whatever has arrived."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.port: serial.Serial | None = None
+
+    def fileno(self) -> int:
+        assert self.port is not None
+        return int(self.port.fileno())
+
+    def _open(self) -> None:
+        try:
+            self.port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=0, write_timeout=1.0)
+        except (serial.SerialException, OSError, ValueError) as e:
+            raise SourceUnavailableError(f"cannot open {self.cfg.port}: {e}") from e
+
+    def _read(self) -> bytes:
+        assert self.port is not None
+        try:
+            return bytes(self.port.read(max(self.port.in_waiting, 1)))
+        except (serial.SerialException, OSError) as e:
+            raise SourceUnavailableError(f"{self.cfg.port} lost: {e}") from e
+
+    def _close(self) -> None:
+        if self.port is not None:
+            self.port.close()
+            self.port = None
+
+    def write(self, data: bytes) -> None:
+        """Write all of ``data`` (commands, polls); a lost device is SourceUnavailableError."""
+        if self.port is None:
+            raise SourceUnavailableError(f"{self.cfg.port} is not open")
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except (serial.SerialException, OSError) as e:
+            raise SourceUnavailableError(f"{self.cfg.port} lost: {e}") from e
+
+    def read_reply(self, timeout: float) -> bytes:
+        """Block up to ``timeout`` s for one reply ending in CR or BEL (adapter handshakes)."""
+        if self.port is None:
+            raise SourceUnavailableError(f"{self.cfg.port} is not open")
+        self.port.timeout = timeout
+        try:
+            reply = bytes(self.port.read_until(b"\r", 64))
+        except (serial.SerialException, OSError) as e:
+            raise SourceUnavailableError(f"{self.cfg.port} lost: {e}") from e
+        finally:
+            self.port.timeout = 0
+        return reply

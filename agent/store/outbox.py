@@ -1,0 +1,174 @@
+"""The durable outbox: every record waits here, in SQLite, until the broker has it.
+
+Records get a per-device sequence number in the same transaction that stores them;
+the next number lives in its own row, so it survives restarts and the deletion of
+acknowledged rows, and is never reused. Rows are leased to the uplink while a
+message carrying them is in flight and deleted only on the broker's acknowledgement;
+a lease lives in memory only, so after a crash everything unacknowledged is sent
+again (the cloud drops duplicates by device and sequence).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Iterable
+
+from agent.errors import StoreError
+
+LANE_ALARM = 0
+LANE_LIVE = 1
+LANE_EVENT = 2
+LANE_HISTORY = 3
+LANES = {"alarm": LANE_ALARM, "live": LANE_LIVE, "event": LANE_EVENT, "history": LANE_HISTORY}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    lane INTEGER NOT NULL,
+    t REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_lane_seq ON records (lane, seq);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('last_acked', 0);
+"""
+
+
+class Outbox:
+    """SQLite outbox in WAL mode; one writer (the agent's main loop)."""
+
+    def __init__(self, path: str, quota_bytes: int) -> None:
+        self.path = path
+        self.quota_bytes = quota_bytes
+        self.dropped = 0
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open outbox {path}: {e}") from e
+        self.leased: set[int] = set()
+        self.appended = 0
+        self.acked = 0
+
+    def append(self, records: Iterable[tuple[int, float, bytes]]) -> list[int]:
+        """Store ``(lane, time, body)`` records in one transaction; returns their sequence numbers."""
+        rows = list(records)
+        if not rows:
+            return []
+        try:
+            with self._transaction():
+                (first,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+                seqs = list(range(first, first + len(rows)))
+                self.db.executemany(
+                    "INSERT INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)",
+                    [(seq, lane, t, body) for seq, (lane, t, body) in zip(seqs, rows)],
+                )
+                self.db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (first + len(rows),))
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: append failed: {e}") from e
+        self.appended += len(rows)
+        self._enforce_quota()
+        return seqs
+
+    def _size(self) -> int:
+        (pages,) = self.db.execute("PRAGMA page_count").fetchone()
+        (free,) = self.db.execute("PRAGMA freelist_count").fetchone()
+        (page,) = self.db.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * page)
+
+    def _enforce_quota(self) -> None:
+        """Over quota, drop the oldest rows of the lowest-priority lane first (alarms last)."""
+        try:
+            while self._size() > self.quota_bytes:
+                row = self.db.execute("SELECT lane FROM records ORDER BY lane DESC, seq LIMIT 1").fetchone()
+                if row is None:
+                    return
+                with self._transaction():
+                    cur = self.db.execute(
+                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE lane=? ORDER BY seq LIMIT 64)",
+                        (row[0],),
+                    )
+                self.dropped += cur.rowcount
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
+
+    def lease(self, max_records: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """The next records to send, not already in flight: by lane priority, then oldest first."""
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        try:
+            cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
+            for seq, body in cur:
+                if seq in self.leased:
+                    continue
+                if out and size + len(body) > max_bytes:
+                    break
+                out.append((seq, bytes(body)))
+                size += len(body)
+                if len(out) >= max_records:
+                    break
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: read failed: {e}") from e
+        self.leased.update(seq for seq, _ in out)
+        return out
+
+    def release(self, seqs: Iterable[int]) -> None:
+        """Give leased rows back (the message carrying them failed); they will be sent again."""
+        self.leased.difference_update(seqs)
+
+    def release_all(self) -> None:
+        self.leased.clear()
+
+    def ack(self, seqs: list[int]) -> None:
+        """The broker has these: delete them, durably."""
+        if not seqs:
+            return
+        try:
+            with self._transaction():
+                self.db.executemany("DELETE FROM records WHERE seq=?", [(s,) for s in seqs])
+                self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_acked'", (max(seqs),))
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: ack failed: {e}") from e
+        self.leased.difference_update(seqs)
+        self.acked += len(seqs)
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+            depth = {name: 0 for name in LANES}
+            names = {v: k for k, v in LANES.items()}
+            for lane, count in self.db.execute("SELECT lane, count(*) FROM records GROUP BY lane"):
+                depth[names.get(lane, str(lane))] = count
+            size, oldest = self.db.execute("SELECT coalesce(sum(length(body)), 0), min(t) FROM records").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: stats failed: {e}") from e
+        return {
+            "depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
+            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased),
+            "dropped": self.dropped, "quota_bytes": self.quota_bytes,
+        }
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _transaction(self) -> "_Txn":
+        return _Txn(self.db)
+
+
+class _Txn:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the sqlite3 module's own
+    context manager does not begin a transaction in autocommit mode)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

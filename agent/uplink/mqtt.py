@@ -1,0 +1,193 @@
+"""The broker link, through paho-mqtt 2.x (the one module that imports paho).
+
+paho's network thread keeps the connection, keepalive and reconnects; its callbacks
+only put events on a queue. The agent's main loop drains that queue, so the outbox
+and every counter are touched by one thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import time
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import BrokerConfig
+from agent.errors import UplinkError
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN = 1
+RECONNECT_MAX = 120
+
+
+def _client(client_id: str, cfg: BrokerConfig) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if cfg.tls_ca or cfg.tls_cert:
+        client.tls_set(ca_certs=cfg.tls_ca or None, certfile=cfg.tls_cert or None,
+                       keyfile=cfg.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password or None)
+    client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+    return client
+
+
+def _failed(rc: Any) -> bool:
+    return bool(rc.is_failure) if isinstance(rc, ReasonCode) else bool(rc)
+
+
+class Uplink:
+    """Publishes batches at QoS 1 and reports which sequence numbers the broker took."""
+
+    def __init__(self, device_id: str, cfg: BrokerConfig, topic_prefix: str, birth: bytes, death: bytes) -> None:
+        self.cfg = cfg
+        self.topic_telemetry = topic_prefix + "telemetry"
+        self.topic_state = topic_prefix + "state"
+        self.birth = birth
+        self.events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self.inflight: dict[int, list[int]] = {}
+        self.connected = False
+        self.connects = 0
+        self.batches_sent = 0
+        self.batches_acked = 0
+        self.batches_failed = 0
+        self.records_acked = 0
+        self.last_error = ""
+        self.client = _client(device_id, cfg)
+        self.client.will_set(self.topic_state, death, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+
+    def start(self) -> None:
+        """Connect in the background; failures are retried by paho with backoff."""
+        try:
+            self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, clean_start=True)
+        except (OSError, ValueError) as e:
+            raise UplinkError(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {e}") from e
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        if not _failed(rc):
+            client.publish(self.topic_state, self.birth, qos=1, retain=True)
+        self.events.put(("connect", rc, None))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        self.events.put(("disconnect", rc, None))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Properties | None) -> None:
+        self.events.put(("publish", mid, rc))
+
+    def can_send(self) -> bool:
+        return self.connected and len(self.inflight) < self.cfg.max_inflight
+
+    def publish(self, seqs: list[int], payload: bytes) -> bool:
+        """Queue one batch; False if paho would not take it (the rows stay leased-free)."""
+        info = self.client.publish(self.topic_telemetry, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.last_error = mqtt.error_string(info.rc)
+            return False
+        self.inflight[info.mid] = seqs
+        self.batches_sent += 1
+        return True
+
+    def poll(self) -> tuple[list[int], list[int]]:
+        """Drain paho's events: sequence numbers acknowledged, and ones to send again."""
+        acked: list[int] = []
+        failed: list[int] = []
+        while True:
+            try:
+                what, a, b = self.events.get_nowait()
+            except queue.Empty:
+                return acked, failed
+            if what == "connect":
+                self.connected = not _failed(a)
+                self.connects += int(self.connected)
+                if not self.connected:
+                    self.last_error = f"connect refused: {a}"
+                    log.warning("broker refused the connection: %s", a)
+            elif what == "disconnect":
+                self.connected = False
+                self.last_error = f"disconnected: {a}"
+                for seqs in self.inflight.values():
+                    failed.extend(seqs)
+                self.inflight.clear()
+            elif a in self.inflight:
+                seqs = self.inflight.pop(a)
+                if _failed(b):
+                    self.batches_failed += 1
+                    self.last_error = f"broker refused a batch: {b}"
+                    log.warning("broker refused batch %s..%s: %s", seqs[0], seqs[-1], b)
+                    failed.extend(seqs)
+                else:
+                    self.batches_acked += 1
+                    self.records_acked += len(seqs)
+                    acked.extend(seqs)
+
+    def stop(self, death: bytes, timeout: float = 2.0) -> None:
+        """Say goodbye on ``state`` (the will is for unclean ends) and disconnect."""
+        if self.connected:
+            info = self.client.publish(self.topic_state, death, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as e:
+                log.warning("offline state not delivered: %s", e)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected, "connects": self.connects, "in_flight": len(self.inflight),
+            "batches_sent": self.batches_sent, "batches_acked": self.batches_acked,
+            "batches_failed": self.batches_failed, "records_acked": self.records_acked,
+            "last_error": self.last_error,
+        }
+
+
+class Subscriber:
+    """The cloud side's consumer link: a persistent session, so nothing published
+    while the consumer restarts is lost, and QoS 1 deliveries."""
+
+    def __init__(self, client_id: str, host: str, port: int, topic: str,
+                 on_message: Callable[[str, bytes], None]) -> None:
+        self.topic = topic
+        self.host = host
+        self.port = port
+        self.connected = False
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, msg: on_message(msg.topic, msg.payload)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        if not _failed(rc):
+            client.subscribe(self.topic, qos=1)
+            self.connected = True
+
+    def connect(self) -> None:
+        props = Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        try:
+            self.client.connect(self.host, self.port, 30, clean_start=False, properties=props)
+        except OSError as e:
+            raise UplinkError(f"cannot connect to {self.host}:{self.port}: {e}") from e
+
+    def loop(self, timeout: float) -> None:
+        """Run the network loop for ``timeout`` s at most, in the caller's thread."""
+        rc = self.client.loop(timeout)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self.connected = False
+            try:
+                self.client.reconnect()
+            except OSError as e:
+                log.warning("consumer: reconnect to %s:%s failed: %s", self.host, self.port, e)
+                time.sleep(min(timeout, 1.0))
+
+    def close(self) -> None:
+        self.client.disconnect()

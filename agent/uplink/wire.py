@@ -1,0 +1,85 @@
+"""The CBOR wire format (docs/wire.cddl) and its reference decoder.
+
+A record is encoded once, when it enters the outbox; a batch is then assembled by
+concatenating stored record bodies behind a CBOR array head, so nothing is decoded
+and encoded again on the way out. The cloud-side decoder below is the reference the
+CDDL is checked against.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import cbor2
+
+from agent.errors import DecodeError
+
+VERSION = 1
+KIND_WINDOW = "win"
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR item head (major type + length), as RFC 8949 section 3 lays it out."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    if n < 0x100:
+        return bytes([major << 5 | 24, n])
+    if n < 0x10000:
+        return bytes([major << 5 | 25]) + struct.pack(">H", n)
+    if n < 0x100000000:
+        return bytes([major << 5 | 26]) + struct.pack(">I", n)
+    return bytes([major << 5 | 27]) + struct.pack(">Q", n)
+
+
+def window_record(start: float, length: float, rows: list[tuple[Any, ...]]) -> bytes:
+    """Body of a closed-window record: start and length in ms, one row per signal."""
+    return cbor2.dumps({
+        "k": KIND_WINDOW,
+        "t": int(round(start * 1000)),
+        "d": int(round(length * 1000)),
+        "s": [[sid, count, vmin, vmax, mean, last] for sid, count, vmin, vmax, mean, last, _ in rows],
+    })
+
+
+def encode_batch(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
+    """``[version, device, [[seq, record], ...]]`` from already-encoded record bodies."""
+    parts = [_head(4, 3), cbor2.dumps(VERSION), cbor2.dumps(device_id), _head(4, len(records))]
+    for seq, body in records:
+        parts.append(_head(4, 2))
+        parts.append(cbor2.dumps(seq))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def decode_batch(payload: bytes) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """Device id and ``(seq, record)`` pairs; anything off the CDDL is a DecodeError."""
+    try:
+        batch = cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, EOFError) as e:
+        raise DecodeError(f"batch is not CBOR: {e}") from e
+    if not isinstance(batch, list) or len(batch) != 3:
+        raise DecodeError("batch must be [version, device, records]")
+    version, device, records = batch
+    if version != VERSION:
+        raise DecodeError(f"unsupported batch version {version!r}")
+    if not isinstance(device, str) or not isinstance(records, list):
+        raise DecodeError("batch device must be text and records an array")
+    out = []
+    for item in records:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
+                or isinstance(item[0], bool) or item[0] < 1 or not isinstance(item[1], dict)):
+            raise DecodeError("record must be [seq (uint >= 1), {record}]")
+        _check_record(item[1])
+        out.append((item[0], item[1]))
+    return device, out
+
+
+def _check_record(rec: dict[str, Any]) -> None:
+    if rec.get("k") != KIND_WINDOW:
+        raise DecodeError(f"unknown record kind {rec.get('k')!r}")
+    if not isinstance(rec.get("t"), int) or not isinstance(rec.get("d"), int) or not isinstance(rec.get("s"), list):
+        raise DecodeError("window record needs integer t, d and a list s")
+    for row in rec["s"]:
+        if not isinstance(row, list) or len(row) != 6 or not isinstance(row[0], int) or not isinstance(row[1], int):
+            raise DecodeError("window row must be [signal id, count, min, max, mean, last]")

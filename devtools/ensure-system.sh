@@ -1,0 +1,42 @@
+#!/bin/sh
+# Install the Debian packages a target needs when they are missing and we may (root);
+# otherwise name exactly what to install. Usage: ensure-system.sh build|broker
+#   build:  a C compiler, the Python headers and venv, to build the Cython kernel
+#   broker: mosquitto (tests and make run start their own on a free loopback port;
+#           policy-rc.d keeps apt from starting the system one on 1883 here)
+set -eu
+PYTHON=${PYTHON:-python3}
+missing=""
+case "${1:-}" in
+    build)
+        command -v cc >/dev/null 2>&1 || missing="$missing gcc"
+        "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+            || missing="$missing python3-dev"
+        "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing="$missing python3-venv"
+        ;;
+    broker)
+        command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+        ;;
+    *)
+        echo "usage: $0 build|broker" >&2
+        exit 2
+        ;;
+esac
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing Debian packages:$missing; install them with: sudo apt-get install$missing" >&2
+    exit 1
+fi
+echo "installing with apt-get:$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >&2
+policy=/usr/sbin/policy-rc.d
+created=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created=1
+fi
+status=0
+# shellcheck disable=SC2086 # word splitting of the package list is intended
+apt-get install -y -q --no-install-recommends $missing >&2 || status=$?
+if [ "$created" -eq 1 ]; then rm -f "$policy"; fi
+exit "$status"

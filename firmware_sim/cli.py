@@ -1,0 +1,295 @@
+"""``ebike-sim``: ride a simulated e-bike and expose its buses on pseudo-terminals.
+
+CPython only. Wires the MicroPython-safe scenario core to ptys (an SLCAN adapter
+and a GNSS receiver), a candump log file and the JSON Lines manifest, paces sim
+time against the wall clock, and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import IO, Any, NoReturn
+
+from firmware_sim import scenario
+from firmware_sim.encoders.bafang import candump_line
+from firmware_sim.encoders.nmea import SIM_EPOCH_ISO, SIM_EPOCH_UNIX
+from firmware_sim.link import IoLoop, LinkError, PtyPort, SlcanAdapter
+from firmware_sim.manifest import Manifest
+
+BUS_BITRATE = 250000
+CAN_IFACE = "can0"
+TALKER = "GN"
+
+
+class UsageError(Exception):
+    """Bad command line; reported as ``error: ...`` with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of exiting so main() keeps the ``error:`` format and returns 2."""
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``ebike-sim``."""
+    p = _Parser(prog="ebike-sim", description="Simulated e-bike buses on pseudo-terminals.")
+    p.add_argument("--scenario", default="commute",
+                   help=f"ride to simulate ({', '.join(scenario.scenario_names())})")
+    p.add_argument("--seed", type=int, default=1, help="PRNG seed; same seed, same bytes")
+    p.add_argument("--duration", type=float, default=120.0, help="sim seconds to ride")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="sim time runs this many times faster than real time; 0 = flat out")
+    p.add_argument("--slcan", metavar="PATH", help="create an SLCAN adapter pty linked at PATH")
+    p.add_argument("--nmea", metavar="PATH", help="create an NMEA receiver pty linked at PATH")
+    p.add_argument("--nmea-rate", type=int, default=5, metavar="HZ", help="GNSS epochs/s, 1-10")
+    p.add_argument("--out", metavar="PATH", help="also write the CAN traffic as a candump -L log")
+    p.add_argument("--manifest", metavar="FILE", help="JSON Lines record of what was delivered")
+    p.add_argument("--linger", type=float, default=2.0, metavar="S",
+                   help="keep the ptys open S real seconds after the ride")
+    p.add_argument("--wait-open", type=float, default=30.0, metavar="S",
+                   help="with --slcan, start the ride when the host opens the channel; "
+                        "give up after S real seconds (0 = start at once)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and cross-check the flags; UsageError on nonsense."""
+    args = build_parser().parse_args(argv)
+    if args.duration <= 0:
+        raise UsageError("--duration must be > 0")
+    if args.speed < 0:
+        raise UsageError("--speed must be >= 0")
+    if not 1 <= args.nmea_rate <= 10:
+        raise UsageError("--nmea-rate must be 1-10")
+    if args.linger < 0 or args.wait_open < 0:
+        raise UsageError("--linger and --wait-open must be >= 0")
+    try:
+        scenario.check_scenario(args.scenario)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not (args.slcan or args.nmea or args.out):
+        raise UsageError("nothing to emit: give --slcan, --nmea and/or --out")
+    return args
+
+
+class Sim:
+    """The writer the scenario core talks to, plus the ports, files and pacing."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        """Remember the settings; nothing is opened until :meth:`open`."""
+        self.args = args
+        self.io = IoLoop()
+        self.ports: list[PtyPort] = []
+        self.slcan: SlcanAdapter | None = None
+        self.nmea: PtyPort | None = None
+        self.out: IO[str] | None = None
+        self.manifest: Manifest | None = None
+        self.delivered = {"can": 0, "nmea": 0}
+        self.dropped = {"can": 0, "nmea": 0}
+        self.adapter_closed = 0
+        self.stop_reason: str | None = None
+        self.t = 0.0
+        self._wall0 = 0.0
+        self._ticks = 0
+
+    def open(self) -> list[str]:
+        """Create ports, files and the manifest header; return the lines to announce."""
+        a = self.args
+        lines = []
+        buses: dict[str, Any] = {}
+        if a.slcan or a.out:
+            buses["can"] = {"bitrate": BUS_BITRATE, "iface": CAN_IFACE,
+                            "slcan": None, "file": a.out}
+        if a.slcan:
+            port = PtyPort(a.slcan)
+            self.ports.append(port)
+            self.slcan = SlcanAdapter(port, BUS_BITRATE)
+            self.io.add(port, self.slcan.feed)
+            buses["can"]["slcan"] = {"path": a.slcan, "tty": port.tty_name}
+            lines.append(f"slcan {a.slcan} {port.tty_name}")
+        if a.nmea:
+            self.nmea = PtyPort(a.nmea)
+            self.ports.append(self.nmea)
+            self.io.add(self.nmea, self._ignore_input)
+            buses["nmea"] = {"path": a.nmea, "tty": self.nmea.tty_name,
+                             "rate_hz": a.nmea_rate, "talker": TALKER}
+            lines.append(f"nmea {a.nmea} {self.nmea.tty_name}")
+        if a.out:
+            self.out = open(a.out, "w", encoding="ascii")  # noqa: SIM115 - lives for the run
+        if a.manifest:
+            self.manifest = Manifest(a.manifest)
+            self.manifest.write({
+                "type": "header", "scenario": a.scenario, "seed": a.seed, "speed": a.speed,
+                "duration": a.duration, "sim_epoch": SIM_EPOCH_ISO,
+                "sim_epoch_unix": SIM_EPOCH_UNIX, "buses": buses,
+            })
+        return lines
+
+    @staticmethod
+    def _ignore_input(data: bytes) -> None:
+        """The GNSS receiver ignores what the host sends (no configuration commands yet)."""
+
+    # Writer interface used by scenario.run ---------------------------------
+
+    def frame(self, bus: str, t: float, payload: tuple[int, bytes] | bytes, kind: str,
+              values: dict[str, Any]) -> None:
+        """Deliver one frame to every sink of ``bus`` and account for it."""
+        if bus == "can" and isinstance(payload, tuple):
+            can_id, data = payload
+            record = self._recorder("can", t, kind, values, id=f"{can_id:08X}", data=data.hex())
+            if self.out is not None:
+                self.out.write(candump_line(SIM_EPOCH_UNIX + t, CAN_IFACE, can_id, data) + "\n")
+                if self.slcan is None:
+                    record()
+            if self.slcan is not None:
+                status = self.slcan.frame(t, can_id, data, record)
+                if status == "dropped":
+                    self.dropped["can"] += 1
+                elif status == "closed":
+                    self.adapter_closed += 1
+        elif bus == "nmea" and isinstance(payload, bytes) and self.nmea is not None:
+            sentence = payload.decode("ascii").rstrip("\r\n")
+            record = self._recorder("nmea", t, kind, values, sentence=sentence)
+            if not self.nmea.send(payload, record):
+                self.dropped["nmea"] += 1
+
+    def _recorder(self, bus: str, t: float, kind: str, values: dict[str, Any],
+                  **wire: str) -> Callable[[], None]:
+        """A callback that counts the frame and writes its manifest line when delivered."""
+        def delivered() -> None:
+            self.delivered[bus] += 1
+            if self.manifest is not None:
+                rec = {"type": "frame", "bus": bus, "t": t, "wall": time.time(), "kind": kind}
+                rec.update(wire)
+                rec["values"] = values
+                self.manifest.write(rec)
+        return delivered
+
+    def truth(self, t: float, state: dict[str, Any]) -> None:
+        """Record the true state (1 Hz sim) for judging what the agent made of it."""
+        if self.manifest is not None:
+            rec: dict[str, Any] = {"type": "truth"}
+            rec.update(state)
+            rec["t"] = t
+            self.manifest.write(rec)
+
+    def tick(self, t: float) -> bool:
+        """Pace sim time against the wall clock and service the ports; False = stop."""
+        self.t = t
+        self._ticks += 1
+        if self._ticks == 1:
+            self._wall0 = time.monotonic()
+        if self.stop_reason is not None:
+            return False
+        speed = self.args.speed
+        if speed <= 0:
+            if self._ticks % 16 == 0:
+                self.io.poll(0.0)
+            return self.stop_reason is None
+        target = self._wall0 + t / speed
+        remaining = target - time.monotonic()
+        if remaining <= 0 and self._ticks % 16 == 0:
+            self.io.poll(0.0)
+        while remaining > 0 and self.stop_reason is None:
+            self.io.poll(remaining)
+            remaining = target - time.monotonic()
+        return self.stop_reason is None
+
+    # Phases around the ride --------------------------------------------------
+
+    def wait_open(self, limit: float) -> bool:
+        """Serve adapter commands until the host opens the channel; False on timeout."""
+        assert self.slcan is not None
+        deadline = time.monotonic() + limit
+        while self.slcan.open_count == 0 and self.stop_reason is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.io.poll(min(remaining, 0.1))
+        return True
+
+    def linger(self, seconds: float) -> None:
+        """Keep serving the ports so the host can drain what is queued."""
+        deadline = time.monotonic() + seconds
+        while self.stop_reason is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.io.poll(min(remaining, 0.1))
+
+    def finish(self, reason: str) -> None:
+        """Close everything; frames still queued count as dropped; write the end record."""
+        self.io.close()
+        if self.slcan is not None:
+            self.dropped["can"] += self.slcan.port.close()
+        if self.nmea is not None:
+            self.dropped["nmea"] += self.nmea.close()
+        if self.out is not None:
+            self.out.close()
+        if self.manifest is not None:
+            self.manifest.write({
+                "type": "end", "frames": dict(self.delivered), "dropped": dict(self.dropped),
+                "adapter_closed": {"can": self.adapter_closed}, "t": self.t, "reason": reason,
+            })
+            self.manifest.close()
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Signal handler: finish the current step, then wind down normally."""
+        self.stop_reason = signal.Signals(signum).name
+
+
+def _say(line: str) -> None:
+    """Announce on stdout at once: a parent process waits for these lines."""
+    print(line, flush=True)
+
+
+def _error(message: str) -> int:
+    """Report an error the way every ebike tool does and give the exit status."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ebike-sim``; returns the process exit status."""
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        return _error(str(exc))
+    except SystemExit as exc:          # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+    sim = Sim(args)
+    reason = "done"
+    old_handlers = {s: signal.signal(s, sim.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            lines = sim.open()
+        except (LinkError, OSError) as exc:
+            reason = "setup failed"
+            return _error(str(exc))
+        for line in lines:
+            _say(line)
+        _say("ready")
+        if sim.slcan is not None and args.wait_open > 0 and not sim.wait_open(args.wait_open):
+            reason = "wait-open timeout"
+            return _error(f"the SLCAN channel was not opened (O or L) within {args.wait_open:g} s")
+        scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, TALKER)
+        if sim.stop_reason is None and sim.ports:
+            sim.linger(args.linger)
+        if sim.stop_reason is not None:
+            reason = sim.stop_reason
+        return 0
+    finally:
+        sim.finish(reason)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

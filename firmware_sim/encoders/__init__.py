@@ -1,0 +1,1 @@
+"""Wire encoders: physical values in, frame bytes and the values as quantised out."""

@@ -1,0 +1,97 @@
+"""Build and install ebike-edge.
+
+The fusion kernel is compiled from its pure-Python source (agent/fusion/_kernel_py.py,
+typed by agent/fusion/_kernel.pxd) as the optional extension agent.fusion._kernel.
+Without Cython or a compiler the pure kernel is used, unless EBIKE_AGENT_BUILD_EXT=1
+(CI sets it), which makes a failed build fatal. The build says which one it made.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
+
+BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError)
+REQUIRED = os.environ.get("EBIKE_AGENT_BUILD_EXT", "") == "1"
+KERNEL = "agent.fusion._kernel"
+
+# Runtime dependencies, pinned to ranges here and nowhere else.
+INSTALL_REQUIRES = [
+    "paho-mqtt>=2.1,<3",
+    "pyserial>=3.5,<4",
+    "cbor2>=5.6,<7",
+    "cantools>=39,<46",
+]
+EXTRAS = {
+    "dev": [
+        "cython>=3.0,<4",
+        "pytest>=8,<10",
+        "hypothesis>=6.100,<7",
+        "pycddl>=0.6,<0.7",
+        "ruff>=0.6",
+        "mypy>=1.10",
+    ],
+}
+
+
+def _say(message: str) -> None:
+    print(f"ebike-agent build: {message}", file=sys.stderr, flush=True)
+
+
+class OptionalBuildExt(build_ext):
+    """Build the kernel if possible; a failure is fatal only when the build is required."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BUILD_ERRORS as e:
+            self._failed(e)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except BUILD_ERRORS as e:
+            self._failed(e)
+        else:
+            _say(f"built the compiled fusion kernel {ext.name}")
+
+    def _failed(self, e: BaseException) -> None:
+        if REQUIRED:
+            raise SystemExit(f"ebike-agent build: EBIKE_AGENT_BUILD_EXT=1 but the kernel failed to build: {e}")
+        _say(f"the compiled kernel failed to build ({e}); the pure-Python kernel will be used")
+
+
+def _extensions() -> list[Extension]:
+    try:
+        from Cython.Build import cythonize
+    except ImportError as e:
+        if REQUIRED:
+            raise SystemExit("ebike-agent build: EBIKE_AGENT_BUILD_EXT=1 but Cython is not installed") from e
+        _say("Cython is not installed; the pure-Python kernel will be used")
+        return []
+    ext = Extension(KERNEL, ["agent/fusion/_kernel_py.py"], extra_compile_args=["-O3"])
+    return list(cythonize([ext], compiler_directives={"language_level": "3", "boundscheck": False,
+                                                      "wraparound": False, "cdivision": True}, quiet=True))
+
+
+setup(
+    name="ebike-edge",
+    version="0.1.0",
+    description="Vehicle-side agent of connected electric two-wheelers",
+    python_requires=">=3.11",
+    packages=find_packages(include=["agent", "agent.*", "firmware_sim", "firmware_sim.*"]),
+    package_data={"agent.dbc": ["profiles/*.dbc"], "agent.fusion": ["*.pxd"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": OptionalBuildExt},
+    entry_points={"console_scripts": [
+        "ebike-agent=agent.cli:main",
+        "ebike-sim=firmware_sim.cli:main",
+    ]},
+    zip_safe=False,
+)

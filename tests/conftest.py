@@ -1,0 +1,64 @@
+"""Shared fixtures: both kernels, the real captures, a real mosquitto, CDDL checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pycddl
+import pytest
+
+from agent.fusion.kernel import KERNELS
+from agent.uplink import wire
+from devtools.broker import Mosquitto
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BUILD_REQUIRED = os.environ.get("EBIKE_AGENT_BUILD_EXT", "") == "1"
+WIRE_CDDL = (REPO / "docs" / "wire.cddl").read_text()
+
+
+@pytest.fixture(params=["c", "py"])
+def kernel_cls(request: pytest.FixtureRequest) -> Any:
+    """Each kernel build in turn; the compiled one must exist when the build was required."""
+    if request.param not in KERNELS:
+        if BUILD_REQUIRED:
+            pytest.fail("EBIKE_AGENT_BUILD_EXT=1 but the compiled kernel is not importable")
+        pytest.skip("the compiled kernel was not built (EBIKE_AGENT_BUILD_EXT unset)")
+    return KERNELS[request.param]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real captures not found at {SHARED_DATA} (../shared beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A real broker on a free loopback port; a missing mosquitto fails the test."""
+    broker = Mosquitto(str(tmp_path_factory.mktemp("mosquitto")))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def batch_schema() -> pycddl.Schema:
+    return pycddl.Schema(WIRE_CDDL)
+
+
+@pytest.fixture(autouse=True)
+def _every_batch_matches_cddl(monkeypatch: pytest.MonkeyPatch, batch_schema: pycddl.Schema) -> None:
+    """Every batch encoded in this process during a test is checked against docs/wire.cddl."""
+    encode = wire.encode_batch
+
+    def checked(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
+        payload = encode(device_id, records)
+        batch_schema.validate_cbor(payload)
+        return payload
+
+    monkeypatch.setattr(wire, "encode_batch", checked)
