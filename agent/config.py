@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from agent.errors import ConfigError
 
@@ -108,6 +109,10 @@ def _device_id(v: str) -> str | None:
 def _prefix(v: str) -> str | None:
     if "+" in v or "#" in v:
         return "must not contain MQTT wildcards"
+    try:
+        v.format(device_id="x")
+    except (KeyError, IndexError, ValueError):
+        return "may only use the field {device_id}"
     return None if v.endswith("/") else "must end with '/'"
 
 
@@ -193,7 +198,7 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         if src.kind == "slcan" and src.protocol == "nmea":
             raise ConfigError(path, f"sources[{i}].protocol", "an SLCAN adapter carries CAN, not NMEA")
         if src.kind == "uart" and src.protocol != "nmea":
-            raise ConfigError(path, f"sources[{i}].protocol", "a UART source speaks nmea (CAN protocols need kind slcan or candump)")
+            raise ConfigError(path, f"sources[{i}].protocol", "a UART source speaks nmea (CAN needs kind slcan)")
         if src.protocol.startswith("dbc:"):
             src = replace(src, protocol="dbc:" + _resolve(path, src.protocol[4:]))
         sources.append(src)
@@ -204,6 +209,9 @@ def parse(path: str, data: dict[str, Any]) -> Config:
     broker = BrokerConfig(**_table(path, "broker", data.get("broker", {}), _BROKER))
     if bool(broker.tls_cert) != bool(broker.tls_key):
         raise ConfigError(path, "broker.tls_cert", "tls_cert and tls_key go together")
+    broker = replace(broker, tls_ca=_resolve(path, broker.tls_ca) if broker.tls_ca else "",
+                     tls_cert=_resolve(path, broker.tls_cert) if broker.tls_cert else "",
+                     tls_key=_resolve(path, broker.tls_key) if broker.tls_key else "")
     for key in ("tls_ca", "tls_cert", "tls_key"):
         value = getattr(broker, key)
         if value and not os.path.isfile(value):

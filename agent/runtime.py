@@ -13,9 +13,8 @@ import selectors
 import signal
 import time
 import uuid
-from typing import Any, Callable
-
-import cbor2
+from collections.abc import Callable
+from typing import Any
 
 from agent import __version__
 from agent.config import Config, SourceConfig
@@ -29,8 +28,8 @@ from agent.sources import make_source
 from agent.sources.base import Source
 from agent.sources.slcan import SlcanSource
 from agent.store.outbox import LANE_LIVE, Outbox
-from agent.uplink.mqtt import Uplink
 from agent.uplink import wire
+from agent.uplink.mqtt import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class Runtime:
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False))
         self.sources = [make_source(s) for s in cfg.sources]
-        self.handlers = [_handler(c, s) for c, s in zip(cfg.sources, self.sources)]
+        self.handlers = [_handler(c, s) for c, s in zip(cfg.sources, self.sources, strict=True)]
         self.selector = selectors.DefaultSelector()
         self.control = ControlServer(cfg.control_socket, self.status)
         self.pending: list[tuple[int, float, bytes]] = []
@@ -131,7 +130,7 @@ class Runtime:
         self.frame_rate = 0.0
 
     def _state(self, online: bool) -> bytes:
-        return cbor2.dumps({"online": online, "boot": self.boot_id, "version": __version__, "kernel": BUILD})
+        return wire.state_message(online, self.boot_id, __version__, BUILD)
 
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Run until SIGTERM/SIGINT (or ``until()``), then flush and drain what can be sent."""
@@ -230,6 +229,6 @@ class Runtime:
             "records_committed": self.records, "records_pending": len(self.pending),
             "fusion": self.kernel.counters(),
             "sources": [dict(s.status(), protocol=c.protocol, decode=h.status())
-                        for c, s, h in zip(self.cfg.sources, self.sources, self.handlers)],
+                        for c, s, h in zip(self.cfg.sources, self.sources, self.handlers, strict=True)],
             "outbox": self.outbox.stats(), "uplink": self.uplink.status(),
         }

@@ -43,7 +43,7 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(self.workdir, "mosquitto.log")
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = mosquitto_path()
         for _attempt in range(3):
             self.port = free_port()
@@ -52,9 +52,8 @@ class Mosquitto:
                 f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                         f"log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
                         f"{self.extra_config}")
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen([binary, "-c", conf], stdout=log, stderr=log, start_new_session=True)
-            log.close()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([binary, "-c", conf], stdout=log, stderr=log, start_new_session=True)
             if self._wait_ready():
                 return self
             self.stop()
@@ -87,7 +86,7 @@ class Mosquitto:
                 self.proc.wait(5)
         self.proc = None
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError

@@ -11,10 +11,8 @@ import logging
 import sqlite3
 from typing import Any
 
-import cbor2
-
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import decode_batch
+from agent.uplink.wire import decode_batch, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +58,31 @@ class Ingest:
             self.bad_batches += 1
             self.last_error = f"{topic}: device {device!r} does not match the topic"
             return
-        with self.db:
-            for seq, rec in records:
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
-                    (device, seq, rec["k"], rec["t"], cbor2.dumps(rec)),
-                )
-                if cur.rowcount == 0:
-                    self.duplicates += 1
-                    continue
-                self.records += 1
-                self.db.executemany(
-                    "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(device, seq, rec["t"], rec["d"], *row) for row in rec["s"]],
-                )
+        stored = duplicates = 0
+        try:
+            with self.db:
+                for seq, rec in records:
+                    cur = self.db.execute(
+                        "INSERT OR IGNORE INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
+                        (device, seq, rec["k"], rec["t"], record_bytes(rec)),
+                    )
+                    if cur.rowcount == 0:
+                        duplicates += 1
+                        continue
+                    stored += 1
+                    self.db.executemany(
+                        "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(device, seq, rec["t"], rec["d"], *row) for row in rec["s"]],
+                    )
+        except (sqlite3.Error, OverflowError) as e:
+            # Decodes but cannot be stored (a signal twice in one window, a uint beyond
+            # int64): the whole batch is rolled back and counted; the consumer goes on.
+            self.bad_batches += 1
+            self.last_error = f"{topic}: batch not stored: {e}"
+            log.warning("batch on %s not stored: %s", topic, e)
+            return
+        self.records += stored
+        self.duplicates += duplicates
         self.batches += 1
 
     def gaps(self) -> dict[str, list[tuple[int, int]]]:

@@ -8,7 +8,8 @@ import logging
 import os
 import selectors
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 

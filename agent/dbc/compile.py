@@ -84,7 +84,7 @@ def _shift(signal: Any) -> int:
     if signal.byte_order == "little_endian":
         return int(signal.start)
     msb_from_top = 8 * (signal.start // 8) + (7 - signal.start % 8)
-    return 63 - (msb_from_top + signal.length - 1)
+    return int(63 - (msb_from_top + signal.length - 1))
 
 
 def _attribute(signal: Any, name: str) -> Any:
@@ -95,8 +95,8 @@ def _attribute(signal: Any, name: str) -> Any:
 def compile_dbc(path: str) -> CompiledDbc:
     """Parse ``path`` with cantools and flatten it; a bad file is a ConfigError naming it."""
     try:
-        db = cantools.database.load_file(path, database_format="dbc", strict=True)
-    except (OSError, cantools.database.UnsupportedDatabaseFormatError, ValueError) as e:
+        db = load_cantools(path)
+    except (OSError, cantools.database.errors.Error, ValueError) as e:
         raise ConfigError(path, "dbc", f"cannot load DBC: {e}") from e
     out = CompiledDbc(path)
     for msg in db.messages:
@@ -149,5 +149,5 @@ def profile_path(name: str) -> str:
 
 
 def load_cantools(path: str) -> Any:
-    """The cantools database itself, for the differential tests and the benchmark."""
+    """The cantools database itself (also for the differential tests and the benchmark)."""
     return cantools.database.load_file(path, database_format="dbc", strict=True)

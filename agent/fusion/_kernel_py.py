@@ -102,7 +102,7 @@ class Kernel:
             return None
         if len(data) < self.msg_len[m] or len(data) > 8:
             raise ValueError("frame has %d bytes, the message needs %d to 8" % (len(data), self.msg_len[m]))
-        out = []
+        out = []  # type: list
         self._decode(m, data, 0.0, out)
         return out
 

@@ -59,7 +59,7 @@ class NmeaFramer:
                 self.garbage_bytes += n
                 buf[0] = b
                 n = 1
-            elif b == _CR or b == _LF:
+            elif b in (_CR, _LF):
                 if n:
                     out.append(bytes(buf[:n]))
                     self.frames += 1
@@ -221,7 +221,7 @@ def _gga(f: list) -> dict:
 
 def _rmc(f: list) -> dict:
     _need(f, 12, "RMC")
-    out = {}
+    out = {}  # type: dict
     if f[2] == "A":
         _position(out, f, 3)
     if f[7]:

@@ -7,6 +7,7 @@ each ending in CR, optionally followed by 4 hex digits of adapter milliseconds.
 from __future__ import annotations
 
 import logging
+import re
 
 from agent.config import SourceConfig
 from agent.errors import SourceUnavailableError
@@ -19,6 +20,7 @@ BITRATE_CODES = {10000: b"S0", 20000: b"S1", 50000: b"S2", 100000: b"S3", 125000
                  250000: b"S5", 500000: b"S6", 800000: b"S7", 1000000: b"S8"}
 REPLY_TIMEOUT = 1.0
 MAX_LINE = 64
+_HEX = re.compile(rb"[0-9A-Fa-f]*")
 
 
 class SlcanParser:
@@ -26,6 +28,7 @@ class SlcanParser:
 
     def __init__(self) -> None:
         self.tail = b""
+        self.skipping = False
         self.frames = 0
         self.remote = 0
         self.bad = 0
@@ -36,9 +39,16 @@ class SlcanParser:
         buf = self.tail + data
         lines = buf.split(b"\r")
         self.tail = lines.pop()
-        if len(self.tail) > MAX_LINE:
+        if self.skipping and lines:
+            # The rest of an overlong line, dropped (and counted) already.
+            lines.pop(0)
+            self.skipping = False
+        if self.skipping:
+            self.tail = b""
+        elif len(self.tail) > MAX_LINE:
             self.bad += 1
             self.tail = b""
+            self.skipping = True
         keys: list[int] = []
         datas: list[bytes] = []
         for line in lines:
@@ -58,6 +68,10 @@ class SlcanParser:
 
     def _frame(self, line: bytes, extended: bool, keys: list[int], datas: list[bytes]) -> None:
         id_len = 8 if extended else 3
+        if not _HEX.fullmatch(line, 1):
+            # int() and bytes.fromhex() would take spaces, signs and underscores.
+            self.bad += 1
+            return
         try:
             can_id = int(line[1:1 + id_len], 16)
             dlc = int(line[1 + id_len:2 + id_len], 16)

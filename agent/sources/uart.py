@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import serial
 
 from agent.config import SourceConfig
@@ -52,11 +54,19 @@ class UartSource(Source):
         """Block up to ``timeout`` s for one reply ending in CR or BEL (adapter handshakes)."""
         if self.port is None:
             raise SourceUnavailableError(f"{self.cfg.port} is not open")
-        self.port.timeout = timeout
+        reply = b""
+        deadline = time.monotonic() + timeout
         try:
-            reply = bytes(self.port.read_until(b"\r", 64))
+            # read_until(b"\r") alone would sit out the timeout after a BEL, the refusal.
+            while len(reply) < 64 and not reply.endswith((b"\r", b"\x07")):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.port.timeout = left
+                reply += bytes(self.port.read(1))
         except (serial.SerialException, OSError) as e:
             raise SourceUnavailableError(f"{self.cfg.port} lost: {e}") from e
         finally:
-            self.port.timeout = 0
+            if self.port is not None:
+                self.port.timeout = 0
         return reply

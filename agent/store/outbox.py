@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from agent.errors import StoreError
 
@@ -66,7 +67,7 @@ class Outbox:
                 seqs = list(range(first, first + len(rows)))
                 self.db.executemany(
                     "INSERT INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)",
-                    [(seq, lane, t, body) for seq, (lane, t, body) in zip(seqs, rows)],
+                    [(seq, lane, t, body) for seq, (lane, t, body) in zip(seqs, rows, strict=True)],
                 )
                 self.db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (first + len(rows),))
         except sqlite3.Error as e:
@@ -156,7 +157,7 @@ class Outbox:
     def close(self) -> None:
         self.db.close()
 
-    def _transaction(self) -> "_Txn":
+    def _transaction(self) -> _Txn:
         return _Txn(self.db)
 
 

@@ -11,10 +11,12 @@ import logging
 import queue
 import ssl
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -163,15 +165,23 @@ class Subscriber:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, msg: on_message(msg.topic, msg.payload)
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = lambda c, u, msg: on_message(msg.topic, bytes(msg.payload))
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
         if not _failed(rc):
             client.subscribe(self.topic, qos=1)
             self.connected = True
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: list[Any],
+                      props: Properties | None) -> None:
+        if any(_failed(rc) for rc in rcs):
+            log.error("consumer: broker refused the subscription to %s: %s", self.topic, rcs)
+        else:
+            log.info("consumer: subscribed to %s", self.topic)
+
     def connect(self) -> None:
-        props = Properties(mqtt.PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         try:
             self.client.connect(self.host, self.port, 30, clean_start=False, properties=props)

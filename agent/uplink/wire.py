@@ -17,6 +17,7 @@ from agent.errors import DecodeError
 
 VERSION = 1
 KIND_WINDOW = "win"
+_UINT64 = 2**64 - 1
 
 
 def _head(major: int, n: int) -> bytes:
@@ -42,6 +43,16 @@ def window_record(start: float, length: float, rows: list[tuple[Any, ...]]) -> b
     })
 
 
+def state_message(online: bool, boot_id: str, version: str, kernel: str) -> bytes:
+    """The retained ``state`` payload: birth (online) and last will (offline)."""
+    return cbor2.dumps({"online": online, "boot": boot_id, "version": version, "kernel": kernel})
+
+
+def record_bytes(record: dict[str, Any]) -> bytes:
+    """One decoded record encoded again, for the consumer's archive."""
+    return cbor2.dumps(record)
+
+
 def encode_batch(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
     """``[version, device, [[seq, record], ...]]`` from already-encoded record bodies."""
     parts = [_head(4, 3), cbor2.dumps(VERSION), cbor2.dumps(device_id), _head(4, len(records))]
@@ -61,25 +72,38 @@ def decode_batch(payload: bytes) -> tuple[str, list[tuple[int, dict[str, Any]]]]
     if not isinstance(batch, list) or len(batch) != 3:
         raise DecodeError("batch must be [version, device, records]")
     version, device, records = batch
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise DecodeError(f"unsupported batch version {version!r}")
     if not isinstance(device, str) or not isinstance(records, list):
         raise DecodeError("batch device must be text and records an array")
     out = []
     for item in records:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
-                or isinstance(item[0], bool) or item[0] < 1 or not isinstance(item[1], dict)):
+        if not isinstance(item, list) or len(item) != 2 or not _uint(item[0]) or item[0] < 1 \
+                or not isinstance(item[1], dict):
             raise DecodeError("record must be [seq (uint >= 1), {record}]")
         _check_record(item[1])
         out.append((item[0], item[1]))
     return device, out
 
 
+def _uint(v: Any) -> bool:
+    """A CBOR unsigned integer (major type 0); bools and bignums are not."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _UINT64
+
+
+def _value(v: Any) -> bool:
+    """The CDDL's ``float / int``: a float, or an integer CBOR encodes without a bignum tag."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, float) or (isinstance(v, int) and -_UINT64 - 1 <= v <= _UINT64)
+
+
 def _check_record(rec: dict[str, Any]) -> None:
     if rec.get("k") != KIND_WINDOW:
         raise DecodeError(f"unknown record kind {rec.get('k')!r}")
-    if not isinstance(rec.get("t"), int) or not isinstance(rec.get("d"), int) or not isinstance(rec.get("s"), list):
-        raise DecodeError("window record needs integer t, d and a list s")
+    if not _uint(rec.get("t")) or not _uint(rec.get("d")) or not isinstance(rec.get("s"), list):
+        raise DecodeError("window record needs unsigned integer t, d and a list s")
     for row in rec["s"]:
-        if not isinstance(row, list) or len(row) != 6 or not isinstance(row[0], int) or not isinstance(row[1], int):
+        if (not isinstance(row, list) or len(row) != 6 or not _uint(row[0]) or not _uint(row[1])
+                or not all(_value(v) for v in row[2:])):
             raise DecodeError("window row must be [signal id, count, min, max, mean, last]")

@@ -1,0 +1,280 @@
+"""The agent's TOML configuration: what loads, what refuses, and how the refusal reads.
+
+A vehicle nobody watches must not start on a typo, and the technician must be told
+which file and which key is wrong: every failure is ``<file>:<key>: <reason>``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import (
+    BrokerConfig,
+    Config,
+    OutboxConfig,
+    SourceConfig,
+    WindowsConfig,
+    load,
+)
+from agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+SOURCES = """
+[[sources]]
+name = "gnss"
+kind = "uart"
+port = "/dev/ttyGNSS"
+protocol = "nmea"
+
+[[sources]]
+name = "can0"
+kind = "slcan"
+port = "/dev/ttyCAN"
+protocol = "bafang-can"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def minimal(extra_top: str = "", sources: str = SOURCES, tail: str = "") -> str:
+    """A valid file with room for one mistake at the top, in the sources or at the end."""
+    return f'device_id = "bike-1"\n{extra_top}\n{sources}\n{tail}\n'
+
+
+def refused(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    return info.value
+
+
+def assert_refusal(path: Path, key: str, reason_part: str) -> None:
+    """The message is exactly ``<file>:<key>: <reason>`` and names the key that is wrong."""
+    err = refused(path)
+    assert err.path == str(path)
+    assert err.key == key
+    assert reason_part in err.reason
+    assert str(err) == f"{path}:{key}: {err.reason}"
+
+
+def test_full_file_loads_every_value(tmp_path: Path) -> None:
+    """Every key a deployment may set arrives in the Config with its type, so nothing
+    written in the file is silently replaced by a default."""
+    ca = write(tmp_path, "ca", "ca.pem")
+    cert = write(tmp_path, "cert", "cert.pem")
+    key = write(tmp_path, "key", "key.pem")
+    path = write(tmp_path, f"""
+device_id = "bike-42.a_b"
+control_socket = "/run/x/control.sock"
+
+[[sources]]
+name = "gnss"
+kind = "uart"
+port = "/dev/ttyUSB0"
+protocol = "nmea"
+baudrate = 9600
+poll_interval = 2
+
+[[sources]]
+name = "can0"
+kind = "slcan"
+port = "/dev/ttyACM0"
+protocol = "bafang-can"
+bitrate = 500000
+poll_interval = 0.25
+
+[broker]
+host = "mqtt.example.net"
+port = 8883
+tls_ca = "{ca}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+username = "bike"
+password = "secret"
+topic_prefix = "fleet/{{device_id}}/"
+keepalive = 15
+max_inflight = 3
+max_batch_records = 50
+
+[outbox]
+path = "/data/outbox.sqlite"
+quota_mb = 64
+commit_interval = 0.5
+
+[windows]
+live = 2.5
+""")
+    cfg = load(str(path))
+    assert cfg == Config(
+        path=str(path),
+        device_id="bike-42.a_b",
+        sources=(
+            SourceConfig("gnss", "uart", "/dev/ttyUSB0", "nmea", 250000, 9600, 2.0),
+            SourceConfig("can0", "slcan", "/dev/ttyACM0", "bafang-can", 500000, 115200, 0.25),
+        ),
+        broker=BrokerConfig("mqtt.example.net", 8883, str(ca), str(cert), str(key), "bike", "secret",
+                            "fleet/{device_id}/", 15, 3, 50),
+        outbox=OutboxConfig("/data/outbox.sqlite", 64.0, 0.5),
+        windows=WindowsConfig(2.5),
+        control_socket="/run/x/control.sock",
+    )
+    assert cfg.topic_prefix == "fleet/bike-42.a_b/"
+    assert isinstance(cfg.outbox.quota_mb, float) and isinstance(cfg.sources[0].poll_interval, float)
+
+
+def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
+    """Only device_id and sources are required; the rest takes the defaults the docs promise."""
+    cfg = load(str(write(tmp_path, minimal())))
+    assert cfg.broker == BrokerConfig()
+    assert (cfg.broker.host, cfg.broker.port, cfg.broker.keepalive) == ("127.0.0.1", 1883, 30)
+    assert cfg.topic_prefix == "ebike/v1/bike-1/"
+    assert cfg.outbox == OutboxConfig("/var/lib/ebike-agent/outbox.sqlite", 256.0, 1.0)
+    assert cfg.windows.live == 1.0
+    assert cfg.control_socket == "/run/ebike-agent/control.sock"
+    assert cfg.sources[1].bitrate == 250000 and cfg.sources[0].baudrate == 115200
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd starts the agent with cwd=/, so a relative path must not depend on the cwd."""
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "certs").mkdir()
+    (conf_dir / "certs" / "ca.pem").write_text("ca")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write(conf_dir, minimal(
+        extra_top='control_socket = "run/control.sock"',
+        sources=SOURCES.replace('protocol = "bafang-can"', 'protocol = "dbc:profiles/my.dbc"'),
+        tail='[outbox]\npath = "state/outbox.sqlite"\n[broker]\ntls_ca = "certs/ca.pem"\n',
+    ))
+    cfg = load(os.path.relpath(path))
+    assert cfg.outbox.path == str(conf_dir / "state" / "outbox.sqlite")
+    assert cfg.control_socket == str(conf_dir / "run" / "control.sock")
+    assert cfg.sources[1].protocol == "dbc:" + str(conf_dir / "profiles" / "my.dbc")
+    assert cfg.broker.tls_ca == str(conf_dir / "certs" / "ca.pem")
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, minimal(tail='[outbox]\npath = "/abs/outbox.sqlite"\n'))))
+    assert cfg.outbox.path == "/abs/outbox.sqlite"
+
+
+BAD_SOURCE = """
+[[sources]]
+name = "can0"
+kind = "slcan"
+port = "/dev/ttyCAN"
+protocol = "bafang-can"
+{extra}
+"""
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), [
+    pytest.param(minimal('colour = "red"'), "colour", "unknown key", id="unknown-top-level"),
+    pytest.param(minimal(tail='[broker]\nhots = "x"'), "broker.hots", "unknown key", id="unknown-broker"),
+    pytest.param(minimal(tail="[outbox]\nquota = 5"), "outbox.quota", "unknown key", id="unknown-outbox"),
+    pytest.param(minimal(tail="[windows]\nlength = 5"), "windows.length", "unknown key", id="unknown-windows"),
+    pytest.param(minimal(sources=BAD_SOURCE.format(extra="baud = 9600")), "sources[0].baud", "unknown key",
+                 id="unknown-source"),
+    pytest.param(minimal(tail='[broker]\nport = "1883"'), "broker.port", "must be int, not str", id="port-str"),
+    pytest.param(minimal(tail="[broker]\nkeepalive = true"), "broker.keepalive", "must be int, not bool",
+                 id="bool-for-int"),
+    pytest.param(minimal(tail="[outbox]\nquota_mb = true"), "outbox.quota_mb", "must be float, not bool",
+                 id="bool-for-float"),
+    pytest.param(minimal(tail="[broker]\nport = 65536"), "broker.port", "1-65535", id="port-high"),
+    pytest.param(minimal(tail="[broker]\nport = 0"), "broker.port", "1-65535", id="port-zero"),
+    pytest.param(minimal(tail="[windows]\nlive = 0"), "windows.live", "must be > 0", id="window-zero"),
+    pytest.param(minimal(sources=BAD_SOURCE.format(extra="bitrate = 123456")), "sources[0].bitrate",
+                 "must be one of", id="bad-bitrate"),
+    pytest.param(minimal(sources=BAD_SOURCE.format(extra='kind = "socketcan"').replace('kind = "slcan"\n', "")),
+                 "sources[0].kind", "must be one of", id="bad-kind"),
+    pytest.param(minimal(sources=BAD_SOURCE.replace("bafang-can", "jbd").format(extra="")),
+                 "sources[0].protocol", "must be", id="bad-protocol"),
+    pytest.param(minimal(sources=BAD_SOURCE.format(extra="poll_interval = -1")), "sources[0].poll_interval",
+                 ">= 0", id="negative-poll"),
+    pytest.param(minimal(sources=BAD_SOURCE.replace('port = "/dev/ttyCAN"\n', "").format(extra="")),
+                 "sources[0].port", "is required", id="missing-port"),
+    pytest.param(minimal(sources=BAD_SOURCE.replace('name = "can0"\n', "").format(extra="")),
+                 "sources[0].name", "is required", id="missing-name"),
+    pytest.param(minimal(sources=BAD_SOURCE.replace('protocol = "bafang-can"\n', "").format(extra="")),
+                 "sources[0].protocol", "is required", id="missing-protocol"),
+    pytest.param(minimal(sources=SOURCES.replace('"gnss"', '"can0"')), "sources[1].name",
+                 "duplicate source name 'can0'", id="duplicate-names"),
+    pytest.param(minimal(sources=SOURCES.replace('protocol = "nmea"', 'protocol = "bafang-can"')),
+                 "sources[0].protocol", "UART", id="uart-with-can"),
+    pytest.param(minimal(sources=SOURCES.replace('protocol = "bafang-can"', 'protocol = "nmea"')),
+                 "sources[1].protocol", "SLCAN", id="slcan-with-nmea"),
+    pytest.param(minimal(sources=""), "sources", "non-empty", id="no-sources"),
+    pytest.param(minimal(sources="sources = []"), "sources", "non-empty", id="empty-sources"),
+    pytest.param(SOURCES, "device_id", "is required", id="no-device-id"),
+    pytest.param('device_id = "bike/+"\n' + SOURCES, "device_id", "wildcards", id="wildcard-device-plus"),
+    pytest.param('device_id = "#"\n' + SOURCES, "device_id", "wildcards", id="wildcard-device-hash"),
+    pytest.param('device_id = 7\n' + SOURCES, "device_id", "must be str", id="device-id-int"),
+    pytest.param(minimal(tail='[broker]\ntopic_prefix = "ebike/+/{device_id}/"'), "broker.topic_prefix",
+                 "wildcards", id="wildcard-prefix-plus"),
+    pytest.param(minimal(tail='[broker]\ntopic_prefix = "ebike/#/"'), "broker.topic_prefix", "wildcards",
+                 id="wildcard-prefix-hash"),
+    pytest.param(minimal(tail='[broker]\ntopic_prefix = "ebike/{device_id}"'), "broker.topic_prefix",
+                 "end with '/'", id="prefix-no-slash"),
+    pytest.param(minimal(tail='[broker]\ntopic_prefix = "ebike/{devide_id}/"'), "broker.topic_prefix",
+                 "{device_id}", id="prefix-unknown-field"),
+    pytest.param(minimal("broker = 5"), "broker", "must be a table", id="broker-not-table"),
+    pytest.param(minimal("control_socket = 3"), "control_socket", "non-empty path", id="control-socket-int"),
+    pytest.param(minimal(tail='[broker]\ntls_cert = "/etc/hostname"'), "broker.tls_cert", "go together",
+                 id="cert-without-key"),
+    pytest.param(minimal(tail='[broker]\ntls_ca = "/nonexistent/ca.pem"'), "broker.tls_ca",
+                 "no such file: /nonexistent/ca.pem", id="missing-tls-file"),
+    pytest.param('device_id = "x"\n[[sources]\n', "-", "not valid TOML", id="bad-toml"),
+    pytest.param('device_id = "x"\ndevice_id = "y"\n', "-", "not valid TOML", id="toml-duplicate-key"),
+])
+def test_refusals_name_file_and_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    """Each mistake is refused at start-up, naming the key a technician has to fix."""
+    assert_refusal(write(tmp_path, text), key, reason)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    assert_refusal(tmp_path / "absent.toml", "-", "cannot read")
+
+
+def test_unreadable_file_is_refused(tmp_path: Path) -> None:
+    """A path that cannot be read as a file (a directory: root reads any mode) is refused."""
+    folder = tmp_path / "agent.toml"
+    folder.mkdir()
+    assert_refusal(folder, "-", "cannot read")
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_config_check(tmp_path: Path) -> None:
+    """``config check`` is what an installer runs before a restart: ok and exit 0, or the
+    exact refusal on stderr and exit 1."""
+    good = write(tmp_path, minimal(), "good.toml")
+    bad = write(tmp_path, minimal(tail="[broker]\nport = 70000"), "bad.toml")
+    ok = run_agent("config", "check", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"ok: {good}")
+    fail = run_agent("config", "check", str(bad))
+    assert fail.returncode == 1
+    assert fail.stdout == ""
+    assert fail.stderr.strip().splitlines()[-1] == f"error: {bad}:broker.port: must be a TCP port, 1-65535"
+
+
+def test_cli_run_refuses_a_bad_config(tmp_path: Path) -> None:
+    """``run`` must stop before it opens anything when the file is wrong."""
+    bad = write(tmp_path, minimal(sources=SOURCES.replace('"gnss"', '"can0"')), "bad.toml")
+    proc = run_agent("run", "--config", str(bad))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:sources[1].name: duplicate source name 'can0'"

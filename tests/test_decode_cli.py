@@ -1,0 +1,206 @@
+"""``ebike-agent decode`` and ``signals`` as a technician runs them, on real captures.
+
+Expected values are computed here from the byte layouts in ../shared/PROTOCOLS.md,
+not taken from the decoder, so a wrong factor, offset or byte order shows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^\(\d+\.\d+\) \w+ ([0-9A-F]+)#([0-9A-F]*)( [RT])?$")
+
+
+def agent(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, capture_output=True, text=True,
+                          input=stdin, timeout=60)
+
+
+def decode_file(protocol: str, path: Path) -> list[dict[str, Any]]:
+    proc = agent("decode", "--protocol", protocol, "--file", str(path))
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def controller_32_01(data: bytes) -> dict[str, float]:
+    """PROTOCOLS.md: speed u16 0.01 km/h; motor current u16 0.01 A; voltage u16 0.01 V;
+    controller temp u8 (value-40 C); motor temp u8 (value-40 C, FF = no sensor)."""
+    speed, current, voltage, ctemp, mtemp = struct.unpack("<HHHBB", data)
+    out = {"Vehicle.Speed": speed / 100, "Vehicle.LEV.Controller.MotorCurrent": current / 100,
+           "Vehicle.LEV.Controller.Voltage": voltage / 100, "Vehicle.LEV.Controller.Temperature": ctemp - 40}
+    if mtemp != 0xFF:
+        out["Vehicle.Powertrain.ElectricMotor.Temperature"] = mtemp - 40
+    return out
+
+
+def assert_signals(got: dict[str, float], want: dict[str, float]) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_bafang_captures(shared_data: Path) -> None:
+    """Every real frame decodes; the damaged lines and error frames are reported, not
+    fatal; every controller 32/01 frame gives the values of its bytes."""
+    files = sorted((shared_data / "bafang_can").glob("*.log"))
+    assert len(files) == 5
+    checked = 0
+    for path in files:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        out = decode_file("bafang-can", path)
+        assert len(out) == len(lines), path.name
+        damaged = []
+        errors = []
+        for number, (line, obj) in enumerate(zip(lines, out, strict=True), start=1):
+            m = LINE.match(line)
+            assert m, f"{path.name}:{number}: not a candump line: {line!r}"
+            can_id, hexdata = int(m.group(1), 16), bytes.fromhex(m.group(2))
+            if m.group(1) == "20000080" and not m.group(3):
+                errors.append(number)
+                assert obj == {"ok": False, "frame": f"{m.group(1)}#{m.group(2)}", "error": "CAN error frame"}
+            elif can_id > 0x1FFFFFFF:
+                damaged.append(number)
+                assert obj["ok"] is False and "29 bits" in obj["error"], (path.name, number, obj)
+            else:
+                assert obj["ok"] is True, (path.name, number, obj)
+                assert obj["frame"] == f"{m.group(1)}#{m.group(2)}"
+                if can_id == 0x02F83201 and len(hexdata) == 8:
+                    assert_signals(obj["signals"], controller_32_01(hexdata))
+                    checked += 1
+        if path.name == "display-interaction-excerpt.log":
+            assert damaged == [49, 82]
+        else:
+            assert damaged == []
+        assert len(errors) == (8 if path.name == "ride-bus-errors-excerpt.log" else 0)
+    assert checked > 30, "too few controller frames checked against their bytes"
+
+
+def test_speed_limit_reprogrammed_to_45(shared_data: Path) -> None:
+    """The capture's README says the limit was set to 45 km/h: 32/03 must say so."""
+    out = decode_file("bafang-can", shared_data / "bafang_can" / "ride-above-cutoff-excerpt.log")
+    limits = {o["signals"]["Vehicle.LEV.SpeedLimit"] for o in out
+              if o["ok"] and "Vehicle.LEV.SpeedLimit" in o["signals"]}
+    assert limits == {45.0}
+
+
+def nmea_latitude(sentence: str) -> float | None:
+    """GGA latitude by hand (ddmm.mmmm, S negative) when the receiver has a fix: with fix
+    quality 0 a receiver repeats its last position, which the agent does not report."""
+    fields = sentence.split("*")[0].split(",")
+    if not fields[0].endswith("GGA") or not fields[2] or fields[6] in ("", "0"):
+        return None
+    value = int(fields[2][:2]) + float(fields[2][2:]) / 60
+    return -value if fields[3] == "S" else value
+
+
+def test_nmea_captures(shared_data: Path) -> None:
+    """Every receiver sentence decodes (the harness comments are skipped), and each GGA
+    fix has the latitude its digits say."""
+    files = sorted((shared_data / "nmea_gpsd").glob("*.log"))
+    assert len(files) == 3
+    fixes = 0
+    for path in files:
+        sentences = [line.strip() for line in path.read_text(errors="replace").splitlines()
+                     if line.strip() and not line.startswith("#")]
+        out = decode_file("nmea", path)
+        assert len(out) == len(sentences), path.name
+        for sentence, obj in zip(sentences, out, strict=True):
+            assert obj["ok"] is True and obj["frame"] == sentence, (path.name, obj)
+            lat = nmea_latitude(sentence)
+            if lat is not None:
+                assert obj["signals"]["Vehicle.CurrentLocation.Latitude"] == pytest.approx(lat, abs=1e-7)
+                fixes += 1
+    assert fixes > 10
+
+
+FRAME = "02F83201#6C091F05840D40FF"
+FRAME_SIGNALS = {"Vehicle.Speed": 24.12, "Vehicle.LEV.Controller.MotorCurrent": 13.11,
+                 "Vehicle.LEV.Controller.Voltage": 34.6, "Vehicle.LEV.Controller.Temperature": 24}
+
+
+def test_frames_on_the_command_line() -> None:
+    """0x096C = 2412 -> 24.12 km/h; 0x051F = 1311 -> 13.11 A; 0x0D84 = 3460 -> 34.6 V;
+    0x40 - 40 = 24 C; motor FF = no sensor, so no motor temperature at all."""
+    proc = agent("decode", "--protocol", "bafang-can", FRAME, "123#00", "02F83201#6C09")
+    assert proc.returncode == 0, proc.stderr
+    first, unknown, short = (json.loads(line) for line in proc.stdout.splitlines())
+    assert first["ok"] is True and first["frame"] == FRAME
+    assert_signals(first["signals"], FRAME_SIGNALS)
+    assert unknown["ok"] is True and unknown["signals"] == {}
+    assert short["ok"] is False and short["error"]
+
+
+def test_slcan_format_and_stdin() -> None:
+    slcan = agent("decode", "--protocol", "bafang-can", "--format", "slcan", "T02F8320186C091F05840D40FF",
+                  "t12")
+    assert slcan.returncode == 0, slcan.stderr
+    good, bad = (json.loads(line) for line in slcan.stdout.splitlines())
+    assert good["ok"] is True
+    assert_signals(good["signals"], FRAME_SIGNALS)
+    assert bad["ok"] is False
+    stdin = agent("decode", "--protocol", "bafang-can", "--file", "-",
+                  stdin=f"(1.000000) can0 {FRAME} R\n\n(2.000000) can0 nonsense\n")
+    assert stdin.returncode == 0, stdin.stderr
+    objs = [json.loads(line) for line in stdin.stdout.splitlines()]
+    assert [o["ok"] for o in objs] == [True, False]
+    assert_signals(objs[0]["signals"], FRAME_SIGNALS)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--protocol", "jbd-x", FRAME], "unknown protocol"),
+    (["--protocol", "bafang-can", "--file", "x.log", FRAME], "not both"),
+    (["--protocol", "bafang-can"], "neither"),
+    (["--protocol", "bafang-can", "--file", "/nonexistent/capture.log"], "cannot read /nonexistent/capture.log"),
+    (["--protocol", "nmea", "--format", "candump", "$GPGGA"], "does not carry"),
+])
+def test_decode_refusals(args: list[str], message: str) -> None:
+    """Input that cannot be read at all is the one case with a non-zero exit."""
+    proc = agent("decode", *args)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+DESIGN_NAMES = [
+    "Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.CurrentLocation.Latitude",
+    "Vehicle.CurrentLocation.Longitude", "Vehicle.CurrentLocation.Altitude", "Vehicle.CurrentLocation.Heading",
+    "Vehicle.LEV.GNSS.Speed", "Vehicle.LEV.GNSS.FixQuality", "Vehicle.LEV.GNSS.Satellites", "Vehicle.LEV.GNSS.HDOP",
+    "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "Vehicle.Powertrain.TractionBattery.CurrentCurrent",
+    "Vehicle.Powertrain.TractionBattery.CurrentPower", "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current",
+    "Vehicle.Powertrain.TractionBattery.StateOfHealth", "Vehicle.Powertrain.TractionBattery.CellVoltage.Min",
+    "Vehicle.Powertrain.TractionBattery.CellVoltage.Max", "Vehicle.Powertrain.TractionBattery.Temperature.Min",
+    "Vehicle.Powertrain.TractionBattery.Temperature.Max", "Vehicle.LEV.Battery.RemainingCapacity",
+    "Vehicle.LEV.Battery.FullCapacity", "Vehicle.LEV.Battery.CycleCount", "Vehicle.LEV.Battery.CellVoltage.1",
+    "Vehicle.LEV.Battery.Temperature.1", "Vehicle.LEV.Battery.ProtectionFlags", "Vehicle.LEV.Battery.ChargeEnabled",
+    "Vehicle.LEV.Battery.DischargeEnabled", "Vehicle.Powertrain.ElectricMotor.Temperature",
+    "Vehicle.LEV.Controller.Temperature", "Vehicle.LEV.Controller.Voltage", "Vehicle.LEV.Controller.MotorCurrent",
+    "Vehicle.LEV.Controller.FaultCode", "Vehicle.LEV.SpeedLimit", "Vehicle.LEV.WheelCircumference",
+    "Vehicle.LEV.Pedal.Torque", "Vehicle.LEV.Pedal.Cadence", "Vehicle.LEV.TripDistance", "Vehicle.LEV.Range",
+]
+
+
+def test_signals_catalogue_json() -> None:
+    """The catalogue the backend maps ids with: unique ids and names, every contract name."""
+    proc = agent("signals", "--json")
+    assert proc.returncode == 0, proc.stderr
+    sigs = json.loads(proc.stdout)
+    ids = [s["id"] for s in sigs]
+    names = [s["name"] for s in sigs]
+    assert len(set(ids)) == len(ids) and len(set(names)) == len(names)
+    assert all(isinstance(i, int) and i >= 1 for i in ids)
+    assert all(s["unit"] for s in sigs)
+    missing = set(DESIGN_NAMES) - set(names)
+    assert not missing
+    by_name = {s["name"]: s for s in sigs}
+    assert by_name["Vehicle.Speed"]["unit"] == "km/h"
+    assert by_name["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]["unit"] == "V"

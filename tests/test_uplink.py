@@ -1,0 +1,286 @@
+"""Store-and-forward through a real mosquitto: outbox -> Uplink -> broker -> Ingest.
+
+The promise to the fleet backend: every record arrives, exactly once after the
+cloud's de-duplication, even when the broker goes away in the middle; the ``state``
+topic says whether the vehicle is online, also when the agent dies without a word.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+import devtools.broker
+from agent.cloud.ingest import Ingest
+from agent.config import BrokerConfig
+from agent.store.outbox import LANE_LIVE, Outbox
+from agent.uplink import wire
+from agent.uplink.mqtt import Subscriber, Uplink
+from devtools.broker import Mosquitto
+from tests.helpers import wait_for
+
+SIG = 1
+
+
+def window(i: int) -> bytes:
+    return wire.window_record(1_700_000_000 + i, 1.0, [(SIG, 1, float(i), float(i), float(i), float(i), None)])
+
+
+class Link:
+    """An Uplink and an Outbox driven the way the agent's loop drives them."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto, max_batch: int = 5) -> None:
+        self.device = f"bike-{uuid.uuid4().hex[:8]}"
+        self.prefix = f"ebike/v1/{self.device}/"
+        self.boot = uuid.uuid4().hex
+        self.cfg = BrokerConfig(host=broker.host, port=broker.port, keepalive=5, max_inflight=4,
+                                max_batch_records=max_batch)
+        self.outbox = Outbox(str(tmp_path / f"{self.device}.sqlite"), 1 << 30)
+        self.uplink = Uplink(self.device, self.cfg, self.prefix, birth=self.state(True), death=self.state(False))
+        self.failed: list[int] = []
+
+    def state(self, online: bool) -> bytes:
+        return cbor2.dumps({"online": online, "boot": self.boot, "version": "test", "kernel": "py"})
+
+    def append(self, n: int) -> list[int]:
+        start = self.outbox.stats()["last_seq"]
+        return self.outbox.append([(LANE_LIVE, float(start + i), window(start + i)) for i in range(n)])
+
+    def step(self) -> None:
+        acked, failed = self.uplink.poll()
+        self.failed += failed
+        self.outbox.ack(acked)
+        self.outbox.release(failed)
+        while self.uplink.can_send():
+            batch = self.outbox.lease(self.cfg.max_batch_records, 1 << 20)
+            if not batch:
+                return
+            seqs = [seq for seq, _ in batch]
+            if not self.uplink.publish(seqs, wire.encode_batch(self.device, batch)):
+                self.outbox.release(seqs)
+                return
+
+    def close(self) -> None:
+        self.uplink.client.loop_stop()
+        self.uplink.client.disconnect()
+        self.outbox.close()
+
+
+class Cloud:
+    """The reference consumer, run in the test's thread like ``ebike-agent ingest`` runs it."""
+
+    def __init__(self, tmp_path: Path, broker: Mosquitto, topic: str) -> None:
+        self.ingest = Ingest(str(tmp_path / f"cloud-{uuid.uuid4().hex[:6]}.sqlite"))
+        self.payloads: list[tuple[str, bytes]] = []
+        self.subscribed = False
+        self.sub = Subscriber(f"cloud-{uuid.uuid4().hex[:8]}", broker.host, broker.port, topic, self._message)
+        on_subscribe = self.sub.client.on_subscribe
+
+        def subscribed(*args: object) -> None:
+            on_subscribe(*args)
+            self.subscribed = True
+
+        self.sub.client.on_subscribe = subscribed
+        self.sub.connect()
+
+    def _message(self, topic: str, payload: bytes) -> None:
+        self.payloads.append((topic, payload))
+        self.ingest.handle(topic, payload)
+
+    def stored(self, device: str) -> list[int]:
+        return [s for (s,) in self.ingest.db.execute("SELECT seq FROM records WHERE device=? ORDER BY seq",
+                                                     (device,))]
+
+    def close(self) -> None:
+        self.sub.close()
+        self.ingest.close()
+
+
+def pump(what: str, link: Link | None, cloud: Cloud | None, done: Callable[[], bool], timeout: float) -> None:
+    """Drive both sides in this thread until ``done``, bounded in time."""
+    def turn() -> bool:
+        if link is not None:
+            link.step()
+        if cloud is not None:
+            cloud.sub.loop(0.02)
+        return done()
+
+    wait_for(what, turn, timeout, interval=0.005)
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[list[Link | Cloud]]:
+    made: list[Link | Cloud] = []
+    yield made
+    for p in reversed(made):
+        p.close()
+
+
+def test_records_published_acked_and_stored(tmp_path: Path, mosquitto: Mosquitto,
+                                            parts: list[Link | Cloud]) -> None:
+    """Rows leave the outbox only on the broker's ack, and the batch that carried them
+    decodes at the consumer to exactly those records."""
+    link = Link(tmp_path, mosquitto)
+    cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
+    parts += [link, cloud]
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    seqs = link.append(12)
+    assert seqs == list(range(1, 13))
+    pump("every record acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
+    assert link.outbox.stats()["last_acked"] == 12
+    assert link.uplink.status()["records_acked"] == 12 and link.uplink.batches_acked == 3
+    pump("the consumer to store them", None, cloud, lambda: len(cloud.stored(link.device)) == 12, 10)
+    assert cloud.stored(link.device) == seqs
+    assert cloud.ingest.bad_batches == 0 and cloud.ingest.duplicates == 0
+    got = []
+    for topic, payload in cloud.payloads:
+        assert topic == link.prefix + "telemetry"
+        device, records = wire.decode_batch(payload)
+        assert device == link.device
+        got += [(seq, rec["s"][0][2]) for seq, rec in records]
+    assert got == [(i + 1, float(i)) for i in range(12)]
+
+
+def test_broker_outage_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     parts: list[Link | Cloud]) -> None:
+    """The broker dies with a batch in flight and comes back on the same address: the
+    in-flight rows are released, new rows wait on disk, and in the end the cloud has
+    every record once (a re-sent batch may be delivered twice; Ingest drops the copy)."""
+    workdir = tmp_path / "private-broker"
+    workdir.mkdir()
+    broker = Mosquitto(str(workdir)).start()
+    try:
+        link = Link(tmp_path, broker, max_batch=3)
+        cloud = Cloud(tmp_path, broker, link.prefix + "telemetry")
+        parts += [link, cloud]
+        pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+        link.uplink.start()
+        pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+        link.append(6)
+        pump("the first records acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
+
+        # Freeze the broker so the next batches stay unacknowledged, then kill it.
+        assert broker.proc is not None
+        broker.proc.send_signal(19)  # SIGSTOP
+        link.append(4)
+        link.step()
+        in_flight = sorted(s for seqs in link.uplink.inflight.values() for s in seqs)
+        assert in_flight == [7, 8, 9, 10]
+        broker.proc.kill()
+        broker.proc.wait(5)
+        broker.stop()
+        cloud.subscribed = False
+        pump("the uplink to see the broker gone", link, None, lambda: not link.uplink.connected, 15)
+        assert sorted(link.failed) == in_flight, "in-flight rows must be released on disconnect"
+        assert link.outbox.stats()["in_flight"] == 0
+        link.append(5)
+        for _ in range(20):
+            link.step()
+            time.sleep(0.01)
+        stats = link.outbox.stats()
+        assert stats["records"] == 9 and stats["last_acked"] == 6, "rows must wait on disk for the broker"
+
+        port = broker.port
+        monkeypatch.setattr(devtools.broker, "free_port", lambda: port)
+        broker.start()
+        assert broker.port == port
+        pump("the consumer to resubscribe", None, cloud, lambda: cloud.subscribed, 15)
+        pump("the backlog acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 30)
+        pump("the consumer to store everything", link, cloud, lambda: len(cloud.stored(link.device)) == 15, 10)
+        assert cloud.stored(link.device) == list(range(1, 16))
+        assert cloud.ingest.gaps() == {}
+        assert cloud.ingest.bad_batches == 0
+        assert cloud.ingest.records == 15
+        assert link.uplink.connects == 2
+    finally:
+        broker.stop()
+
+
+def test_birth_and_last_will(tmp_path: Path, mosquitto: Mosquitto, parts: list[Link | Cloud]) -> None:
+    """``state`` is retained: online true once connected, and online false from the
+    broker when the agent's connection dies without a goodbye."""
+    link = Link(tmp_path, mosquitto)
+    parts.append(link)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+
+    def retained_state(client: str) -> list[dict[str, object]]:
+        """A late subscriber's view of ``state``: what the broker retained."""
+        seen: list[dict[str, object]] = []
+        watcher = Subscriber(client, mosquitto.host, mosquitto.port, link.prefix + "state",
+                             lambda topic, payload: seen.append(cbor2.loads(payload)))
+        watcher.connect()
+        try:
+            wait_for("the retained state", lambda: watcher.loop(0.05) or seen, 10, interval=0)
+        finally:
+            watcher.close()
+        return seen
+
+    assert retained_state(f"w1-{link.device}")[-1] == {"online": True, "boot": link.boot, "version": "test",
+                                                       "kernel": "py"}
+    # Die uncleanly: no DISCONNECT, the TCP connection just ends.
+    link.uplink.client.loop_stop()
+    sock = link.uplink.client.socket()
+    assert sock is not None
+    sock.close()
+
+    def offline() -> bool:
+        return retained_state(f"w-{uuid.uuid4().hex[:6]}")[-1]["online"] is False
+
+    wait_for("the last will on state", offline, 10, interval=0.1)
+    assert retained_state(f"w3-{link.device}")[-1]["boot"] == link.boot
+
+
+def batch(device: str, *seqs: int, t: int = 0) -> bytes:
+    return cbor2.dumps([1, device, [[s, {"k": "win", "t": t + s, "d": 1000, "s": [[SIG, 1, 1.5, 1.5, 1.5, 1.5],
+                                                                                [2, 2, -3, 4, 0.5, 4]]}]
+                                    for s in seqs]])
+
+
+def test_ingest_counts_bad_batches_and_duplicates(tmp_path: Path) -> None:
+    """The consumer never crashes on what arrives: garbage and mismatched devices are
+    counted, duplicates stored once, gaps reported as ranges."""
+    ingest = Ingest(str(tmp_path / "cloud.sqlite"))
+    topic = "ebike/v1/bike-a/telemetry"
+    ingest.handle(topic, b"\xffnot cbor")
+    ingest.handle(topic, cbor2.dumps([1, "bike-a", [[0, {}]]]))
+    ingest.handle(topic, batch("bike-b", 1))
+    assert (ingest.bad_batches, ingest.batches, ingest.records) == (3, 0, 0)
+    assert "does not match the topic" in ingest.last_error
+
+    ingest.handle(topic, batch("bike-a", 1, 2, 3))
+    ingest.handle(topic, batch("bike-a", 2, 3, 6))
+    ingest.handle(topic, batch("bike-a", 9, 10))
+    ingest.handle("ebike/v1/bike-c/telemetry", batch("bike-c", 5, 7))
+    assert (ingest.batches, ingest.records, ingest.duplicates, ingest.bad_batches) == (4, 8, 2, 3)
+    assert ingest.gaps() == {"bike-a": [(4, 5), (7, 8)], "bike-c": [(6, 6)]}
+    report = ingest.report()
+    assert report["devices"]["bike-a"] == {"records": 6, "first": 1, "last": 10}
+    assert report["gaps"] == {"bike-a": [[4, 5], [7, 8]], "bike-c": [[6, 6]]}
+    rows = ingest.db.execute("SELECT signal, count, min, max, mean, last FROM window_signals "
+                             "WHERE device='bike-a' AND seq=2 ORDER BY signal").fetchall()
+    assert rows == [(SIG, 1, 1.5, 1.5, 1.5, 1.5), (2, 2, -3, 4, 0.5, 4)]
+    ingest.close()
+
+
+def test_ingest_survives_a_batch_the_database_cannot_take(tmp_path: Path) -> None:
+    """A batch that decodes but cannot be stored (the same signal twice in a window, a
+    uint beyond SQLite's int64) is a bad batch, stored not at all, and the next one works."""
+    ingest = Ingest(str(tmp_path / "cloud.sqlite"))
+    topic = "ebike/v1/bike-a/telemetry"
+    twice = {"k": "win", "t": 5, "d": 1000, "s": [[SIG, 1, 1, 1, 1, 1], [SIG, 1, 2, 2, 2, 2]]}
+    huge = {"k": "win", "t": 2**64 - 1, "d": 1000, "s": []}
+    ingest.handle(topic, cbor2.dumps([1, "bike-a", [[1, {"k": "win", "t": 0, "d": 1, "s": []}], [2, twice]]]))
+    ingest.handle(topic, cbor2.dumps([1, "bike-a", [[3, huge]]]))
+    assert ingest.bad_batches == 2 and ingest.records == 0 and ingest.batches == 0
+    assert ingest.db.execute("SELECT count(*) FROM records").fetchone() == (0,)
+    ingest.handle(topic, batch("bike-a", 1, 2))
+    assert ingest.records == 2 and ingest.gaps() == {}
+    ingest.close()

@@ -1,0 +1,208 @@
+"""The CBOR batch codec against cbor2, the CDDL and itself.
+
+The encoder builds CBOR heads by hand to avoid re-encoding stored records; a wrong
+head at a size boundary would corrupt every batch of that size. The decoder is the
+reference for the fleet backend, so it must accept exactly what docs/wire.cddl does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cbor2
+import pycddl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.errors import DecodeError
+from agent.uplink import wire
+
+UINT64 = 2**64 - 1
+uints = st.integers(min_value=0, max_value=UINT64)
+numbers = st.one_of(
+    st.floats(allow_nan=False),
+    st.integers(min_value=-(2**64), max_value=UINT64),
+)
+rows = st.lists(st.tuples(uints, uints, numbers, numbers, numbers, numbers, st.none()), max_size=8)
+windows = st.tuples(
+    st.floats(min_value=0, max_value=4e12, allow_nan=False),
+    st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    rows,
+)
+
+
+def record(t: int = 0, d: int = 1000, s: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"k": "win", "t": t, "d": d, "s": [] if s is None else s, **extra}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(device=st.text(min_size=1, max_size=20),
+       first_seq=st.integers(min_value=1, max_value=UINT64 - 50),
+       recs=st.lists(windows, max_size=12))
+def test_round_trip(device: str, first_seq: int, recs: list[tuple[float, float, list[Any]]]) -> None:
+    """What the agent encodes, the cloud decodes to the same numbers: ids, counts,
+    negative and huge values, floats bit for bit."""
+    batch = [(first_seq + i, wire.window_record(start, length, r)) for i, (start, length, r) in enumerate(recs)]
+    got_device, got = wire.decode_batch(wire.encode_batch(device, batch))
+    assert got_device == device
+    assert [seq for seq, _ in got] == [seq for seq, _ in batch]
+    for (_, rec), (start, length, r) in zip(got, recs, strict=True):
+        assert rec["k"] == "win"
+        assert rec["t"] == round(start * 1000) and rec["d"] == round(length * 1000)
+        assert len(rec["s"]) == len(r)
+        for got_row, want in zip(rec["s"], r, strict=True):
+            assert got_row[:2] == list(want[:2])
+            for a, b in zip(got_row[2:], want[2:6], strict=True):
+                assert type(a) is type(b) and a == b
+                if isinstance(a, float):
+                    assert math.copysign(1, a) == math.copysign(1, b)
+
+
+@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 65535, 65536])
+def test_array_heads_match_cbor2(n: int) -> None:
+    """The hand-built batch equals cbor2's own encoding of the same structure at each
+    size where the CBOR length head changes form."""
+    rec = record(t=1_700_000_000_000, s=[[1, 3, 24.5, 25.0, 24.75, 25]])
+    body = cbor2.dumps(rec)
+    first_seq = 2**32 - 1 if n else 1
+    records = [(first_seq + i, body) for i in range(n)]
+    expected = cbor2.dumps([1, "bike-1", [[seq, rec] for seq, _ in records]])
+    assert wire.encode_batch("bike-1", records) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, UINT64])
+def test_head_matches_cbor2_uint(n: int) -> None:
+    """The head helper gives the same bytes as cbor2 for every head width, including the
+    32- and 64-bit forms no test batch is large enough to reach."""
+    assert wire._head(0, n) == cbor2.dumps(n)
+    assert wire._head(4, n)[0] == 0x80 | cbor2.dumps(n)[0] & 0x1F
+    assert wire._head(4, n)[1:] == cbor2.dumps(n)[1:]
+
+
+def batch(*records: Any, version: Any = 1, device: Any = "bike-1") -> bytes:
+    return cbor2.dumps([version, device, list(records)])
+
+
+BAD_BATCHES = {
+    "not-cbor": b"\xff\x00garbage",
+    "truncated": cbor2.dumps([1, "bike-1", [[1, record()]]])[:-3],
+    "empty": b"",
+    "version-2": batch(version=2),
+    "version-str": batch(version="1"),
+    "not-array": cbor2.dumps({"v": 1}),
+    "two-items": cbor2.dumps([1, "bike-1"]),
+    "device-bytes": batch(device=b"bike-1"),
+    "records-map": cbor2.dumps([1, "bike-1", {}]),
+    "record-not-pair": batch([1]),
+    "record-three": batch([1, record(), 2]),
+    "seq-bool": batch([True, record()]),
+    "seq-float": batch([1.0, record()]),
+    "body-list": batch([1, ["win"]]),
+    "kind-unknown": batch([1, record(k="alarm")]),
+    "kind-missing": batch([1, {"t": 0, "d": 0, "s": []}]),
+    "t-float": batch([1, record(t=1.5)]),
+    "t-negative": batch([1, record(t=-1)]),
+    "t-bool": batch([1, record(t=True)]),
+    "d-missing": batch([1, {"k": "win", "t": 0, "s": []}]),
+    "s-map": batch([1, record(s={})]),
+    "row-short": batch([1, record(s=[[1, 2, 3, 4, 5]])]),
+    "row-long": batch([1, record(s=[[1, 2, 3, 4, 5, 6, 7]])]),
+    "row-not-list": batch([1, record(s=[7])]),
+    "row-sig-float": batch([1, record(s=[[1.0, 2, 3, 4, 5, 6]])]),
+    "row-sig-negative": batch([1, record(s=[[-1, 2, 3, 4, 5, 6]])]),
+    "row-count-negative": batch([1, record(s=[[1, -2, 3, 4, 5, 6]])]),
+    "row-count-bool": batch([1, record(s=[[1, True, 3, 4, 5, 6]])]),
+    "row-value-text": batch([1, record(s=[[1, 2, "3", 4, 5, 6]])]),
+    "row-value-bool": batch([1, record(s=[[1, 2, 3, 4, 5, False]])]),
+    "row-value-null": batch([1, record(s=[[1, 2, 3, None, 5, 6]])]),
+}
+
+
+@pytest.mark.parametrize("payload", list(BAD_BATCHES.values()), ids=list(BAD_BATCHES))
+def test_decoder_rejects(payload: bytes, batch_schema: pycddl.Schema) -> None:
+    """Everything off the contract is a DecodeError (which the consumer counts), never
+    another exception, and the CDDL refuses the same bytes."""
+    with pytest.raises(DecodeError):
+        wire.decode_batch(payload)
+    with pytest.raises(pycddl.ValidationError):
+        batch_schema.validate_cbor(payload)
+
+
+@pytest.mark.parametrize("payload", [batch([0, record()]), batch([-1, record()]), batch([2**64, record()])],
+                         ids=["seq-0", "seq-negative", "seq-2**64"])
+def test_decoder_rejects_seqs_outside_the_outbox_range(payload: bytes, batch_schema: pycddl.Schema) -> None:
+    """Sequence numbers start at 1 and fit 64 bits, in the decoder and the CDDL alike."""
+    with pytest.raises(DecodeError, match="seq"):
+        wire.decode_batch(payload)
+    with pytest.raises(pycddl.ValidationError):
+        batch_schema.validate_cbor(payload)
+
+
+def test_decoder_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="not CBOR"):
+        wire.decode_batch(b"\xff")
+
+
+def test_schema_rejects_hand_made_invalid_batch(batch_schema: pycddl.Schema) -> None:
+    """The CDDL check the suite relies on does bite: a valid batch passes, a wrong one fails."""
+    batch_schema.validate_cbor(batch([1, record(s=[[1, 2, 3.5, 4, 5, 6]])]))
+    with pytest.raises(pycddl.ValidationError):
+        batch_schema.validate_cbor(batch([1, record(k="nope")]))
+    with pytest.raises(pycddl.ValidationError):
+        batch_schema.validate_cbor(batch([1, record(s=[[1, 2, "x", 4, 5, 6]])]))
+
+
+def test_autouse_check_covers_encode_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autouse fixture really wraps encode_batch: a body off the CDDL fails the call."""
+    with pytest.raises(pycddl.ValidationError):
+        wire.encode_batch("bike-1", [(1, cbor2.dumps(record(t=-5)))])
+
+
+# Arbitrary CBOR-ish structures near the batch shape: the decoder and the CDDL must agree.
+# Kept away from what pycddl 0.6 (cddl-rs 0.9.5) gets wrong by itself: it accepts tagged
+# items (bignums beyond 64 bits) in place of any type, panics on a byte string as a
+# record body, and checks only the first element of a ``[* x]`` array (so arrays here
+# hold at most one record and one row; the decoder checks every element).
+leaf = st.one_of(st.integers(min_value=-(2**64), max_value=UINT64), st.floats(), st.booleans(), st.none(),
+                 st.text(max_size=3))
+row_like = st.one_of(st.lists(leaf, min_size=5, max_size=7), leaf)
+one = {"max_size": 1}
+rec_like = st.one_of(
+    st.fixed_dictionaries({"k": st.sampled_from(["win", "win", "x"]), "t": leaf, "d": leaf,
+                           "s": st.one_of(st.lists(row_like, **one), leaf)}),
+    st.fixed_dictionaries({"k": st.just("win"), "t": uints, "d": uints,
+                           "s": st.lists(st.lists(st.one_of(uints, numbers), min_size=6, max_size=6), **one)}),
+    leaf,
+)
+item_like = st.one_of(st.tuples(st.one_of(leaf, uints), rec_like).map(list), st.lists(leaf, max_size=3))
+batch_like = st.one_of(
+    st.tuples(st.sampled_from([1, 1, 1, 2, True]), st.one_of(st.text(max_size=5), leaf),
+              st.lists(item_like, **one)).map(list),
+    leaf,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(obj=batch_like)
+def test_decoder_agrees_with_cddl(obj: Any, batch_schema: pycddl.Schema) -> None:
+    """The reference decoder and docs/wire.cddl accept exactly the same batches (but for
+    seq < 1, which only the decoder refuses: see above)."""
+    payload = cbor2.dumps(obj)
+    try:
+        batch_schema.validate_cbor(payload)
+        cddl_ok = True
+    except pycddl.ValidationError:
+        cddl_ok = False
+    try:
+        wire.decode_batch(payload)
+        decoder_ok = True
+    except DecodeError:
+        decoder_ok = False
+    seq_below_1 = isinstance(obj, list) and len(obj) == 3 and isinstance(obj[2], list) and any(
+        isinstance(item, list) and item and type(item[0]) is int and item[0] < 1 for item in obj[2])
+    if seq_below_1 and cddl_ok:
+        assert not decoder_ok
+        return
+    assert decoder_ok == cddl_ok, (obj, cddl_ok)
