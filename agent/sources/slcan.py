@@ -36,21 +36,23 @@ class SlcanParser:
 
     def feed(self, data: bytes) -> tuple[list[int], list[bytes]]:
         """Frames complete in ``tail + data``: keys (id | 0x80000000 if 29-bit) and payloads."""
+        keys: list[int] = []
+        datas: list[bytes] = []
         buf = self.tail + data
+        if self.skipping:
+            # Inside an overlong line, dropped and counted already: resume after its CR.
+            end = buf.find(b"\r")
+            self.tail = b""
+            if end < 0:
+                return keys, datas
+            buf = buf[end + 1:]
+            self.skipping = False
         lines = buf.split(b"\r")
         self.tail = lines.pop()
-        if self.skipping and lines:
-            # The rest of an overlong line, dropped (and counted) already.
-            lines.pop(0)
-            self.skipping = False
-        if self.skipping:
-            self.tail = b""
-        elif len(self.tail) > MAX_LINE:
+        if len(self.tail) > MAX_LINE:
             self.bad += 1
             self.tail = b""
             self.skipping = True
-        keys: list[int] = []
-        datas: list[bytes] = []
         for line in lines:
             if b"\x07" in line:
                 self.errors += line.count(b"\x07")
