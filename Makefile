@@ -9,7 +9,7 @@ KERNEL_SRC := agent/fusion/_kernel_py.py agent/fusion/_kernel.pxd
 # The compiled kernel is required unless the caller says otherwise (EBIKE_AGENT_BUILD_EXT=0).
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
-.PHONY: setup broker run test test-compiled test-pure bench lint clean
+.PHONY: setup broker run test test-compiled test-pure bench fuzz lint clean
 
 setup: $(KERNEL)
 
@@ -41,6 +41,10 @@ test-pure: setup broker
 
 bench: setup
 	$(PY) -m devtools.bench
+
+# >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).
+fuzz: setup
+	$(PY) -m devtools.fuzz $(FUZZ_ARGS)
 
 lint: setup
 	$(PY) -m ruff check agent firmware_sim devtools tests setup.py

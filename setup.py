@@ -35,6 +35,8 @@ EXTRAS = {
         "ruff>=0.6",
         "mypy>=1.10",
     ],
+    # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
+    "can": ["python-can>=4.3,<5"],
 }
 
 

@@ -16,7 +16,13 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-SOURCE_KINDS = ("uart", "slcan")
+SOURCE_KINDS = ("uart", "slcan", "socketcan", "candump", "python-can")
+CAN_KINDS = ("slcan", "socketcan", "candump", "python-can")
+UART_PROTOCOLS = ("nmea", "jbd", "daly", "ninebot", "kt-lcd3", "surron")
+CAN_PROTOCOLS = ("bafang-can",)  # and dbc:<path>
+POLLED_PROTOCOLS = ("jbd", "daly", "ninebot")
+PARITIES = ("N", "E", "O", "M", "S")
+STOPBITS = (1.0, 1.5, 2.0)
 SLCAN_BITRATES = (10000, 20000, 50000, 100000, 125000, 250000, 500000, 800000, 1000000)
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -30,6 +36,14 @@ class SourceConfig:
     bitrate: int = 250000
     baudrate: int = 115200
     poll_interval: float = 0.0
+    poll_timeout: float = 1.0
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: float = 1.0
+    replay_speed: float = 1.0
+    loop: bool = False
+    interface: str = ""
+    channel: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,9 +111,20 @@ def _one_of(options: tuple[Any, ...]) -> Check:
 
 
 def _protocol(v: str) -> str | None:
-    if v in ("bafang-can", "nmea") or (v.startswith("dbc:") and len(v) > 4):
+    if v in UART_PROTOCOLS or v in CAN_PROTOCOLS or (v.startswith("dbc:") and len(v) > 4):
         return None
-    return "must be bafang-can, nmea or dbc:<path>"
+    return f"must be one of {', '.join(UART_PROTOCOLS + CAN_PROTOCOLS)} or dbc:<path>"
+
+
+def _bytesize(v: int) -> str | None:
+    return None if 5 <= v <= 8 else "must be 5-8 data bits"
+
+
+def _ifname(v: str) -> str | None:
+    """Linux's dev_valid_name(): 1-15 chars (IFNAMSIZ 16), not . or .., no / : or space."""
+    if not 1 <= len(v) <= 15 or v in (".", "..") or any(c in "/:" or c.isspace() for c in v):
+        return "must be a network interface name (1-15 chars, no '/', ':' or spaces), e.g. can0"
+    return None
 
 
 def _device_id(v: str) -> str | None:
@@ -123,12 +148,36 @@ Schema = tuple[tuple[str, type, Any, Check | None], ...]
 _SOURCE: Schema = (
     ("name", str, REQUIRED, None),
     ("kind", str, REQUIRED, _one_of(SOURCE_KINDS)),
-    ("port", str, REQUIRED, None),
+    ("port", str, "", None),  # required by every kind but python-can: checked in _source()
     ("protocol", str, REQUIRED, _protocol),
     ("bitrate", int, 250000, _one_of(SLCAN_BITRATES)),
     ("baudrate", int, 115200, _positive),
     ("poll_interval", float, 0.0, _non_negative),
+    ("poll_timeout", float, 1.0, _positive),
+    ("bytesize", int, 8, _bytesize),
+    ("parity", str, "N", _one_of(PARITIES)),
+    ("stopbits", float, 1.0, _one_of(STOPBITS)),
+    ("replay_speed", float, 1.0, _non_negative),
+    ("loop", bool, False, None),
+    ("interface", str, "", None),
+    ("channel", str, "", None),
 )
+_SERIAL_KEYS = ("port", "baudrate", "bytesize", "parity", "stopbits")
+# Keys a kind uses besides name, kind and protocol; any other key written for it is refused,
+# since it would be silently ignored.
+_KIND_KEYS = {
+    "uart": _SERIAL_KEYS + ("poll_interval", "poll_timeout"),
+    "slcan": _SERIAL_KEYS + ("bitrate", "poll_interval", "poll_timeout"),
+    "socketcan": ("port", "poll_interval", "poll_timeout"),
+    "candump": ("port", "replay_speed", "loop", "poll_interval", "poll_timeout"),
+    "python-can": ("interface", "channel", "bitrate", "poll_interval", "poll_timeout"),
+}
+_KIND_HINTS = {
+    ("socketcan", "bitrate"): "the interface's bitrate is set outside the agent (ip link set can0 type can bitrate N)",
+    ("python-can", "port"): "python-can takes interface and channel",
+}
+_CAN_LABELS = {"slcan": "an SLCAN adapter", "socketcan": "a SocketCAN interface", "candump": "a candump log",
+               "python-can": "a python-can bus"}
 _BROKER: Schema = (
     ("host", str, "127.0.0.1", None),
     ("port", int, 1883, _port),
@@ -170,7 +219,7 @@ def _table(path: str, where: str, raw: Any, schema: Schema) -> dict[str, Any]:
         value = raw[key]
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, typ) or isinstance(value, bool):
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
             raise ConfigError(path, name, f"must be {typ.__name__}, not {type(value).__name__}")
         reason = check(value) if check else None
         if reason:
@@ -192,16 +241,7 @@ def parse(path: str, data: dict[str, Any]) -> Config:
     raw_sources = data.get("sources", [])
     if not isinstance(raw_sources, list) or not raw_sources:
         raise ConfigError(path, "sources", "must be a non-empty array of tables ([[sources]])")
-    sources = []
-    for i, raw in enumerate(raw_sources):
-        src = SourceConfig(**_table(path, f"sources[{i}]", raw, _SOURCE))
-        if src.kind == "slcan" and src.protocol == "nmea":
-            raise ConfigError(path, f"sources[{i}].protocol", "an SLCAN adapter carries CAN, not NMEA")
-        if src.kind == "uart" and src.protocol != "nmea":
-            raise ConfigError(path, f"sources[{i}].protocol", "a UART source speaks nmea (CAN needs kind slcan)")
-        if src.protocol.startswith("dbc:"):
-            src = replace(src, protocol="dbc:" + _resolve(path, src.protocol[4:]))
-        sources.append(src)
+    sources = [_source(path, f"sources[{i}]", raw) for i, raw in enumerate(raw_sources)]
     names = [s.name for s in sources]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -229,6 +269,44 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         windows=WindowsConfig(**_table(path, "windows", data.get("windows", {}), _WINDOWS)),
         control_socket=_resolve(path, control),
     )
+
+
+def _source(path: str, where: str, raw: Any) -> SourceConfig:
+    """One [[sources]] table: the schema, then what depends on its kind and protocol."""
+    src = SourceConfig(**_table(path, where, raw, _SOURCE))
+    kind, protocol = src.kind, src.protocol
+    for key in raw:
+        if key not in ("name", "kind", "protocol") and key not in _KIND_KEYS[kind]:
+            hint = _KIND_HINTS.get((kind, key), f"it takes {', '.join(_KIND_KEYS[kind])}")
+            raise ConfigError(path, f"{where}.{key}", f"does not apply to kind {kind} ({hint})")
+    if kind == "uart" and protocol not in UART_PROTOCOLS:
+        raise ConfigError(path, f"{where}.protocol",
+                          f"a UART source speaks {', '.join(UART_PROTOCOLS)} "
+                          f"(CAN needs kind {', '.join(CAN_KINDS)})")
+    if kind in CAN_KINDS and protocol in UART_PROTOCOLS:
+        raise ConfigError(path, f"{where}.protocol",
+                          f"{_CAN_LABELS[kind]} carries CAN: bafang-can or dbc:<path>, not {protocol}")
+    if src.poll_interval > 0 and protocol not in POLLED_PROTOCOLS:
+        raise ConfigError(path, f"{where}.poll_interval",
+                          f"{protocol} is not polled: only {', '.join(POLLED_PROTOCOLS)} take a poll_interval > 0")
+    if "poll_timeout" in raw and protocol not in POLLED_PROTOCOLS:
+        raise ConfigError(path, f"{where}.poll_timeout",
+                          f"{protocol} is not polled: only {', '.join(POLLED_PROTOCOLS)} take a poll_timeout")
+    if kind == "python-can":
+        if not src.interface:
+            raise ConfigError(path, f"{where}.interface",
+                              "is required for kind python-can (e.g. pcan, kvaser, vector, virtual)")
+    elif not src.port:
+        raise ConfigError(path, f"{where}.port", "is required")
+    if kind == "socketcan" and _ifname(src.port):
+        raise ConfigError(path, f"{where}.port", str(_ifname(src.port)))
+    if kind == "candump":
+        src = replace(src, port=_resolve(path, src.port))
+        if not os.path.isfile(src.port):
+            raise ConfigError(path, f"{where}.port", f"no such file: {src.port}")
+    if protocol.startswith("dbc:"):
+        src = replace(src, protocol="dbc:" + _resolve(path, protocol[4:]))
+    return src
 
 
 def load(path: str) -> Config:

@@ -17,16 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
-from agent.config import Config, SourceConfig
+from agent.config import CAN_KINDS, Config, SourceConfig
 from agent.control.server import ControlServer
 from agent.dbc.compile import CompiledDbc, compile_dbc, profile_path
-from agent.errors import ConfigError, DecodeError
+from agent.errors import ConfigError, DecodeError, SourceUnavailableError
 from agent.fusion.kernel import BUILD, Kernel
-from agent.protocols.nmea import NmeaFramer, decode_sentence
+from agent.protocols import protocol
 from agent.signals import BY_NAME, ID_SPACE
 from agent.sources import make_source
 from agent.sources.base import Source
-from agent.sources.slcan import SlcanSource
+from agent.sources.candump import line_time
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
 from agent.uplink.mqtt import Uplink
@@ -34,6 +34,9 @@ from agent.uplink.mqtt import Uplink
 log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 256 * 1024
+MAX_TEXT_LINE = 4096
+# After this long without bytes, a framer waiting on a false start's length gives up.
+QUIET_LINE = 0.2
 TICK = 0.1
 DRAIN_TIMEOUT = 5.0
 
@@ -43,20 +46,34 @@ def dbc_for(protocol: str) -> str:
     return profile_path("bafang" if protocol == "bafang-can" else protocol[len("dbc:"):])
 
 
-class NmeaHandler:
-    """GNSS sentences to catalogue samples; bad sentences counted by reason."""
+class UartHandler:
+    """A UART protocol stream (NMEA, JBD, Daly, Ninebot, KT, Sur-Ron): framer, decoder,
+    catalogue samples into the kernel; polled protocols also get their requests sent."""
 
-    def __init__(self) -> None:
-        self.framer = NmeaFramer()
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.proto = protocol(cfg.protocol)
+        self.framer = self.proto.framer()
+        self.poller = self.proto.poller(cfg.poll_interval, cfg.poll_timeout) if cfg.poll_interval > 0 else None
         self.ok = 0
+        self.not_understood = 0
         self.bad: dict[str, int] = {}
+        self.last_data = time.monotonic()
 
     def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
+        self.last_data = time.monotonic()
+        return self._frames(self.framer.feed(data), now, kernel)
+
+    def _frames(self, frames: list[bytes], now: float, kernel: Any) -> list[Any]:
         ids: list[int] = []
         values: list[float] = []
-        for sentence in self.framer.feed(data):
+        for frame in frames:
+            if self.poller is not None:
+                self.poller.answered(frame)
+            if not self.proto.understood(frame):
+                self.not_understood += 1
+                continue
             try:
-                decoded = decode_sentence(sentence)
+                decoded = self.proto.decode(frame)
             except DecodeError as e:
                 reason = e.reason.split(":")[0]
                 self.bad[reason] = self.bad.get(reason, 0) + 1
@@ -67,38 +84,84 @@ class NmeaHandler:
                 values.append(value)
         return kernel.feed_values(ids, [now] * len(ids), values)  # type: ignore[no-any-return]
 
+    def tick(self, source: Source, now: float, kernel: Any) -> list[Any]:
+        """A quiet line gives up a false start held in the framer; a due poll is sent."""
+        mono = time.monotonic()
+        closed: list[Any] = []
+        flush = getattr(self.framer, "flush", None)
+        if flush is not None and self.framer.pending and mono - self.last_data >= QUIET_LINE:
+            closed = self._frames(flush(), now, kernel)
+        if self.poller is not None and source.is_open:
+            request = self.poller.due(mono)
+            if request is not None:
+                try:
+                    source.write(request)
+                except SourceUnavailableError as e:
+                    log.warning("source %s: poll not sent: %s", source.name, e)
+        return closed
+
     def status(self) -> dict[str, Any]:
-        return {"sentences": self.ok, "bad": dict(self.bad), "garbage_bytes": self.framer.garbage_bytes}
+        out: dict[str, Any] = {"protocol": self.proto.name, "frames": self.ok, "not_understood": self.not_understood,
+                               "bad_frames": dict(self.framer.bad), "bad_content": dict(self.bad),
+                               "garbage_bytes": self.framer.garbage_bytes}
+        if self.poller is not None:
+            out["poll"] = self.poller.stats()
+        return out
 
 
-class CanHandler:
-    """SLCAN text to frames to the kernel's compiled DBC tables, one kernel call per read."""
+class CanTextHandler:
+    """SLCAN or candump text straight into the kernel, one call per read; the kernel
+    parses the complete lines and the handler keeps the unfinished one."""
 
-    def __init__(self, source: SlcanSource) -> None:
-        self.parser = source.parser
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.tail = b""
+        self.overlong = 0
+        self.t_offset: float | None = None
 
     def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
-        keys, datas = self.parser.feed(data)
-        return kernel.feed_frames(keys, datas, [now] * len(keys))  # type: ignore[no-any-return]
+        buf = self.tail + data
+        if self.fmt == "slcan":
+            consumed, closed = kernel.feed_slcan(buf, now)
+        else:
+            if self.t_offset is None:
+                # A replayed log keeps its own timing, shifted so its first line is now.
+                self.t_offset = now - (line_time(buf) or now)
+            consumed, closed = kernel.feed_candump(buf, self.t_offset)
+        self.tail = buf[consumed:]
+        if len(self.tail) > MAX_TEXT_LINE:
+            self.overlong += 1
+            self.tail = b""
+        return closed  # type: ignore[no-any-return]
 
     def status(self) -> dict[str, Any]:
-        p = self.parser
-        return {"frames": p.frames, "bad": p.bad, "remote": p.remote, "adapter_errors": p.errors}
+        return {"format": self.fmt, "overlong_lines": self.overlong}
 
 
-Handler = NmeaHandler | CanHandler
+class PackedHandler:
+    """SocketCAN / python-can ``struct can_frame`` records into the kernel, one call per read."""
+
+    def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
+        return kernel.feed_packed(data, now)  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        return {"format": "packed"}
+
+
+Handler = UartHandler | CanTextHandler | PackedHandler
 
 
 def _handler(cfg: SourceConfig, source: Source) -> Handler:
-    if cfg.protocol == "nmea":
-        return NmeaHandler()
-    assert isinstance(source, SlcanSource)
-    return CanHandler(source)
+    if source.frame_format in ("slcan", "candump"):
+        return CanTextHandler(source.frame_format)
+    if source.frame_format == "packed":
+        return PackedHandler()
+    return UartHandler(cfg)
 
 
 def _one_dbc(cfg: Config) -> CompiledDbc | None:
     """The kernel holds one set of CAN tables: every CAN source must share its DBC."""
-    paths = {dbc_for(s.protocol) for s in cfg.sources if s.protocol != "nmea"}
+    paths = {dbc_for(s.protocol) for s in cfg.sources if s.kind in CAN_KINDS}
     if len(paths) > 1:
         raise ConfigError(cfg.path, "sources", "all CAN sources must use the same DBC for now")
     return compile_dbc(paths.pop()) if paths else None
@@ -153,12 +216,18 @@ class Runtime:
         for i, src in enumerate(self.sources):
             if not src.is_open and src.poll_open():
                 self.selector.register(src.fileno(), selectors.EVENT_READ, i)
+            due = src.next_due() if src.is_open else None
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - time.monotonic()))
         for key, _ in self.selector.select(timeout):
             if key.data == "control":
                 self.control.handle(key.fileobj)
                 continue
             self._read(key.data, key.fd)
         now = time.time()
+        for src, handler in zip(self.sources, self.handlers, strict=True):
+            if isinstance(handler, UartHandler):
+                self._records(handler.tick(src, now, self.kernel), now)
         self._records(self.kernel.close_due(now), now)
         self._commit(force=False)
         self._send()
@@ -201,7 +270,7 @@ class Runtime:
         mono = time.monotonic()
         mark_t, mark_frames = self.rate_mark
         if mono - mark_t >= 1.0:
-            frames = self.kernel.frames + sum(h.ok for h in self.handlers if isinstance(h, NmeaHandler))
+            frames = self.kernel.frames + sum(h.ok for h in self.handlers if isinstance(h, UartHandler))
             self.frame_rate = (frames - mark_frames) / (mono - mark_t)
             self.rate_mark = (mono, frames)
 

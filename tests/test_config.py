@@ -72,6 +72,7 @@ def test_full_file_loads_every_value(tmp_path: Path) -> None:
     ca = write(tmp_path, "ca", "ca.pem")
     cert = write(tmp_path, "cert", "cert.pem")
     key = write(tmp_path, "key", "key.pem")
+    log = write(tmp_path, "(1.000000) can0 123#00\n", "drive.log")
     path = write(tmp_path, f"""
 device_id = "bike-42.a_b"
 control_socket = "/run/x/control.sock"
@@ -82,7 +83,18 @@ kind = "uart"
 port = "/dev/ttyUSB0"
 protocol = "nmea"
 baudrate = 9600
+
+[[sources]]
+name = "bms"
+kind = "uart"
+port = "/dev/ttyUSB1"
+protocol = "jbd"
+baudrate = 9600
+bytesize = 7
+parity = "E"
+stopbits = 2
 poll_interval = 2
+poll_timeout = 0.5
 
 [[sources]]
 name = "can0"
@@ -90,7 +102,33 @@ kind = "slcan"
 port = "/dev/ttyACM0"
 protocol = "bafang-can"
 bitrate = 500000
-poll_interval = 0.25
+baudrate = 230400
+stopbits = 1.5
+parity = "M"
+bytesize = 5
+
+[[sources]]
+name = "can1"
+kind = "socketcan"
+port = "vcan0"
+protocol = "bafang-can"
+poll_interval = 0
+
+[[sources]]
+name = "replay"
+kind = "candump"
+port = "{log}"
+protocol = "bafang-can"
+replay_speed = 2.5
+loop = true
+
+[[sources]]
+name = "pcan"
+kind = "python-can"
+interface = "pcan"
+channel = "PCAN_USBBUS1"
+protocol = "bafang-can"
+bitrate = 1000000
 
 [broker]
 host = "mqtt.example.net"
@@ -118,8 +156,15 @@ live = 2.5
         path=str(path),
         device_id="bike-42.a_b",
         sources=(
-            SourceConfig("gnss", "uart", "/dev/ttyUSB0", "nmea", 250000, 9600, 2.0),
-            SourceConfig("can0", "slcan", "/dev/ttyACM0", "bafang-can", 500000, 115200, 0.25),
+            SourceConfig("gnss", "uart", "/dev/ttyUSB0", "nmea", 250000, 9600, 0.0),
+            SourceConfig("bms", "uart", "/dev/ttyUSB1", "jbd", baudrate=9600, bytesize=7, parity="E",
+                         stopbits=2.0, poll_interval=2.0, poll_timeout=0.5),
+            SourceConfig("can0", "slcan", "/dev/ttyACM0", "bafang-can", 500000, 230400, bytesize=5, parity="M",
+                         stopbits=1.5),
+            SourceConfig("can1", "socketcan", "vcan0", "bafang-can"),
+            SourceConfig("replay", "candump", str(log), "bafang-can", replay_speed=2.5, loop=True),
+            SourceConfig("pcan", "python-can", "", "bafang-can", bitrate=1000000, interface="pcan",
+                         channel="PCAN_USBBUS1"),
         ),
         broker=BrokerConfig("mqtt.example.net", 8883, str(ca), str(cert), str(key), "bike", "secret",
                             "fleet/{device_id}/", 15, 3, 50),
@@ -128,7 +173,8 @@ live = 2.5
         control_socket="/run/x/control.sock",
     )
     assert cfg.topic_prefix == "fleet/bike-42.a_b/"
-    assert isinstance(cfg.outbox.quota_mb, float) and isinstance(cfg.sources[0].poll_interval, float)
+    assert isinstance(cfg.outbox.quota_mb, float) and isinstance(cfg.sources[1].poll_interval, float)
+    assert isinstance(cfg.sources[1].stopbits, float) and cfg.sources[4].loop is True
 
 
 def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
@@ -141,6 +187,10 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.windows.live == 1.0
     assert cfg.control_socket == "/run/ebike-agent/control.sock"
     assert cfg.sources[1].bitrate == 250000 and cfg.sources[0].baudrate == 115200
+    gnss = cfg.sources[0]
+    assert (gnss.bytesize, gnss.parity, gnss.stopbits) == (8, "N", 1.0)
+    assert (gnss.poll_interval, gnss.poll_timeout) == (0.0, 1.0)
+    assert (gnss.replay_speed, gnss.loop, gnss.interface, gnss.channel) == (1.0, False, "", "")
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,10 +246,10 @@ protocol = "bafang-can"
     pytest.param(minimal(tail="[windows]\nlive = 0"), "windows.live", "must be > 0", id="window-zero"),
     pytest.param(minimal(sources=BAD_SOURCE.format(extra="bitrate = 123456")), "sources[0].bitrate",
                  "must be one of", id="bad-bitrate"),
-    pytest.param(minimal(sources=BAD_SOURCE.format(extra='kind = "socketcan"').replace('kind = "slcan"\n', "")),
+    pytest.param(minimal(sources=BAD_SOURCE.format(extra='kind = "lin"').replace('kind = "slcan"\n', "")),
                  "sources[0].kind", "must be one of", id="bad-kind"),
-    pytest.param(minimal(sources=BAD_SOURCE.replace("bafang-can", "jbd").format(extra="")),
-                 "sources[0].protocol", "must be", id="bad-protocol"),
+    pytest.param(minimal(sources=BAD_SOURCE.replace("bafang-can", "j1939").format(extra="")),
+                 "sources[0].protocol", "must be one of", id="bad-protocol"),
     pytest.param(minimal(sources=BAD_SOURCE.format(extra="poll_interval = -1")), "sources[0].poll_interval",
                  ">= 0", id="negative-poll"),
     pytest.param(minimal(sources=BAD_SOURCE.replace('port = "/dev/ttyCAN"\n', "").format(extra="")),
@@ -239,6 +289,148 @@ protocol = "bafang-can"
 ])
 def test_refusals_name_file_and_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
     """Each mistake is refused at start-up, naming the key a technician has to fix."""
+    assert_refusal(write(tmp_path, text), key, reason)
+
+
+def one_source(kind: str, protocol: str = "bafang-can", port: str | None = "/dev/ttyX", extra: str = "") -> str:
+    """A valid file whose only source is of ``kind``, plus ``extra`` lines in its table."""
+    port_line = f'port = "{port}"\n' if port is not None else ""
+    return minimal(sources=f'[[sources]]\nname = "s"\nkind = "{kind}"\n{port_line}protocol = "{protocol}"\n{extra}\n')
+
+
+@pytest.mark.parametrize("protocol", ["nmea", "jbd", "daly", "ninebot", "kt-lcd3", "surron"])
+def test_uart_protocols(tmp_path: Path, protocol: str) -> None:
+    cfg = load(str(write(tmp_path, one_source("uart", protocol))))
+    assert cfg.sources[0].protocol == protocol
+
+
+@pytest.mark.parametrize("kind", ["slcan", "socketcan", "candump", "python-can"])
+@pytest.mark.parametrize("protocol", ["bafang-can", "dbc:/abs/bike.dbc"])
+def test_can_kinds_take_can_protocols(tmp_path: Path, kind: str, protocol: str) -> None:
+    log = write(tmp_path, "", "x.log")
+    port = {"socketcan": "can0", "candump": str(log), "python-can": None}.get(kind, "/dev/ttyACM0")
+    extra = 'interface = "virtual"' if kind == "python-can" else ""
+    cfg = load(str(write(tmp_path, one_source(kind, protocol, port, extra))))
+    assert (cfg.sources[0].kind, cfg.sources[0].protocol) == (kind, protocol)
+
+
+@pytest.mark.parametrize("protocol", ["jbd", "daly", "ninebot"])
+def test_polled_protocols_take_a_poll_interval(tmp_path: Path, protocol: str) -> None:
+    cfg = load(str(write(tmp_path, one_source("uart", protocol, extra="poll_interval = 1\npoll_timeout = 0.3"))))
+    assert (cfg.sources[0].poll_interval, cfg.sources[0].poll_timeout) == (1.0, 0.3)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("bytesize = 5\nparity = \"O\"\nstopbits = 1.5", (5, "O", 1.5)),
+    ("bytesize = 6\nparity = \"S\"\nstopbits = 2", (6, "S", 2.0)),
+    ("bytesize = 7\nparity = \"M\"\nstopbits = 1", (7, "M", 1.0)),
+])
+def test_uart_framing(tmp_path: Path, text: str, want: tuple[int, str, float]) -> None:
+    src = load(str(write(tmp_path, one_source("uart", "nmea", extra=text)))).sources[0]
+    assert (src.bytesize, src.parity, src.stopbits) == want
+    assert isinstance(src.stopbits, float)
+
+
+def test_candump_log_path_is_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "logs").mkdir(parents=True)
+    (conf_dir / "logs" / "ride.log").write_text("(0.0) can0 123#\n")
+    monkeypatch.chdir(tmp_path)
+    path = write(conf_dir, one_source("candump", port="logs/ride.log", extra="replay_speed = 0\nloop = false"))
+    src = load(os.path.relpath(path)).sources[0]
+    assert src.port == str(conf_dir / "logs" / "ride.log")
+    assert (src.replay_speed, src.loop) == (0.0, False)
+
+
+@pytest.mark.parametrize("name", ["can0", "vcan0", "slcan12", "a", "x" * 15, "can-bus_1.2"])
+def test_socketcan_interface_names(tmp_path: Path, name: str) -> None:
+    assert load(str(write(tmp_path, one_source("socketcan", port=name)))).sources[0].port == name
+
+
+def test_python_can_source(tmp_path: Path) -> None:
+    src = load(str(write(tmp_path, one_source("python-can", port=None, extra='interface = "kvaser"\nchannel = "0"')))
+               ).sources[0]
+    assert (src.interface, src.channel, src.bitrate, src.port) == ("kvaser", "0", 250000, "")
+
+
+SOURCE_REFUSALS = [
+    pytest.param(one_source("slcan", "jbd"), "sources[0].protocol", "an SLCAN adapter carries CAN", id="slcan-jbd"),
+    pytest.param(one_source("socketcan", "nmea", "can0"), "sources[0].protocol", "SocketCAN interface carries CAN",
+                 id="socketcan-nmea"),
+    pytest.param(one_source("python-can", "daly", None, 'interface = "virtual"'), "sources[0].protocol",
+                 "python-can bus carries CAN", id="python-can-daly"),
+    pytest.param(one_source("uart", "dbc:x.dbc"), "sources[0].protocol", "a UART source speaks", id="uart-dbc"),
+    pytest.param(one_source("uart", "nmea", extra="bytesize = 9"), "sources[0].bytesize", "5-8", id="bytesize-9"),
+    pytest.param(one_source("uart", "nmea", extra="bytesize = 4"), "sources[0].bytesize", "5-8", id="bytesize-4"),
+    pytest.param(one_source("uart", "nmea", extra='bytesize = "8"'), "sources[0].bytesize", "must be int",
+                 id="bytesize-str"),
+    pytest.param(one_source("uart", "nmea", extra='parity = "X"'), "sources[0].parity", "one of N, E, O, M, S",
+                 id="parity-x"),
+    pytest.param(one_source("uart", "nmea", extra='parity = "n"'), "sources[0].parity", "one of", id="parity-lower"),
+    pytest.param(one_source("uart", "nmea", extra="stopbits = 3"), "sources[0].stopbits", "one of 1.0, 1.5, 2.0",
+                 id="stopbits-3"),
+    pytest.param(one_source("uart", "nmea", extra="stopbits = true"), "sources[0].stopbits", "must be float, not bool",
+                 id="stopbits-bool"),
+    pytest.param(one_source("uart", "nmea", extra="poll_interval = 1"), "sources[0].poll_interval",
+                 "nmea is not polled", id="poll-nmea"),
+    pytest.param(one_source("uart", "kt-lcd3", extra="poll_interval = 0.5"), "sources[0].poll_interval",
+                 "only jbd, daly, ninebot", id="poll-kt"),
+    pytest.param(one_source("slcan", extra="poll_interval = 1"), "sources[0].poll_interval",
+                 "bafang-can is not polled", id="poll-can"),
+    pytest.param(one_source("uart", "jbd", extra="poll_interval = -0.5"), "sources[0].poll_interval", ">= 0",
+                 id="poll-negative"),
+    pytest.param(one_source("uart", "jbd", extra="poll_interval = 1\npoll_timeout = 0"), "sources[0].poll_timeout",
+                 "must be > 0", id="poll-timeout-zero"),
+    pytest.param(one_source("uart", "nmea", extra="poll_timeout = 2"), "sources[0].poll_timeout",
+                 "nmea is not polled", id="poll-timeout-unpolled"),
+    pytest.param(one_source("uart", "nmea", extra="replay_speed = 2"), "sources[0].replay_speed",
+                 "does not apply to kind uart", id="replay-speed-on-uart"),
+    pytest.param(one_source("uart", "nmea", extra="bitrate = 500000"), "sources[0].bitrate",
+                 "does not apply to kind uart", id="bitrate-on-uart"),
+    pytest.param(one_source("slcan", extra="loop = true"), "sources[0].loop", "does not apply to kind slcan",
+                 id="loop-on-slcan"),
+    pytest.param(one_source("uart", "nmea", extra='interface = "pcan"'), "sources[0].interface",
+                 "does not apply", id="interface-on-uart"),
+    pytest.param(one_source("socketcan", port="can/0"), "sources[0].port", "network interface name",
+                 id="ifname-slash"),
+    pytest.param(one_source("socketcan", port="x" * 16), "sources[0].port", "1-15 chars", id="ifname-long"),
+    pytest.param(one_source("socketcan", port="can 0"), "sources[0].port", "network interface name",
+                 id="ifname-space"),
+    pytest.param(one_source("socketcan", port="can0:1"), "sources[0].port", "network interface name",
+                 id="ifname-colon"),
+    pytest.param(one_source("socketcan", port=".."), "sources[0].port", "network interface name", id="ifname-dots"),
+    pytest.param(one_source("socketcan", port=""), "sources[0].port", "is required", id="ifname-empty"),
+    pytest.param(one_source("socketcan", port="can0", extra="bitrate = 500000"), "sources[0].bitrate",
+                 "ip link set", id="socketcan-bitrate"),
+    pytest.param(one_source("socketcan", port="can0", extra="baudrate = 9600"), "sources[0].baudrate",
+                 "does not apply to kind socketcan", id="socketcan-baudrate"),
+    pytest.param(one_source("candump", port="/nonexistent/ride.log"), "sources[0].port",
+                 "no such file: /nonexistent/ride.log", id="candump-missing-log"),
+    pytest.param(one_source("candump", port=None), "sources[0].port", "is required", id="candump-no-port"),
+    pytest.param(one_source("candump", port="/etc/hostname", extra="replay_speed = -1"), "sources[0].replay_speed",
+                 ">= 0", id="replay-speed-negative"),
+    pytest.param(one_source("candump", port="/etc/hostname", extra='replay_speed = "fast"'),
+                 "sources[0].replay_speed", "must be float, not str", id="replay-speed-str"),
+    pytest.param(one_source("candump", port="/etc/hostname", extra="loop = 1"), "sources[0].loop",
+                 "must be bool, not int", id="loop-int"),
+    pytest.param(one_source("candump", port="/etc/hostname", extra='loop = "yes"'), "sources[0].loop",
+                 "must be bool, not str", id="loop-str"),
+    pytest.param(one_source("python-can", port=None), "sources[0].interface", "is required for kind python-can",
+                 id="python-can-no-interface"),
+    pytest.param(one_source("python-can", port=None, extra='interface = ""'), "sources[0].interface",
+                 "is required", id="python-can-empty-interface"),
+    pytest.param(one_source("python-can", port="/dev/ttyX", extra='interface = "pcan"'), "sources[0].port",
+                 "python-can takes interface and channel", id="python-can-port"),
+    pytest.param(one_source("python-can", port=None, extra='interface = "pcan"\nchannel = 1'),
+                 "sources[0].channel", "must be str, not int", id="python-can-channel-int"),
+    pytest.param(one_source("python-can", port=None, extra='interface = "pcan"\nbitrate = 12345'),
+                 "sources[0].bitrate", "must be one of", id="python-can-bitrate"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), SOURCE_REFUSALS)
+def test_source_refusals_name_file_and_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    """Each new source key is typed, range-checked and refused where its kind ignores it."""
     assert_refusal(write(tmp_path, text), key, reason)
 
 

@@ -243,7 +243,7 @@ def test_slcan_open_handshake(tmp_path: Path, adapters: list[FakeAdapter]) -> No
         assert src.is_open and src.opens == 1
         assert adapters[0].commands == [b"C", b"S5", b"O"]
         adapters[0].send(b"t1232AABB\r")
-        keys, datas = src.parser.feed(read_until(src, b"\r"))
+        keys, datas = SlcanParser().feed(read_until(src, b"\r"))
         assert (keys, datas) == ([0x123], [b"\xaa\xbb"])
     finally:
         src.close()

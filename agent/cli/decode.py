@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError
 from agent.fusion.kernel import Kernel
 from agent.protocols import candump, nmea
-from agent.runtime import dbc_for
+from agent.runtime import CanTextHandler, dbc_for
 from agent.sources.slcan import SlcanParser
 
 PROTOCOLS = ("bafang-can", "nmea", "dbc:<path>")
@@ -100,6 +101,37 @@ def _compact_frames(frames: list[str]) -> list[str]:
     return [f"(0.000000) can0 {f}" for f in frames]
 
 
+STATS_CHUNK = 1 << 20
+
+
+def can_stats(dbc: CompiledDbc, fmt: str, chunks: Iterable[bytes]) -> dict[str, Any]:
+    """Counts for a whole capture through the agent's own hot path (kernel text parsers)."""
+    kernel = Kernel(dbc.id_space, 1.0)
+    kernel.set_can_tables(*dbc.kernel_tables())
+    handler = CanTextHandler(fmt)
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        handler.feed(chunk, 0.0, kernel)
+    if handler.tail.strip():
+        handler.feed(b"\r" if fmt == "slcan" else b"\n", 0.0, kernel)
+    elapsed = time.perf_counter() - t0
+    c = kernel.counters()
+    bad = {"malformed": c["bad_lines"] + handler.overlong, "unknown_id": c["unknown"], "truncated": c["truncated"],
+           "error_frame": c["error_frames"], "remote": c["remote_frames"], "can_fd": c["fd_frames"]}
+    frames = c["frames"] + sum(bad.values())
+    return {"frames": frames, "ok": c["frames"], "bad": bad, "signals": c["samples"],
+            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}
+
+
+def _chunks(path: str) -> Iterator[bytes]:
+    try:
+        with (open(0, "rb", closefd=False) if path == "-" else open(path, "rb")) as f:
+            while chunk := f.read(STATS_CHUNK):
+                yield chunk
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
+
+
 def _read_lines(path: str) -> list[str]:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
@@ -117,6 +149,13 @@ def _decode(args: argparse.Namespace) -> int:
     fmt = args.format or _DEFAULT_FORMAT.get(proto, "candump")
     if (proto == "nmea") != (fmt == "nmea"):
         raise AgentError(f"format {fmt} does not carry protocol {proto}")
+    if args.stats:
+        if proto == "nmea" or fmt not in ("candump", "slcan"):
+            raise AgentError("--stats reads CAN captures (candump or slcan format)")
+        if not args.file:
+            raise AgentError("--stats needs --file")
+        print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, _chunks(args.file))))
+        return 0
     if args.file:
         lines = sys.stdin.read().splitlines() if args.file == "-" else _read_lines(args.file)
     else:
@@ -132,5 +171,6 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--protocol", required=True, help=f"one of {', '.join(PROTOCOLS)}")
     p.add_argument("--format", choices=FORMATS, help="capture format (default: candump for CAN, nmea)")
     p.add_argument("--file", help="capture file, - for stdin")
+    p.add_argument("--stats", action="store_true", help="print only counts and frames/s for the whole --file")
     p.add_argument("frames", nargs="*", metavar="FRAME", help="ID#DATA for CAN, a sentence for NMEA")
     p.set_defaults(func=_decode)

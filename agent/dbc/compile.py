@@ -48,8 +48,12 @@ class CompiledDbc:
         self.sig_offset = array("d")
         self.sig_id = array("i")
         self.sig_no_value = array("q")
+        self.sig_mux_row = array("i")
+        self.sig_mux_value = array("q")
         self.sig_names: list[str] = []
+        self.sig_dbc_names: list[str] = []
         self.local_names: dict[int, str] = {}
+        self.local_ids: dict[str, int] = {}
 
     @property
     def id_space(self) -> int:
@@ -62,6 +66,7 @@ class CompiledDbc:
             self.msg_index, self.msg_len, self.msg_first, self.msg_count,
             self.sig_big_endian, self.sig_shift, self.sig_length, self.sig_signed,
             self.sig_factor, self.sig_offset, self.sig_id, self.sig_no_value,
+            self.sig_mux_row, self.sig_mux_value,
         )
 
     def signal_name(self, sig_id: int) -> str:
@@ -107,25 +112,34 @@ def compile_dbc(path: str) -> CompiledDbc:
         out.msg_names.append(msg.name)
         out.msg_len.append(msg.length)
         out.msg_first.append(len(out.sig_id))
-        for sig in msg.signals:
-            if sig.multiplexer_ids or sig.is_multiplexer:
-                raise ConfigError(path, f"{msg.name}.{sig.name}", "multiplexed signals are not supported yet")
-            if sig.is_float:
-                raise ConfigError(path, f"{msg.name}.{sig.name}", "IEEE float signals are not supported yet")
-            _add_signal(out, path, msg.name, sig)
+        rows: dict[str, int] = {}
+        plain = [s for s in msg.signals if not s.multiplexer_ids]
+        muxed = [s for s in msg.signals if s.multiplexer_ids]
+        for sig in plain:
+            rows[sig.name] = _add_signal(out, path, msg.name, sig, -1, -1)
+        for sig in muxed:
+            where = f"{msg.name}.{sig.name}"
+            if sig.multiplexer_signal not in rows:
+                raise ConfigError(path, where, "nested multiplexing is not supported")
+            for value in sig.multiplexer_ids:
+                _add_signal(out, path, msg.name, sig, rows[sig.multiplexer_signal], value)
         out.msg_count.append(len(out.sig_id) - out.msg_first[-1])
     return out
 
 
-def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any) -> None:
+def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any, mux_row: int, mux_value: int) -> int:
+    """Append one table row; a multiplexed signal gets a row per multiplexer value."""
+    where = f"{msg_name}.{sig.name}"
+    if sig.is_float:
+        raise ConfigError(path, where, "IEEE float signals are not supported yet")
     name = _attribute(sig, NAME_ATTRIBUTE) or ""
     if name:
         if name not in BY_NAME:
-            raise ConfigError(path, f"{msg_name}.{sig.name}", f"{NAME_ATTRIBUTE} {name!r} is not in the catalogue")
+            raise ConfigError(path, where, f"{NAME_ATTRIBUTE} {name!r} is not in the catalogue")
         sig_id = BY_NAME[name].id
     else:
-        name = f"{msg_name}.{sig.name}"
-        sig_id = LOCAL_ID_BASE + len(out.local_names)
+        name = where
+        sig_id = out.local_ids.setdefault(name, LOCAL_ID_BASE + len(out.local_ids))
         out.local_names[sig_id] = name
     no_value = _attribute(sig, NO_VALUE_ATTRIBUTE)
     out.sig_big_endian.append(0 if sig.byte_order == "little_endian" else 1)
@@ -136,7 +150,11 @@ def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any) -> None:
     out.sig_offset.append(float(sig.offset))
     out.sig_id.append(sig_id)
     out.sig_no_value.append(-1 if no_value is None else int(no_value))
+    out.sig_mux_row.append(mux_row)
+    out.sig_mux_value.append(mux_value)
     out.sig_names.append(name)
+    out.sig_dbc_names.append(sig.name)
+    return len(out.sig_id) - 1
 
 
 def profile_path(name: str) -> str:

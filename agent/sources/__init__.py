@@ -12,6 +12,9 @@ from agent.sources.base import Source
 _REGISTRY = {
     "uart": ("agent.sources.uart", "UartSource"),
     "slcan": ("agent.sources.slcan", "SlcanSource"),
+    "socketcan": ("agent.sources.socketcan", "SocketcanSource"),
+    "candump": ("agent.sources.candump", "CandumpSource"),
+    "python-can": ("agent.sources.pythoncan", "PythonCanSource"),
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 
-from agent.config import SourceConfig
 from agent.errors import SourceUnavailableError
 from agent.sources.uart import UartSource
 
@@ -21,6 +20,7 @@ BITRATE_CODES = {10000: b"S0", 20000: b"S1", 50000: b"S2", 100000: b"S3", 125000
 REPLY_TIMEOUT = 1.0
 MAX_LINE = 64
 _HEX = re.compile(rb"[0-9A-Fa-f]*")
+_LINE_END = re.compile(rb"[\r\x07]")
 
 
 class SlcanParser:
@@ -47,16 +47,15 @@ class SlcanParser:
                 return keys, datas
             buf = buf[end + 1:]
             self.skipping = False
-        lines = buf.split(b"\r")
+        # A BEL (the adapter refusing a command) ends a line just as CR does.
+        self.errors += buf.count(b"\x07")
+        lines = _LINE_END.split(buf)
         self.tail = lines.pop()
         if len(self.tail) > MAX_LINE:
             self.bad += 1
             self.tail = b""
             self.skipping = True
         for line in lines:
-            if b"\x07" in line:
-                self.errors += line.count(b"\x07")
-                line = line.replace(b"\x07", b"")
             if not line:
                 continue
             kind = line[:1]
@@ -95,9 +94,7 @@ class SlcanParser:
 class SlcanSource(UartSource):
     """A Lawicel adapter: sets the bitrate and opens the channel on every (re)connect."""
 
-    def __init__(self, cfg: SourceConfig) -> None:
-        super().__init__(cfg)
-        self.parser = SlcanParser()
+    frame_format = "slcan"
 
     def _open(self) -> None:
         super()._open()

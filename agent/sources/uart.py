@@ -10,9 +10,17 @@ from agent.config import SourceConfig
 from agent.errors import SourceUnavailableError
 from agent.sources.base import Source
 
+# The config's framing values (agent.config: PARITIES, STOPBITS, bytesize 5-8) in pyserial's terms.
+BYTESIZES = {5: serial.FIVEBITS, 6: serial.SIXBITS, 7: serial.SEVENBITS, 8: serial.EIGHTBITS}
+PARITIES = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD,
+            "M": serial.PARITY_MARK, "S": serial.PARITY_SPACE}
+STOPBITS = {1.0: serial.STOPBITS_ONE, 1.5: serial.STOPBITS_ONE_POINT_FIVE, 2.0: serial.STOPBITS_TWO}
+
 
 class UartSource(Source):
     """A UART (USB-serial adapter, pty): non-blocking reads of whatever has arrived."""
+
+    frame_format = "bytes"
 
     def __init__(self, cfg: SourceConfig) -> None:
         super().__init__(cfg)
@@ -24,7 +32,9 @@ class UartSource(Source):
 
     def _open(self) -> None:
         try:
-            self.port = serial.Serial(self.cfg.port, self.cfg.baudrate, timeout=0, write_timeout=1.0)
+            self.port = serial.Serial(self.cfg.port, self.cfg.baudrate, bytesize=BYTESIZES[self.cfg.bytesize],
+                                      parity=PARITIES[self.cfg.parity], stopbits=STOPBITS[self.cfg.stopbits],
+                                      timeout=0, write_timeout=1.0)
         except (serial.SerialException, OSError, ValueError) as e:
             raise SourceUnavailableError(f"cannot open {self.cfg.port}: {e}") from e
 
