@@ -118,15 +118,24 @@ class CanTextHandler:
         self.tail = b""
         self.overlong = 0
         self.t_offset: float | None = None
+        self.log_pass = 0
+        self.last_line_time: float | None = None
 
-    def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
+    def feed(self, data: bytes, now: float, kernel: Any, log_pass: int = 0) -> list[Any]:
+        """``log_pass`` counts the passes of a looped log (a read never mixes two)."""
         buf = self.tail + data
         if self.fmt == "slcan":
             consumed, closed = kernel.feed_slcan(buf, now)
         else:
+            first = line_time(buf)
             if self.t_offset is None:
                 # A replayed log keeps its own timing, shifted so its first line is now.
-                self.t_offset = now - (line_time(buf) or now)
+                self.t_offset = now - (first or now)
+            elif log_pass != self.log_pass and first is not None and self.last_line_time is not None:
+                # The log starts over: its timestamps go back; carry on where the last pass ended.
+                self.t_offset += self.last_line_time - first
+            self.log_pass = log_pass
+            self.last_line_time = line_time(buf[buf.rfind(b"\n", 0, len(buf) - 1) + 1:]) or self.last_line_time
             consumed, closed = kernel.feed_candump(buf, self.t_offset)
         self.tail = buf[consumed:]
         if len(self.tail) > MAX_TEXT_LINE:
@@ -240,7 +249,12 @@ class Runtime:
             self.selector.unregister(fd)
         if data:
             now = time.time()
-            self._records(self.handlers[i].feed(data, now, self.kernel), now)
+            handler = self.handlers[i]
+            if isinstance(handler, CanTextHandler):
+                closed = handler.feed(data, now, self.kernel, getattr(src, "read_pass", 0))
+            else:
+                closed = handler.feed(data, now, self.kernel)
+            self._records(closed, now)
 
     def _records(self, closed: list[Any], now: float) -> None:
         for start, length, rows in closed:

@@ -204,3 +204,73 @@ def test_signals_catalogue_json() -> None:
     by_name = {s["name"]: s for s in sigs}
     assert by_name["Vehicle.Speed"]["unit"] == "km/h"
     assert by_name["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]["unit"] == "V"
+
+
+# --- binary UART protocols ------------------------------------------------------------
+
+def jbd_basic_frame() -> bytes:
+    """A JBD register-03 answer built by hand from PROTOCOLS.md: 52.10 V, -3.20 A (discharge),
+    8.00 of 10.00 Ah, 12 cycles, RSOC 80 %, both FETs on, 13 cells, 1 NTC at 298.1 K."""
+    data = struct.pack(">HhHHHHHHHBBBBB", 5210, -320, 800, 1000, 12, 0, 0, 0, 0, 0x10, 80, 0b11, 13, 1)
+    data += struct.pack(">H", 2981)
+    body = bytes([0x03, 0x00, len(data)]) + data
+    chk = (0x10000 - sum(body[1:])) & 0xFFFF
+    return b"\xdd" + body + struct.pack(">H", chk) + b"\x77"
+
+
+def test_jbd_frame_on_the_command_line() -> None:
+    out = agent("decode", "--protocol", "jbd", jbd_basic_frame().hex(" "))
+    assert out.returncode == 0, out.stderr
+    (obj,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert obj["ok"] is True
+    assert_signals(obj["signals"], {
+        "Vehicle.Powertrain.TractionBattery.CurrentVoltage": 52.10,
+        "Vehicle.Powertrain.TractionBattery.CurrentCurrent": -3.20,
+        "Vehicle.LEV.Battery.RemainingCapacity": 8.0,
+        "Vehicle.LEV.Battery.FullCapacity": 10.0,
+        "Vehicle.LEV.Battery.CycleCount": 12,
+        "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current": 80,
+        "Vehicle.LEV.Battery.ChargeEnabled": 1,
+        "Vehicle.LEV.Battery.DischargeEnabled": 1,
+        "Vehicle.LEV.Battery.ProtectionFlags": 0,
+        "Vehicle.LEV.Battery.Temperature.1": 24.95,  # 2981 x 0.1 K - 273.15
+        "Vehicle.Powertrain.TractionBattery.Temperature.Min": 24.95,
+        "Vehicle.Powertrain.TractionBattery.Temperature.Max": 24.95,
+    })
+
+
+def test_raw_stream_with_garbage_reports_what_it_dropped(tmp_path: Path) -> None:
+    frame = jbd_basic_frame()
+    corrupt = bytearray(frame)
+    corrupt[10] ^= 0xFF
+    path = tmp_path / "bms.bin"
+    path.write_bytes(b"\x00\xdd\x13garbage" + frame + bytes(corrupt) + frame + b"\xdd")
+    out = agent("decode", "--protocol", "jbd", "--format", "raw", "--file", str(path))
+    assert out.returncode == 0, out.stderr
+    objs = [json.loads(line) for line in out.stdout.splitlines()]
+    good = [o for o in objs if o["ok"]]
+    assert len(good) == 2 and all(o["frame"] == frame.hex(" ").upper() for o in good)
+    errors = [o["error"] for o in objs if not o["ok"]]
+    assert any("checksum" in e for e in errors) and any("bytes outside any frame" in e for e in errors)
+    stats = agent("decode", "--protocol", "jbd", "--format", "raw", "--stats", "--file", str(path))
+    assert json.loads(stats.stdout)["ok"] == 2
+
+
+def test_surron_capture_gives_the_state_its_file_name_says(shared_data: Path) -> None:
+    """75 %, 62.0 V: the BMS reports 62.05x V, which the display shows truncated."""
+    path = shared_data / "surron_lightbee_bms_rs485" / "output_2024-03-05_22-04-43_75percent_62.0V_5265km.log"
+    out = agent("decode", "--protocol", "surron", "--format", "surron-log", "--file", str(path))
+    assert out.returncode == 0, out.stderr
+    objs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert objs and all(o["ok"] for o in objs)
+    soc = {o["signals"]["Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"] for o in objs
+           if "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current" in o["signals"]}
+    volts = [o["signals"]["Vehicle.Powertrain.TractionBattery.CurrentVoltage"] for o in objs
+             if "Vehicle.Powertrain.TractionBattery.CurrentVoltage" in o["signals"]]
+    assert soc == {75.0}
+    assert volts and all(62.0 <= v < 62.1 for v in volts)
+
+
+def test_uart_protocol_refuses_a_can_format() -> None:
+    out = agent("decode", "--protocol", "surron", "--format", "candump", "00")
+    assert out.returncode == 1 and "does not carry protocol surron" in out.stderr

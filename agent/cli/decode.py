@@ -13,13 +13,16 @@ from typing import Any
 from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError
 from agent.fusion.kernel import Kernel
-from agent.protocols import candump, nmea
+from agent.protocols import UartProtocol, candump, nmea, protocol
+from agent.protocols.surron import read_surron_log
 from agent.runtime import CanTextHandler, dbc_for
 from agent.sources.slcan import SlcanParser
 
-PROTOCOLS = ("bafang-can", "nmea", "dbc:<path>")
-FORMATS = ("candump", "slcan", "nmea")
-_DEFAULT_FORMAT = {"nmea": "nmea"}
+UART = ("jbd", "daly", "ninebot", "kt-lcd3", "surron")
+PROTOCOLS = ("bafang-can", *UART, "nmea", "dbc:<path>")
+CAN_FORMATS = ("candump", "slcan")
+UART_FORMATS = ("hex", "raw", "surron-log")
+FORMATS = (*CAN_FORMATS, *UART_FORMATS, "nmea")
 
 
 class CanDecoder:
@@ -96,6 +99,71 @@ def _nmea(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield {"ok": False, "frame": text, "error": e.reason}
 
 
+def _uart_chunks(fmt: str, source: str | None, frames: list[str]) -> Iterator[bytes]:
+    """The byte stream of a UART capture (or of FRAME arguments, one hex frame each)."""
+    if source is None:
+        for text in frames:
+            yield _hex(text)
+    elif fmt == "raw":
+        yield from _chunks(source)
+    else:
+        lines = _read_lines(source) if source != "-" else sys.stdin.read().splitlines()
+        if fmt == "surron-log":
+            yield from read_surron_log(lines)
+        else:
+            for text in lines:
+                if text.strip() and not text.lstrip().startswith("#"):
+                    yield _hex(text)
+
+
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError as e:
+        raise AgentError(f"not hex bytes: {text.strip()[:40]!r}") from e
+
+
+def uart_decode(proto: UartProtocol, chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """One object per frame the framer finds; then one per reason bytes were dropped."""
+    framer = proto.framer()
+    for chunk in chunks:
+        for frame in framer.feed(chunk):
+            yield _uart_frame(proto, frame)
+    for frame in framer.flush():
+        yield _uart_frame(proto, frame)
+    for reason, count in sorted(framer.bad.items()):
+        yield {"ok": False, "frame": None, "error": f"{count} candidate frames dropped: {reason}"}
+    if framer.garbage_bytes:
+        yield {"ok": False, "frame": None, "error": f"{framer.garbage_bytes} bytes outside any frame"}
+
+
+def _uart_frame(proto: UartProtocol, frame: bytes) -> dict[str, Any]:
+    text = bytes(frame).hex(" ").upper()
+    try:
+        signals = proto.decode(frame)
+    except DecodeError as e:
+        return {"ok": False, "frame": text, "error": e.reason}
+    out: dict[str, Any] = {"ok": True, "frame": text, "signals": signals}
+    if not proto.understood(frame):
+        out["understood"] = False
+    return out
+
+
+def uart_stats(proto: UartProtocol, chunks: Iterable[bytes]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ok = not_understood = 0
+    bad_content: dict[str, int] = {}
+    for item in uart_decode(proto, chunks):
+        if item["ok"]:
+            ok += 1
+            not_understood += "understood" in item
+        elif item["frame"] is not None:
+            bad_content[item["error"].split(":")[0]] = bad_content.get(item["error"].split(":")[0], 0) + 1
+    elapsed = time.perf_counter() - t0
+    return {"frames": ok + sum(bad_content.values()), "ok": ok, "not_understood": not_understood,
+            "bad": bad_content, "frames_per_s": ok / elapsed if elapsed > 0 else 0.0}
+
+
 def _compact_frames(frames: list[str]) -> list[str]:
     """``ID#DATA`` arguments as candump lines, so one parser serves both."""
     return [f"(0.000000) can0 {f}" for f in frames]
@@ -142,25 +210,36 @@ def _read_lines(path: str) -> list[str]:
 
 def _decode(args: argparse.Namespace) -> int:
     proto = args.protocol
-    if proto not in ("bafang-can", "nmea") and not proto.startswith("dbc:"):
+    if proto not in PROTOCOLS and not proto.startswith("dbc:"):
         raise AgentError(f"unknown protocol {proto!r} (known: {', '.join(PROTOCOLS)})")
     if bool(args.frames) == bool(args.file):
         raise AgentError("give frames or --file, not both or neither")
-    fmt = args.format or _DEFAULT_FORMAT.get(proto, "candump")
-    if (proto == "nmea") != (fmt == "nmea"):
-        raise AgentError(f"format {fmt} does not carry protocol {proto}")
+    if args.stats and not args.file:
+        raise AgentError("--stats needs --file")
+    kind = "uart" if proto in UART else "nmea" if proto == "nmea" else "can"
+    allowed = {"uart": UART_FORMATS, "nmea": ("nmea",), "can": CAN_FORMATS}[kind]
+    fmt = args.format or allowed[0]
+    if fmt not in allowed:
+        raise AgentError(f"format {fmt} does not carry protocol {proto} (use {', '.join(allowed)})")
+    if kind == "uart":
+        uart = protocol(proto)
+        chunks = _uart_chunks(fmt, args.file, args.frames)
+        if args.stats:
+            print(json.dumps(uart_stats(uart, chunks)))
+            return 0
+        for obj in uart_decode(uart, chunks):
+            print(json.dumps(obj))
+        return 0
     if args.stats:
-        if proto == "nmea" or fmt not in ("candump", "slcan"):
-            raise AgentError("--stats reads CAN captures (candump or slcan format)")
-        if not args.file:
-            raise AgentError("--stats needs --file")
+        if kind == "nmea":
+            raise AgentError("--stats reads CAN and binary UART captures")
         print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, _chunks(args.file))))
         return 0
     if args.file:
         lines = sys.stdin.read().splitlines() if args.file == "-" else _read_lines(args.file)
     else:
         lines = _compact_frames(args.frames) if fmt == "candump" else args.frames
-    out = _nmea(lines) if proto == "nmea" else _can(compile_dbc(dbc_for(proto)), fmt, lines)
+    out = _nmea(lines) if kind == "nmea" else _can(compile_dbc(dbc_for(proto)), fmt, lines)
     for obj in out:
         print(json.dumps(obj))
     return 0
@@ -169,8 +248,10 @@ def _decode(args: argparse.Namespace) -> int:
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("decode", help="decode frames or a capture to JSON lines")
     p.add_argument("--protocol", required=True, help=f"one of {', '.join(PROTOCOLS)}")
-    p.add_argument("--format", choices=FORMATS, help="capture format (default: candump for CAN, nmea)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="capture format (default: candump for CAN, hex for binary UART protocols, nmea)")
     p.add_argument("--file", help="capture file, - for stdin")
     p.add_argument("--stats", action="store_true", help="print only counts and frames/s for the whole --file")
-    p.add_argument("frames", nargs="*", metavar="FRAME", help="ID#DATA for CAN, a sentence for NMEA")
+    p.add_argument("frames", nargs="*", metavar="FRAME",
+                   help="ID#DATA for CAN, hex bytes for binary UART protocols, a sentence for NMEA")
     p.set_defaults(func=_decode)

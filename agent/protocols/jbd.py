@@ -182,7 +182,7 @@ def _basic(data: bytes) -> dict:
     temps = []
     for i in range(ntc):
         raw = (data[_BASIC.size + 2 * i] << 8) | data[_BASIC.size + 2 * i + 1]
-        t = raw * 0.1 - 273.15
+        t = (raw - 2731.5) / 10  # 0.1 K to C, without 0.1 * raw rounding noise
         temps.append(t)
         out[TEMP % (i + 1)] = t
     if temps:

@@ -74,6 +74,8 @@ class CandumpSource(Source):
         self._eof = False
         self.lines = 0
         self.passes = 0
+        self._pending_pass = 0
+        self.read_pass = 0  # the pass the lines of the last read belong to
         self.bad_timestamps = 0
         self.overlong = 0
 
@@ -121,14 +123,17 @@ class CandumpSource(Source):
         return due
 
     def _read(self) -> bytes:
+        """Due lines, all of one pass (so the runtime can re-anchor each pass's timestamps,
+        which start over when the log loops: ``read_pass`` says which pass they are)."""
         now = time.monotonic()
         out: list[bytes] = []
         while len(out) < MAX_LINES:
             if self._pending is None and not self._fetch():
                 break
-            if self._pending_due > now:
+            if self._pending_due > now or (out and self._pending_pass != self.read_pass):
                 break
             assert self._pending is not None
+            self.read_pass = self._pending_pass
             out.append(self._pending)
             self._pending = None
         self.lines += len(out)
@@ -177,6 +182,7 @@ class CandumpSource(Source):
         else:
             due = self._base + (t - self._t0) / self.speed
         self._pending = line
+        self._pending_pass = self.passes
         self._pending_due = self._last_due = due
         return True
 
