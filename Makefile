@@ -20,7 +20,8 @@ $(INSTALLED): setup.py pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-$(KERNEL): $(INSTALLED) $(KERNEL_SRC)
+$(KERNEL): $(INSTALLED) $(KERNEL_SRC) setup.py
+	rm -f agent/fusion/_kernel_py.c  # Cython's own check misses changed compiler directives
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c 'from agent.fusion import kernel; print("fusion kernel in use:", kernel.BUILD)'
 	touch $@

@@ -77,7 +77,8 @@ def _extensions() -> list[Extension]:
         return []
     ext = Extension(KERNEL, ["agent/fusion/_kernel_py.py"], extra_compile_args=["-O3"])
     return list(cythonize([ext], compiler_directives={"language_level": "3", "boundscheck": False,
-                                                      "wraparound": False, "cdivision": True}, quiet=True))
+                                                      "wraparound": False, "cdivision": True,
+                                                      "initializedcheck": False}, quiet=True))
 
 
 setup(

@@ -426,7 +426,8 @@ class Kernel:
             mux = self.sig_mux_row[s]
             if mux >= 0 and self._raw(mux, le, be) != self.sig_mux_value[s]:
                 continue
-            raw = self._raw(s, le, be)
+            # _raw() written out: this is the hottest line of the agent.
+            raw = ((be if self.sig_big_endian[s] else le) >> self.sig_shift[s]) & self.sig_mask[s]
             if self.sig_has_na[s] and raw == self.sig_na[s]:
                 self.no_value += 1
                 continue
