@@ -44,7 +44,9 @@ bench: setup
 	$(PY) -m devtools.bench
 
 # >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).
+# atheris (coverage-guided) when it installs; otherwise the fuzzer's own mutation loop.
 fuzz: setup
+	$(PY) -m pip install -q 'atheris>=2.3' || echo "atheris did not install: using the built-in mutation loop"
 	$(PY) -m devtools.fuzz $(FUZZ_ARGS)
 
 lint: setup

@@ -294,7 +294,10 @@ def _atheris_main(atheris: Any, names: list[str], streams: int, seconds: float) 
         cuts = [fdp.ConsumeIntInRange(0, 200) for _ in range(fdp.ConsumeIntInRange(0, 4))]
         check_stream(ref, frames, gaps, cuts)
 
-    atheris.Setup([sys.argv[0], f"-runs={streams}", f"-max_total_time={max(1, int(seconds))}"], one_input)
+    # Coverage guidance needs the framers' bytecode instrumented; they are imported already.
+    atheris.instrument_all()
+    atheris.Setup([sys.argv[0], f"-runs={streams * len(names)}", f"-max_total_time={max(1, int(seconds))}"],
+                  one_input)
     atheris.Fuzz()
 
 
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             atheris = None
         if atheris is not None:
-            print(f"atheris: coverage-guided, {args.streams} runs, {args.seconds * len(names):.0f} s")
+            print(f"atheris: coverage-guided, {args.streams} runs per framer ({args.streams * len(names)} in all),"
+                  f" at most {args.seconds * len(names):.0f} s")
             _atheris_main(atheris, names, args.streams, args.seconds * len(names))
             return 0
     for name in names:
