@@ -11,6 +11,7 @@ turns it off.
 import struct
 
 from agent.errors import DecodeError
+from agent.protocols import pack
 from agent.protocols.framing import Framer
 
 START = 0xDD
@@ -37,12 +38,6 @@ CYCLES = "Vehicle.LEV.Battery.CycleCount"
 PROTECTION = "Vehicle.LEV.Battery.ProtectionFlags"
 CHARGE_ON = "Vehicle.LEV.Battery.ChargeEnabled"
 DISCHARGE_ON = "Vehicle.LEV.Battery.DischargeEnabled"
-TEMP_MIN = "Vehicle.Powertrain.TractionBattery.Temperature.Min"
-TEMP_MAX = "Vehicle.Powertrain.TractionBattery.Temperature.Max"
-CELL_MIN = "Vehicle.Powertrain.TractionBattery.CellVoltage.Min"
-CELL_MAX = "Vehicle.Powertrain.TractionBattery.CellVoltage.Max"
-CELL = "Vehicle.LEV.Battery.CellVoltage.%d"
-TEMP = "Vehicle.LEV.Battery.Temperature.%d"
 
 _BASIC = struct.Struct(">HhHHHHHHHBBBBB")  # 23 bytes, up to the NTC count
 FRAMER_OPTIONS = ("quirk",)
@@ -182,13 +177,8 @@ def _basic(data: bytes) -> dict:
     temps = []
     for i in range(ntc):
         raw = (data[_BASIC.size + 2 * i] << 8) | data[_BASIC.size + 2 * i + 1]
-        t = (raw - 2731.5) / 10  # 0.1 K to C, without 0.1 * raw rounding noise
-        temps.append(t)
-        out[TEMP % (i + 1)] = t
-    if temps:
-        out[TEMP_MIN] = min(temps)
-        out[TEMP_MAX] = max(temps)
-    return out
+        temps.append((raw - 2731.5) / 10)  # 0.1 K to C, without 0.1 * raw rounding noise
+    return pack.temperatures(out, temps)
 
 
 def _cells(data: bytes) -> dict:
@@ -197,16 +187,7 @@ def _cells(data: bytes) -> dict:
     count = len(data) // 2
     if count > MAX_CELLS:
         raise DecodeError("register 04 has %d cells, at most %d" % (count, MAX_CELLS))
-    out = {}
-    volts = []
-    for i in range(count):
-        v = ((data[2 * i] << 8) | data[2 * i + 1]) * 0.001
-        volts.append(v)
-        out[CELL % (i + 1)] = v
-    if volts:
-        out[CELL_MIN] = min(volts)
-        out[CELL_MAX] = max(volts)
-    return out
+    return pack.cells({}, [((data[2 * i] << 8) | data[2 * i + 1]) * 0.001 for i in range(count)])
 
 
 def decode(frame) -> dict:

@@ -10,6 +10,7 @@ catalogue's "+ = charging" (unverified against a real pack).
 
 from agent.errors import DecodeError
 from agent.protocols.framing import Framer
+from agent.protocols.pack import TEMP_MAX, TEMP_MIN
 
 START = b"\x55\xaa"
 ESC_IN = 0x20
@@ -29,8 +30,6 @@ CURRENT = "Vehicle.Powertrain.TractionBattery.CurrentCurrent"
 VOLTAGE = "Vehicle.Powertrain.TractionBattery.CurrentVoltage"
 TEMP1 = "Vehicle.LEV.Battery.Temperature.1"
 TEMP2 = "Vehicle.LEV.Battery.Temperature.2"
-TEMP_MIN = "Vehicle.Powertrain.TractionBattery.Temperature.Min"
-TEMP_MAX = "Vehicle.Powertrain.TractionBattery.Temperature.Max"
 RANGE = "Vehicle.LEV.Range"
 
 # (byte address = register * 2 (+1 for a high byte), size, signed, scale, offset, signal)

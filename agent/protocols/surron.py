@@ -11,6 +11,7 @@ accepts any). Params are decimal numbers, multi-byte values LE.
 import binascii
 
 from agent.errors import DecodeError
+from agent.protocols import pack
 from agent.protocols.framing import Framer
 
 REQUEST = 0x46
@@ -40,9 +41,6 @@ SOH = "Vehicle.Powertrain.TractionBattery.StateOfHealth"
 REMAINING = "Vehicle.LEV.Battery.RemainingCapacity"
 FULL = "Vehicle.LEV.Battery.FullCapacity"
 CYCLES = "Vehicle.LEV.Battery.CycleCount"
-CELL = "Vehicle.LEV.Battery.CellVoltage.%d"
-CELL_MIN = "Vehicle.Powertrain.TractionBattery.CellVoltage.Min"
-CELL_MAX = "Vehicle.Powertrain.TractionBattery.CellVoltage.Max"
 
 # param -> (signal, scale) for unsigned little-endian values of any width 1..4
 _UNSIGNED = {
@@ -164,16 +162,7 @@ def _response(param: int, data: bytes) -> dict:
     if param == P_CELLS:
         if len(data) % 2 or len(data) > 2 * MAX_CELLS:
             raise DecodeError("cell voltages: %d bytes" % len(data))
-        out = {}
-        volts = []
-        for i in range(len(data) // 2):
-            v = (data[2 * i] | (data[2 * i + 1] << 8)) * 0.001
-            volts.append(v)
-            out[CELL % (i + 1)] = v
-        if volts:
-            out[CELL_MIN] = min(volts)
-            out[CELL_MAX] = max(volts)
-        return out
+        return pack.cells({}, [(data[2 * i] | (data[2 * i + 1] << 8)) * 0.001 for i in range(len(data) // 2)])
     return {}
 
 
