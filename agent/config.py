@@ -59,6 +59,8 @@ class BrokerConfig:
     keepalive: int = 30
     max_inflight: int = 8
     max_batch_records: int = 200
+    ack: str = "cloud"
+    ack_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ _BROKER: Schema = (
     ("keepalive", int, 30, _positive),
     ("max_inflight", int, 8, _positive),
     ("max_batch_records", int, 200, _positive),
+    # "cloud": rows leave the outbox when the consumer has stored them (its ack topic);
+    # "broker": on PUBACK, for backends that cannot acknowledge (a broker crash then loses data).
+    ("ack", str, "cloud", _one_of(("cloud", "broker"))),
+    ("ack_timeout", float, 30.0, _positive),
 )
 _OUTBOX: Schema = (
     ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),

@@ -16,7 +16,7 @@ import cbor2
 import pytest
 
 import devtools.broker
-from agent.cloud.ingest import Ingest
+from agent.cloud.ingest import Ingest, ack_for
 from agent.config import BrokerConfig
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
@@ -34,12 +34,13 @@ def window(i: int) -> bytes:
 class Link:
     """An Uplink and an Outbox driven the way the agent's loop drives them."""
 
-    def __init__(self, tmp_path: Path, broker: Mosquitto, max_batch: int = 5) -> None:
+    def __init__(self, tmp_path: Path, broker: Mosquitto, max_batch: int = 5, ack: str = "cloud",
+                 ack_timeout: float = 30.0) -> None:
         self.device = f"bike-{uuid.uuid4().hex[:8]}"
         self.prefix = f"ebike/v1/{self.device}/"
         self.boot = uuid.uuid4().hex
         self.cfg = BrokerConfig(host=broker.host, port=broker.port, keepalive=5, max_inflight=4,
-                                max_batch_records=max_batch)
+                                max_batch_records=max_batch, ack=ack, ack_timeout=ack_timeout)
         self.outbox = Outbox(str(tmp_path / f"{self.device}.sqlite"), 1 << 30)
         self.uplink = Uplink(self.device, self.cfg, self.prefix, birth=self.state(True), death=self.state(False))
         self.failed: list[int] = []
@@ -76,6 +77,7 @@ class Cloud:
 
     def __init__(self, tmp_path: Path, broker: Mosquitto, topic: str) -> None:
         self.ingest = Ingest(str(tmp_path / f"cloud-{uuid.uuid4().hex[:6]}.sqlite"))
+        self.acking = True
         self.payloads: list[tuple[str, bytes]] = []
         self.subscribed = False
         self.sub = Subscriber(f"cloud-{uuid.uuid4().hex[:8]}", broker.host, broker.port, topic, self._message)
@@ -90,7 +92,9 @@ class Cloud:
 
     def _message(self, topic: str, payload: bytes) -> None:
         self.payloads.append((topic, payload))
-        self.ingest.handle(topic, payload)
+        stored = self.ingest.handle(topic, payload)
+        if stored and self.acking:
+            self.sub.publish(*ack_for(topic, stored))
 
     def stored(self, device: str) -> list[int]:
         return [s for (s,) in self.ingest.db.execute("SELECT seq FROM records WHERE device=? ORDER BY seq",
@@ -284,3 +288,97 @@ def test_ingest_survives_a_batch_the_database_cannot_take(tmp_path: Path) -> Non
     ingest.handle(topic, batch("bike-a", 1, 2))
     assert ingest.records == 2 and ingest.gaps() == {}
     ingest.close()
+
+
+def test_rows_wait_for_the_cloud_ack_and_are_resent_without_it(tmp_path: Path, mosquitto: Mosquitto,
+                                                             parts: list[Link | Cloud]) -> None:
+    """With ack = "cloud" a PUBACK is not enough: rows stay until the consumer says it
+    stored them, and what no ack covers in ack_timeout is sent again (the consumer keeps
+    one copy). A broker that crashes after its PUBACK therefore loses nothing."""
+    link = Link(tmp_path, mosquitto, ack_timeout=0.5)
+    cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
+    cloud.acking = False
+    parts += [link, cloud]
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    link.append(10)
+    pump("PUBACKs and a resend", link, cloud, lambda: link.uplink.resent_unacked >= 10, 10)
+    assert link.outbox.stats()["records"] == 10, "rows deleted without the cloud's ack"
+    assert link.uplink.batches_acked >= 2 and link.uplink.records_acked == 0
+    cloud.acking = True
+    pump("the cloud's acks to empty the outbox", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
+    assert cloud.stored(link.device) == list(range(1, 11))
+    assert cloud.ingest.duplicates >= 10
+    assert link.uplink.status()["records_acked"] == 10
+
+
+def test_broker_ack_mode_deletes_on_puback(tmp_path: Path, mosquitto: Mosquitto,
+                                           parts: list[Link | Cloud]) -> None:
+    """ack = "broker", for backends that cannot acknowledge: PUBACK is enough."""
+    link = Link(tmp_path, mosquitto, ack="broker")
+    parts.append(link)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    link.append(7)
+    pump("rows deleted on PUBACK", link, None, lambda: link.outbox.stats()["records"] == 0, 10)
+    assert link.uplink.records_acked == 7
+
+
+def test_forged_or_bad_acks_delete_nothing_they_should_not(tmp_path: Path, mosquitto: Mosquitto,
+                                                          parts: list[Link | Cloud]) -> None:
+    """An ack covering every sequence number only takes the rows this agent has out; a
+    garbled ack is counted and ignored."""
+    link = Link(tmp_path, mosquitto, ack_timeout=30.0)
+    cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
+    cloud.acking = False
+    parts += [link, cloud]
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    link.append(100)
+    # The window fills with PUBACKed batches awaiting the cloud; the rest waits on disk unsent.
+    pump("the window full of PUBACKed batches", link, cloud,
+         lambda: not link.uplink.inflight and not link.uplink.can_send(), 10)
+    out = len(link.uplink.awaiting_seqs)
+    assert 0 < out < 100
+    cloud.sub.publish(link.prefix + "ack", b"\xff\x00garbage")
+    cloud.sub.publish(link.prefix + "ack", cbor2.dumps([1, [[1, 2**64 - 1]]]))
+    pump("both acks seen", None, cloud, lambda: link.uplink.events.qsize() >= 2, 10)
+    link.outbox.ack(link.uplink.poll()[0])
+    assert link.uplink.bad_acks == 1 and link.uplink.cloud_acks == 1
+    assert link.uplink.records_acked == out
+    assert link.outbox.stats()["records"] == 100 - out, "the forged range deleted rows that were never sent"
+
+
+def test_two_consumers_share_the_subscription(tmp_path: Path, mosquitto: Mosquitto,
+                                              parts: list[Link | Cloud]) -> None:
+    """``ebike-agent ingest --group``: two consumers split the stream (MQTT 5 shared
+    subscription), write one database, and every record is stored once."""
+    import json
+
+    from tests.helpers import log_has, spawn, stop
+
+    db = tmp_path / "cloud.sqlite"
+    logs = [tmp_path / f"ingest{i}.log" for i in range(2)]
+    consumers = [spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(db), "--group", "g1",
+                        "--client-id", f"shared-{i}-{uuid.uuid4().hex[:6]}"], log) for i, log in enumerate(logs)]
+    try:
+        wait_for("both consumers to subscribe", lambda: all(log_has(log, "subscribed to") for log in logs), 20)
+        link = Link(tmp_path, mosquitto, max_batch=5)
+        parts.append(link)
+        link.uplink.start()
+        pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+        link.append(200)
+        pump("every record acknowledged by the cloud", link, None, lambda: link.outbox.stats()["records"] == 0, 30)
+    finally:
+        codes = [stop(c) for c in consumers]
+    assert codes == [0, 0], [log.read_text() for log in logs]
+    reports = [json.loads(log.read_text().strip().splitlines()[-1]) for log in logs]
+    assert all(r["batches"] > 0 for r in reports), "one consumer got nothing: the subscription was not shared"
+    cloud = Ingest(str(db))
+    try:
+        assert [s for (s,) in cloud.db.execute("SELECT seq FROM records WHERE device=? ORDER BY seq",
+                                               (link.device,))] == list(range(1, 201))
+    finally:
+        cloud.close()

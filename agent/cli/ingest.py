@@ -8,7 +8,7 @@ import signal
 import time
 from typing import Any
 
-from agent.cloud.ingest import Ingest
+from agent.cloud.ingest import Ingest, ack_for
 from agent.errors import AgentError
 from agent.uplink.mqtt import Subscriber
 
@@ -24,7 +24,15 @@ def _ingest(args: argparse.Namespace) -> int:
     host, port = args.broker
     store = Ingest(args.db)
     topic = args.prefix + "+/telemetry"
-    sub = Subscriber(args.client_id, host, port, topic, store.handle)
+    if args.group:
+        topic = f"$share/{args.group}/{topic}"
+
+    def on_message(msg_topic: str, payload: bytes) -> None:
+        stored = store.handle(msg_topic, payload)
+        if stored and not args.no_ack:
+            sub.publish(*ack_for(msg_topic, stored))
+
+    sub = Subscriber(args.client_id, host, port, topic, on_message)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -59,4 +67,6 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--client-id", default="ebike-ingest", help="MQTT client id (its session persists)")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0 = until signalled)")
     p.add_argument("--report-every", type=float, default=0, help="print a JSON report every S seconds")
+    p.add_argument("--group", help="join the MQTT 5 shared subscription $share/GROUP/... (scale out consumers)")
+    p.add_argument("--no-ack", action="store_true", help="do not acknowledge stored records to the devices")
     p.set_defaults(func=_ingest)

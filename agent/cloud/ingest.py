@@ -12,7 +12,7 @@ import sqlite3
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import decode_batch, record_bytes
+from agent.uplink.wire import decode_batch, encode_ack, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ CREATE TABLE IF NOT EXISTS window_signals (
     PRIMARY KEY (device, seq, signal)
 );
 """
+
+
+def ack_for(topic: str, seqs: list[int]) -> tuple[str, bytes]:
+    """The device's ack topic (beside the telemetry topic it published on) and payload."""
+    return topic.rsplit("/", 1)[0] + "/ack", encode_ack(seqs)
 
 
 class Ingest:
@@ -45,19 +50,20 @@ class Ingest:
         self.bad_batches = 0
         self.last_error = ""
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """One MQTT message; a bad batch is counted and logged, never fatal."""
+    def handle(self, topic: str, payload: bytes) -> list[int]:
+        """One MQTT message; returns the sequence numbers now safely stored (duplicates
+        included), for the ack to the device. A bad batch is counted, never fatal."""
         try:
             device, records = decode_batch(payload)
         except DecodeError as e:
             self.bad_batches += 1
             self.last_error = f"{topic}: {e}"
             log.warning("bad batch on %s: %s", topic, e)
-            return
+            return []
         if topic.split("/")[-2:-1] != [device]:
             self.bad_batches += 1
             self.last_error = f"{topic}: device {device!r} does not match the topic"
-            return
+            return []
         stored = duplicates = 0
         try:
             with self.db:
@@ -80,10 +86,11 @@ class Ingest:
             self.bad_batches += 1
             self.last_error = f"{topic}: batch not stored: {e}"
             log.warning("batch on %s not stored: %s", topic, e)
-            return
+            return []
         self.records += stored
         self.duplicates += duplicates
         self.batches += 1
+        return [seq for seq, _ in records]
 
     def gaps(self) -> dict[str, list[tuple[int, int]]]:
         """Missing sequence ranges per device, between the first and last seen."""

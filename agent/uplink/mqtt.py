@@ -7,6 +7,7 @@ and every counter are touched by one thread only.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import ssl
@@ -21,10 +22,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
-from agent.errors import UplinkError
+from agent.errors import DecodeError, UplinkError
+from agent.uplink.wire import decode_ack
 
 log = logging.getLogger(__name__)
 
+AWAITING_FACTOR = 4
 RECONNECT_MIN = 1
 RECONNECT_MAX = 120
 
@@ -45,15 +48,24 @@ def _failed(rc: Any) -> bool:
 
 
 class Uplink:
-    """Publishes batches at QoS 1 and reports which sequence numbers the broker took."""
+    """Publishes batches at QoS 1 and reports which sequence numbers are safe to delete:
+    on PUBACK with ``ack = "broker"``; with ``ack = "cloud"`` only once the consumer's
+    ack says it stored them, resending what no ack covered within ``ack_timeout``."""
 
     def __init__(self, device_id: str, cfg: BrokerConfig, topic_prefix: str, birth: bytes, death: bytes) -> None:
         self.cfg = cfg
         self.topic_telemetry = topic_prefix + "telemetry"
         self.topic_state = topic_prefix + "state"
+        self.topic_ack = topic_prefix + "ack"
         self.birth = birth
         self.events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self.inflight: dict[int, list[int]] = {}
+        # PUBACKed batches awaiting the cloud's ack, oldest first: (deadline, seqs).
+        self.awaiting: collections.deque[tuple[float, list[int]]] = collections.deque()
+        self.awaiting_seqs: set[int] = set()
+        self.cloud_acks = 0
+        self.bad_acks = 0
+        self.resent_unacked = 0
         self.connected = False
         self.connects = 0
         self.batches_sent = 0
@@ -66,6 +78,7 @@ class Uplink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
 
     def start(self) -> None:
         """Connect in the background; failures are retried by paho with backoff."""
@@ -77,6 +90,8 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
         if not _failed(rc):
+            if self.cfg.ack == "cloud":
+                client.subscribe(self.topic_ack, qos=1)
             client.publish(self.topic_state, self.birth, qos=1, retain=True)
         self.events.put(("connect", rc, None))
 
@@ -86,8 +101,15 @@ class Uplink:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Properties | None) -> None:
         self.events.put(("publish", mid, rc))
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topic_ack:
+            self.events.put(("ack", bytes(msg.payload), None))
+
     def can_send(self) -> bool:
-        return self.connected and len(self.inflight) < self.cfg.max_inflight
+        """Room in the in-flight window; batches awaiting the cloud's ack count too, so a
+        consumer that is down does not make the agent send its whole backlog blind."""
+        return (self.connected and len(self.inflight) < self.cfg.max_inflight
+                and len(self.awaiting_seqs) < AWAITING_FACTOR * self.cfg.max_inflight * self.cfg.max_batch_records)
 
     def publish(self, seqs: list[int], payload: bytes) -> bool:
         """Queue one batch; False if paho would not take it (the rows stay leased-free)."""
@@ -107,8 +129,11 @@ class Uplink:
             try:
                 what, a, b = self.events.get_nowait()
             except queue.Empty:
+                self._expire(failed)
                 return acked, failed
-            if what == "connect":
+            if what == "ack":
+                self._cloud_ack(a, acked)
+            elif what == "connect":
                 self.connected = not _failed(a)
                 self.connects += int(self.connected)
                 if not self.connected:
@@ -129,8 +154,42 @@ class Uplink:
                     failed.extend(seqs)
                 else:
                     self.batches_acked += 1
-                    self.records_acked += len(seqs)
-                    acked.extend(seqs)
+                    if self.cfg.ack == "broker":
+                        self.records_acked += len(seqs)
+                        acked.extend(seqs)
+                    else:
+                        self.awaiting.append((time.monotonic() + self.cfg.ack_timeout, seqs))
+                        self.awaiting_seqs.update(seqs)
+
+    def _cloud_ack(self, payload: bytes, acked: list[int]) -> None:
+        """Seqs the consumer stored; only ones this agent has out are taken, so a forged
+        or huge range costs nothing."""
+        try:
+            ranges = decode_ack(payload)
+        except DecodeError as e:
+            self.bad_acks += 1
+            self.last_error = f"bad ack: {e}"
+            return
+        self.cloud_acks += 1
+        pending = self.awaiting_seqs | {s for seqs in self.inflight.values() for s in seqs}
+        done = [s for s in pending if any(first <= s <= last for first, last in ranges)]
+        self.awaiting_seqs.difference_update(done)
+        self.records_acked += len(done)
+        acked.extend(done)
+
+    def _expire(self, failed: list[int]) -> None:
+        """Batches the cloud never acknowledged in time are given back to be sent again."""
+        now = time.monotonic()
+        while self.awaiting:
+            deadline, seqs = self.awaiting[0]
+            late = [s for s in seqs if s in self.awaiting_seqs]
+            if late and deadline > now:
+                return
+            self.awaiting.popleft()
+            if late:
+                self.awaiting_seqs.difference_update(late)
+                self.resent_unacked += len(late)
+                failed.extend(late)
 
     def stop(self, death: bytes, timeout: float = 2.0) -> None:
         """Say goodbye on ``state`` (the will is for unclean ends) and disconnect."""
@@ -147,7 +206,9 @@ class Uplink:
         return {
             "connected": self.connected, "connects": self.connects, "in_flight": len(self.inflight),
             "batches_sent": self.batches_sent, "batches_acked": self.batches_acked,
-            "batches_failed": self.batches_failed, "records_acked": self.records_acked,
+            "batches_failed": self.batches_failed, "records_acked": self.records_acked, "ack": self.cfg.ack,
+            "awaiting_cloud_ack": len(self.awaiting_seqs), "cloud_acks": self.cloud_acks,
+            "bad_acks": self.bad_acks, "resent_unacked": self.resent_unacked,
             "last_error": self.last_error,
         }
 
@@ -198,6 +259,10 @@ class Subscriber:
             except OSError as e:
                 log.warning("consumer: reconnect to %s:%s failed: %s", self.host, self.port, e)
                 time.sleep(min(timeout, 1.0))
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1 publish from the consumer (its acks to devices)."""
+        self.client.publish(topic, payload, qos=1)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -53,6 +53,34 @@ def record_bytes(record: dict[str, Any]) -> bytes:
     return cbor2.dumps(record)
 
 
+def encode_ack(seqs: list[int]) -> bytes:
+    """``[version, [[first, last], ...]]``: the sequence numbers a consumer has stored."""
+    ranges: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return cbor2.dumps([VERSION, ranges])
+
+
+def decode_ack(payload: bytes) -> list[tuple[int, int]]:
+    """The ranges of an ack message; anything off the CDDL is a DecodeError."""
+    try:
+        msg = cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, EOFError) as e:
+        raise DecodeError(f"ack is not CBOR: {e}") from e
+    if not isinstance(msg, list) or len(msg) != 2 or msg[0] != VERSION or not isinstance(msg[1], list):
+        raise DecodeError("ack must be [1, [[first, last], ...]]")
+    out = []
+    for r in msg[1]:
+        if (not isinstance(r, list) or len(r) != 2 or not _uint(r[0]) or not _uint(r[1])
+                or not 1 <= r[0] <= r[1]):
+            raise DecodeError("ack range must be [first, last] with 1 <= first <= last")
+        out.append((r[0], r[1]))
+    return out
+
+
 def encode_batch(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
     """``[version, device, [[seq, record], ...]]`` from already-encoded record bodies."""
     parts = [_head(4, 3), cbor2.dumps(VERSION), cbor2.dumps(device_id), _head(4, len(records))]
