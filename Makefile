@@ -9,7 +9,7 @@ KERNEL_SRC := agent/fusion/_kernel_py.py agent/fusion/_kernel.pxd
 # The compiled kernel is required unless the caller says otherwise (EBIKE_AGENT_BUILD_EXT=0).
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
-.PHONY: setup broker run test test-compiled test-pure bench fuzz lint clean
+.PHONY: setup broker run test test-compiled test-pure bench fuzz soak lint clean
 
 setup: $(KERNEL)
 
@@ -48,6 +48,10 @@ bench: setup
 fuzz: setup
 	$(PY) -m pip install -q 'atheris>=2.3' || echo "atheris did not install: using the built-in mutation loop"
 	$(PY) -m devtools.fuzz $(FUZZ_ARGS)
+
+# Long runs: 200 power cuts (SIGKILL at random moments) instead of make test's 20.
+soak: setup broker
+	EBIKE_POWER_CUTS=200 $(PY) -m pytest tests/test_power_cut.py
 
 lint: setup
 	$(PY) -m ruff check agent firmware_sim devtools tests setup.py
