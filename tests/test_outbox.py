@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, Outbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +195,38 @@ def test_committed_record_survives_sigkill(tmp_path: Path) -> None:
     stats = box.stats()
     assert stats["depth"]["alarm"] == 1 and stats["oldest"] == 123.5
     assert box.append([(LANE_LIVE, 1.0, b"after")]) == [2]
+
+
+def test_a_corrupt_outbox_is_moved_aside_not_wiped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged file is kept for forensics under a loud name; the new outbox continues
+    with sequence numbers above anything the old one can have used."""
+    path = tmp_path / "outbox.sqlite"
+    box = Outbox(str(path), 1 << 30)
+    box.append([(LANE_LIVE, 1.0, b"x" * 100) for _ in range(50)])
+    box.close()
+    raw = bytearray(path.read_bytes())
+    raw[100:4096] = b"\xde\xad\xbe\xef" * ((4096 - 100) // 4)
+    path.write_bytes(bytes(raw))
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with caplog.at_level("ERROR"):
+        box = Outbox(str(path), 1 << 30)
+    try:
+        aside = box.stats()["moved_aside"]
+        assert aside and Path(aside).read_bytes() == bytes(raw), "the damaged file was not kept as it was"
+        assert "CORRUPT" in caplog.text and aside in caplog.text
+        (seq,) = box.append([(LANE_LIVE, 2.0, b"y")])
+        assert seq > 50, "a sequence number could repeat one the cloud already has"
+    finally:
+        box.close()
+
+
+def test_garbage_file_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    box = Outbox(str(path), 1 << 30)
+    try:
+        assert Path(box.stats()["moved_aside"]).read_bytes() == b"this is not a database" * 100
+        assert box.append([(LANE_LIVE, 1.0, b"z")])[0] > 1
+    finally:
+        box.close()

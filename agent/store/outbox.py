@@ -10,12 +10,16 @@ again (the cloud drops duplicates by device and sequence).
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from agent.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 LANE_ALARM = 0
 LANE_LIVE = 1
@@ -43,18 +47,51 @@ class Outbox:
         self.path = path
         self.quota_bytes = quota_bytes
         self.dropped = 0
-        parent = os.path.dirname(os.path.abspath(path))
+        self.moved_aside = ""
         try:
-            os.makedirs(parent, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.db = self._open_checked()
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open outbox {path}: {e}") from e
         self.leased: set[int] = set()
         self.appended = 0
         self.acked = 0
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """Open, and if the file fails SQLite's check, move it aside (never wipe it) and
+        start a new one whose sequence numbers cannot collide with the old ones."""
+        reason = ""
+        last_seq = 0
+        try:
+            db = self._open()
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+            if verdict == "ok":
+                db.executescript(_SCHEMA)
+                return db
+            reason = str(verdict)
+            last_seq = _salvage_last_seq(db)
+            db.close()
+        except sqlite3.DatabaseError as e:
+            reason = str(e)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        self.moved_aside = f"{self.path}.corrupt-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, self.moved_aside + suffix)
+        log.error("OUTBOX %s IS CORRUPT (%s): moved aside to %s, starting a new one; records in it were "
+                  "not sent", self.path, reason, self.moved_aside)
+        db = self._open()
+        db.executescript(_SCHEMA)
+        # Sequence numbers must never be reused: continue above anything the old file can
+        # have used (microseconds since the epoch exceed any counter this agent reaches).
+        db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (max(last_seq + 1, time.time_ns() // 1000),))
+        return db
 
     def append(self, records: Iterable[tuple[int, float, bytes]]) -> list[int]:
         """Store ``(lane, time, body)`` records in one transaction; returns their sequence numbers."""
@@ -150,7 +187,7 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: stats failed: {e}") from e
         return {
             "depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
-            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased),
+            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased), "moved_aside": self.moved_aside,
             "dropped": self.dropped, "quota_bytes": self.quota_bytes,
         }
 
@@ -159,6 +196,15 @@ class Outbox:
 
     def _transaction(self) -> _Txn:
         return _Txn(self.db)
+
+
+def _salvage_last_seq(db: sqlite3.Connection) -> int:
+    """The last sequence number a damaged file still shows, or 0."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+    except sqlite3.DatabaseError:
+        return 0
+    return int(row[0]) - 1 if row else 0
 
 
 class _Txn:
