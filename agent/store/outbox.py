@@ -187,7 +187,8 @@ class Outbox:
             raise StoreError(f"outbox {self.path}: stats failed: {e}") from e
         return {
             "depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
-            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased), "moved_aside": self.moved_aside,
+            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased),
+            "moved_aside": self.moved_aside,
             "dropped": self.dropped, "quota_bytes": self.quota_bytes,
         }
 
