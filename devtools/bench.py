@@ -9,7 +9,8 @@ Writes every round to bench-results.json.
 2. Replay: ``ebike-agent decode --stats --file`` on a 1,000,000-line candump log (a
    subprocess, start-up included) against python-can's log reader + cantools on the
    same file (in-process, start-up not counted).
-3. UART framers: frames/s on a clean stream and with 10 % garbage bytes.
+3. Outbox: records/s appended to the SQLite outbox in group commits.
+4. UART framers: frames/s on a clean stream and with 10 % garbage bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 from agent.dbc.compile import compile_dbc, frame_key, load_cantools, profile_path
 from agent.fusion.kernel import KERNELS
+from agent.store.outbox import LANE_LIVE, Outbox
+from agent.uplink import wire
 from devtools.bench_framers import framer_figures
 
 READ_BYTES = 4096
@@ -146,6 +149,26 @@ def _replay_python_can(log: Path, path: str) -> Callable[[], None]:
     return run
 
 
+WINDOW_BODY = wire.window_record(1.7e9, 1.0, [(sid, 10, 1.0, 2.0, 1.5, 2.0, 0.0) for sid in range(1, 9)])
+
+
+def _outbox_run(tmp: str, records: int, group: int) -> Callable[[], None]:
+    """Append ``records`` 8-signal window records in group commits of ``group`` (real file,
+    WAL, synchronous=FULL, as the agent runs it)."""
+    body = WINDOW_BODY
+    rounds = [0]
+
+    def run() -> None:
+        rounds[0] += 1
+        box = Outbox(str(Path(tmp) / f"outbox-{rounds[0]}.sqlite"), 1 << 40)
+        rows = [(LANE_LIVE, 1.7e9, body)] * group
+        for _ in range(records // group):
+            box.append(rows)
+        box.close()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-lines", type=int, default=1_000_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--framer-seconds", type=float, default=0.3, help="per framer, case and round")
+    p.add_argument("--outbox-records", type=int, default=200_000)
+    p.add_argument("--group", type=int, default=1000, help="records per outbox group commit")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     if args.rounds < 5:
@@ -179,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                                 _rounds(replay, args.rounds, args.log_lines),
                                 "python-can reader + cantools", "lines/s")
 
+    with tempfile.TemporaryDirectory() as tmp:
+        outbox_results = _table(f"outbox append, {args.outbox_records:,} records of {len(WINDOW_BODY)} bytes, "
+                                f"group commits of {args.group}",
+                                _rounds({"outbox append (group commit)": _outbox_run(tmp, args.outbox_records,
+                                                                                    args.group)},
+                                        args.rounds, args.outbox_records),
+                                "outbox append (group commit)", "records/s")
+
     framers = framer_figures(args.framer_seconds)
     print(f"\nUART framers (frames/s, median): {'clean':>12s} {'10 % garbage':>14s}")
     for name, fig in framers.items():
@@ -188,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "decode_speedup_vs_cantools": decode_results[best]["ratio"],
         "replay_speedup_vs_python_can": replay_results["ebike-agent decode --stats"]["ratio"],
+        "outbox_append_records_per_s": outbox_results["outbox append (group commit)"]["median"],
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
+    print(f"outbox_append_records_per_s: {summary['outbox_append_records_per_s']:,.0f}")
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
-        "summary": summary, "decode": decode_results, "replay": replay_results, "framers": framers,
+        "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
+        "framers": framers,
     }, indent=1))
     print(f"written to {args.out}")
     return 0
