@@ -197,6 +197,7 @@ class Runtime:
         self.pending: list[tuple[int, float, bytes]] = []
         self.last_commit = time.monotonic()
         self.records = 0
+        self.leased_since_connect = 0
         self.stopping = False
         self.rate_mark = (time.monotonic(), 0)
         self.frame_rate = 0.0
@@ -272,7 +273,10 @@ class Runtime:
         self.outbox.ack(acked)
         self.outbox.release(failed)
         while self.uplink.can_send():
-            batch = self.outbox.lease(self.cfg.broker.max_batch_records, MAX_BATCH_BYTES)
+            # The first batch after each (re)connect: alarms and the vehicle as it is now.
+            fresh = self.uplink.connects != self.leased_since_connect
+            self.leased_since_connect = self.uplink.connects
+            batch = self.outbox.lease(self.cfg.broker.max_batch_records, MAX_BATCH_BYTES, newest_live_first=fresh)
             if not batch:
                 return
             seqs = [seq for seq, _ in batch]

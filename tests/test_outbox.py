@@ -230,3 +230,14 @@ def test_garbage_file_is_moved_aside(tmp_path: Path) -> None:
         assert box.append([(LANE_LIVE, 1.0, b"z")])[0] > 1
     finally:
         box.close()
+
+
+def test_after_a_reconnect_the_newest_live_window_goes_first(tmp_path: Path) -> None:
+    """After an outage the cloud first sees alarms and the vehicle as it is now, then the
+    backlog oldest first; in steady state everything goes oldest first."""
+    box = open_outbox(tmp_path)
+    plan = [LANE_HISTORY, LANE_LIVE, LANE_ALARM, LANE_LIVE, LANE_EVENT, LANE_LIVE]
+    box.append([(lane, float(i), body(i)) for i, lane in enumerate(plan)])
+    assert [s for s, _ in box.lease(100, BIG, newest_live_first=True)] == [3, 6, 2, 4, 5, 1]
+    box.release_all()
+    assert [s for s, _ in box.lease(100, BIG)] == [3, 2, 4, 6, 5, 1]

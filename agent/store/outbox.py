@@ -135,12 +135,19 @@ class Outbox:
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
 
-    def lease(self, max_records: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """The next records to send, not already in flight: by lane priority, then oldest first."""
+    def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False) -> list[tuple[int, bytes]]:
+        """The next records to send, not already in flight: by lane priority, oldest first;
+        with ``newest_live_first`` (after a reconnect) alarms, then the newest live window,
+        so the cloud sees the vehicle as it is now before the backlog."""
         out: list[tuple[int, bytes]] = []
         size = 0
         try:
-            cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
+            if newest_live_first:
+                cur = self.db.execute(
+                    "SELECT seq, body FROM records ORDER BY lane = ? DESC,"
+                    " seq = (SELECT max(seq) FROM records WHERE lane = ?) DESC, lane, seq", (LANE_ALARM, LANE_LIVE))
+            else:
+                cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
             for seq, body in cur:
                 if seq in self.leased:
                     continue
