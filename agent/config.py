@@ -61,6 +61,9 @@ class BrokerConfig:
     max_batch_records: int = 200
     ack: str = "cloud"
     ack_timeout: float = 30.0
+    max_batch_bytes: int = 262144
+    max_bytes_per_s: int = 0
+    protocol: str = "5"
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,10 @@ _BROKER: Schema = (
     # "broker": on PUBACK, for backends that cannot acknowledge (a broker crash then loses data).
     ("ack", str, "cloud", _one_of(("cloud", "broker"))),
     ("ack_timeout", float, 30.0, _positive),
+    ("max_batch_bytes", int, 262144, _positive),
+    ("max_bytes_per_s", int, 0, _non_negative),  # 0 = no cap
+    # MQTT 3.1.1 only by explicit choice: a broker refusing a publish still answers success.
+    ("protocol", str, "5", _one_of(("5", "3.1.1"))),
 )
 _OUTBOX: Schema = (
     ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),

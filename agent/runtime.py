@@ -33,7 +33,6 @@ from agent.uplink.mqtt import Uplink
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 256 * 1024
 MAX_TEXT_LINE = 4096
 # After this long without bytes, a framer waiting on a false start's length gives up.
 QUIET_LINE = 0.2
@@ -176,6 +175,23 @@ def _one_dbc(cfg: Config) -> CompiledDbc | None:
     return compile_dbc(paths.pop()) if paths else None
 
 
+def send_batches(outbox: Outbox, uplink: Uplink, device_id: str, max_records: int,
+                 newest_live_first: bool = False) -> None:
+    """Fill the uplink's window with batches leased from the outbox, each sized to what the
+    broker takes; rows of a batch paho refuses go back to the outbox."""
+    first = newest_live_first
+    while uplink.can_send():
+        batch = outbox.lease(max_records, uplink.batch_bytes() - wire.batch_overhead(device_id),
+                             newest_live_first=first, overhead=wire.RECORD_OVERHEAD)
+        first = False
+        if not batch:
+            return
+        seqs = [seq for seq, _ in batch]
+        if not uplink.publish(seqs, wire.encode_batch(device_id, batch)):
+            outbox.release(seqs)
+            return
+
+
 class Runtime:
     """The agent: owns every part of the path and the loop that drives them."""
 
@@ -272,17 +288,10 @@ class Runtime:
         acked, failed = self.uplink.poll()
         self.outbox.ack(acked)
         self.outbox.release(failed)
-        while self.uplink.can_send():
-            # The first batch after each (re)connect: alarms and the vehicle as it is now.
-            fresh = self.uplink.connects != self.leased_since_connect
-            self.leased_since_connect = self.uplink.connects
-            batch = self.outbox.lease(self.cfg.broker.max_batch_records, MAX_BATCH_BYTES, newest_live_first=fresh)
-            if not batch:
-                return
-            seqs = [seq for seq, _ in batch]
-            if not self.uplink.publish(seqs, wire.encode_batch(self.cfg.device_id, batch)):
-                self.outbox.release(seqs)
-                return
+        # The first batch after each (re)connect: alarms and the vehicle as it is now.
+        fresh = self.uplink.connects != self.leased_since_connect
+        self.leased_since_connect = self.uplink.connects
+        send_batches(self.outbox, self.uplink, self.cfg.device_id, self.cfg.broker.max_batch_records, fresh)
 
     def _rate(self) -> None:
         mono = time.monotonic()

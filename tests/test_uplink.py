@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -18,6 +19,7 @@ import pytest
 import devtools.broker
 from agent.cloud.ingest import Ingest, ack_for
 from agent.config import BrokerConfig
+from agent.runtime import send_batches
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
 from agent.uplink.mqtt import Subscriber, Uplink
@@ -35,12 +37,12 @@ class Link:
     """An Uplink and an Outbox driven the way the agent's loop drives them."""
 
     def __init__(self, tmp_path: Path, broker: Mosquitto, max_batch: int = 5, ack: str = "cloud",
-                 ack_timeout: float = 30.0) -> None:
+                 ack_timeout: float = 30.0, **broker_keys: Any) -> None:
         self.device = f"bike-{uuid.uuid4().hex[:8]}"
         self.prefix = f"ebike/v1/{self.device}/"
         self.boot = uuid.uuid4().hex
         self.cfg = BrokerConfig(host=broker.host, port=broker.port, keepalive=5, max_inflight=4,
-                                max_batch_records=max_batch, ack=ack, ack_timeout=ack_timeout)
+                                max_batch_records=max_batch, ack=ack, ack_timeout=ack_timeout, **broker_keys)
         self.outbox = Outbox(str(tmp_path / f"{self.device}.sqlite"), 1 << 30)
         self.uplink = Uplink(self.device, self.cfg, self.prefix, birth=self.state(True), death=self.state(False))
         self.failed: list[int] = []
@@ -57,14 +59,7 @@ class Link:
         self.failed += failed
         self.outbox.ack(acked)
         self.outbox.release(failed)
-        while self.uplink.can_send():
-            batch = self.outbox.lease(self.cfg.max_batch_records, 1 << 20)
-            if not batch:
-                return
-            seqs = [seq for seq, _ in batch]
-            if not self.uplink.publish(seqs, wire.encode_batch(self.device, batch)):
-                self.outbox.release(seqs)
-                return
+        send_batches(self.outbox, self.uplink, self.device, self.cfg.max_batch_records)
 
     def close(self) -> None:
         self.uplink.client.loop_stop()
@@ -382,3 +377,57 @@ def test_two_consumers_share_the_subscription(tmp_path: Path, mosquitto: Mosquit
                                                (link.device,))] == list(range(1, 201))
     finally:
         cloud.close()
+
+
+def test_batches_fit_the_brokers_maximum_packet_size(tmp_path: Path, parts: list[Link | Cloud]) -> None:
+    """MQTT 5 CONNACK says how big a packet the broker takes; batches are built to fit."""
+    workdir = tmp_path / "small-packets"
+    workdir.mkdir()
+    broker = Mosquitto(str(workdir), extra_config="max_packet_size 1200\n").start()
+    try:
+        link = Link(tmp_path, broker, max_batch=200)
+        cloud = Cloud(tmp_path, broker, link.prefix + "telemetry")
+        parts += [link, cloud]
+        pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+        link.uplink.start()
+        pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+        assert link.uplink.max_packet == 1200
+        link.append(100)
+        pump("every record stored and acknowledged", link, cloud, lambda: link.outbox.stats()["records"] == 0, 20)
+        assert cloud.stored(link.device) == list(range(1, 101))
+        assert len(cloud.payloads) > 1 and max(len(p) for _, p in cloud.payloads) <= link.uplink.batch_bytes()
+    finally:
+        broker.stop()
+
+
+def test_bandwidth_cap_spreads_the_backlog(tmp_path: Path, mosquitto: Mosquitto, parts: list[Link | Cloud]) -> None:
+    """``max_bytes_per_s`` holds the send rate down (cellular data costs money)."""
+    link = Link(tmp_path, mosquitto, max_batch=2, max_bytes_per_s=600)
+    cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
+    parts += [link, cloud]
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    link.append(30)
+    started = time.monotonic()
+    pump("every record delivered", link, cloud, lambda: link.outbox.stats()["records"] == 0, 30)
+    took = time.monotonic() - started
+    sent = sum(len(p) for _, p in cloud.payloads)
+    assert sent > 1800 and took >= sent / 600 - 1.5, (sent, took)
+
+
+def test_mqtt_311_only_by_choice_and_with_a_warning(tmp_path: Path, mosquitto: Mosquitto,
+                                                    parts: list[Link | Cloud],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        link = Link(tmp_path, mosquitto, protocol="3.1.1")
+    parts.append(link)
+    assert "MQTT 3.1.1" in caplog.text and "lost silently" in caplog.text
+    cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
+    parts.append(cloud)
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    link.append(6)
+    pump("delivered and acknowledged by the cloud", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
+    assert cloud.stored(link.device) == list(range(1, 7))

@@ -135,10 +135,12 @@ class Outbox:
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
 
-    def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False) -> list[tuple[int, bytes]]:
+    def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False,
+              overhead: int = 0) -> list[tuple[int, bytes]]:
         """The next records to send, not already in flight: by lane priority, oldest first;
         with ``newest_live_first`` (after a reconnect) alarms, then the newest live window,
-        so the cloud sees the vehicle as it is now before the backlog."""
+        so the cloud sees the vehicle as it is now before the backlog. ``max_bytes`` bounds
+        the bodies plus ``overhead`` bytes per record (what the batch adds around each)."""
         out: list[tuple[int, bytes]] = []
         size = 0
         try:
@@ -151,10 +153,10 @@ class Outbox:
             for seq, body in cur:
                 if seq in self.leased:
                     continue
-                if out and size + len(body) > max_bytes:
+                if out and size + len(body) + overhead > max_bytes:
                     break
                 out.append((seq, bytes(body)))
-                size += len(body)
+                size += len(body) + overhead
                 if len(out) >= max_records:
                     break
         except sqlite3.Error as e:

@@ -28,12 +28,17 @@ from agent.uplink.wire import decode_ack
 log = logging.getLogger(__name__)
 
 AWAITING_FACTOR = 4
+PACKET_OVERHEAD = 32  # MQTT 5 PUBLISH fixed header, packet id and property length
 RECONNECT_MIN = 1
 RECONNECT_MAX = 120
 
 
 def _client(client_id: str, cfg: BrokerConfig) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if cfg.protocol == "3.1.1":
+        log.warning("MQTT 3.1.1 chosen: a broker that refuses a publish still acknowledges it, so such "
+                    "data is lost silently; prefer protocol = \"5\" (with ack = \"cloud\" nothing is lost)")
+    version = mqtt.MQTTv311 if cfg.protocol == "3.1.1" else mqtt.MQTTv5
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
     if cfg.tls_ca or cfg.tls_cert:
         client.tls_set(ca_certs=cfg.tls_ca or None, certfile=cfg.tls_cert or None,
                        keyfile=cfg.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
@@ -63,6 +68,8 @@ class Uplink:
         # PUBACKed batches awaiting the cloud's ack, oldest first: (deadline, seqs).
         self.awaiting: collections.deque[tuple[float, list[int]]] = collections.deque()
         self.awaiting_seqs: set[int] = set()
+        self.max_packet = 0  # the broker's MaximumPacketSize (MQTT 5 CONNACK), 0 = not limited
+        self.sent_bytes: collections.deque[tuple[float, int]] = collections.deque()
         self.cloud_acks = 0
         self.bad_acks = 0
         self.resent_unacked = 0
@@ -90,6 +97,7 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
         if not _failed(rc):
+            self.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
             if self.cfg.ack == "cloud":
                 client.subscribe(self.topic_ack, qos=1)
             client.publish(self.topic_state, self.birth, qos=1, retain=True)
@@ -109,7 +117,24 @@ class Uplink:
         """Room in the in-flight window; batches awaiting the cloud's ack count too, so a
         consumer that is down does not make the agent send its whole backlog blind."""
         return (self.connected and len(self.inflight) < self.cfg.max_inflight
-                and len(self.awaiting_seqs) < AWAITING_FACTOR * self.cfg.max_inflight * self.cfg.max_batch_records)
+                and len(self.awaiting_seqs) < AWAITING_FACTOR * self.cfg.max_inflight * self.cfg.max_batch_records
+                and self._under_bandwidth_cap())
+
+    def batch_bytes(self) -> int:
+        """Largest batch payload to build: the configured bound, and what the broker takes
+        (its maximum packet size less room for the fixed header and topic)."""
+        if self.max_packet:
+            return max(1, min(self.cfg.max_batch_bytes, self.max_packet - len(self.topic_telemetry) - PACKET_OVERHEAD))
+        return self.cfg.max_batch_bytes
+
+    def _under_bandwidth_cap(self) -> bool:
+        """Bytes published in the last second stay under ``max_bytes_per_s`` (0 = no cap)."""
+        if not self.cfg.max_bytes_per_s:
+            return True
+        now = time.monotonic()
+        while self.sent_bytes and self.sent_bytes[0][0] <= now - 1.0:
+            self.sent_bytes.popleft()
+        return sum(n for _, n in self.sent_bytes) < self.cfg.max_bytes_per_s
 
     def publish(self, seqs: list[int], payload: bytes) -> bool:
         """Queue one batch; False if paho would not take it (the rows stay leased-free)."""
@@ -119,6 +144,8 @@ class Uplink:
             return False
         self.inflight[info.mid] = seqs
         self.batches_sent += 1
+        if self.cfg.max_bytes_per_s:
+            self.sent_bytes.append((time.monotonic(), len(payload)))
         return True
 
     def poll(self) -> tuple[list[int], list[int]]:

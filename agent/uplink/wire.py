@@ -81,6 +81,15 @@ def decode_ack(payload: bytes) -> list[tuple[int, int]]:
     return out
 
 
+# What a batch adds around each record body: its 2-array head and a sequence number (at
+# most 9 bytes); and around all of them: array heads, version and the device id.
+RECORD_OVERHEAD = 10
+
+
+def batch_overhead(device_id: str) -> int:
+    return 1 + 1 + len(cbor2.dumps(device_id)) + 5
+
+
 def encode_batch(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
     """``[version, device, [[seq, record], ...]]`` from already-encoded record bodies."""
     parts = [_head(4, 3), cbor2.dumps(VERSION), cbor2.dumps(device_id), _head(4, len(records))]
