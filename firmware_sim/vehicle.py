@@ -125,7 +125,7 @@ class Route:
 class Vehicle:
     """True state of the bike; ``step(dt)`` advances it by ``dt`` sim seconds."""
 
-    def __init__(self, seed=1):
+    def __init__(self, seed=1, cells=CELLS):
         r = Prng(seed)
         self.rng = r
         self.route = Route(ROUTE)
@@ -169,13 +169,38 @@ class Vehicle:
         self.remaining_mah = self.full_mah * r.uniform(0.78, 0.82)
         self.soc = 100.0 * self.remaining_mah / self.full_mah
         self.pack_i = 0.0
-        self.pack_v = CELLS * ocv_cell(self.soc)
+        self.pack_v = cells * ocv_cell(self.soc)
         self.ctrl_v = self.pack_v
         self.motor_i = 0.0
 
         self.motor_temp = self.ambient + r.uniform(0.0, 2.0)
         self.ctrl_temp = self.ambient + r.uniform(0.0, 2.0)
         self.batt_temp = self.ambient + r.uniform(2.0, 5.0)
+
+        # Cells, BMS and controller state. A separate generator so that these extras
+        # leave the ride itself (drawn from ``r``) exactly as it was.
+        p = Prng(seed ^ 0x5CE11)
+        if cells < 10 or cells > 13:
+            raise ValueError("cells must be 10-13")
+        self.cells = cells
+        self.cell_soc_off = [p.gauss(0.0, 0.6) for _ in range(cells)]   # % of SoC
+        self.cell_r = [self.r_int / cells * p.uniform(0.9, 1.1) for _ in range(cells)]
+        self.ntc_off = [p.uniform(-0.4, 0.4), p.uniform(-0.4, 0.4)]
+        self.runaway_cell = p.randint(0, cells - 1)
+        self.runaway_rise = 0.0            # C above the pack, at the runaway cell's NTC
+        self.cycles = p.randint(20, 180)
+        self.soh = 100 - self.cycles // 20
+        self.protection = 0                # JBD bit order (PROTOCOLS.md)
+        self.charge_on = True              # FET states as the BMS drives them
+        self.discharge_on = True
+        self.fault_code = 0                # controller's live fault code, 0 = none
+        self.locked = False
+        self.parked = False                # nobody rides: the bike stands
+        self.pushed_kmh = 0.0              # > 0: walked or carried at this speed, unassisted
+        self.charge_a = 0.0                # charger current (+ into the pack)
+        self.extra_heat = 0.0              # C/s forced on motor and controller (overheat)
+        self.cruise_max_kmh = 24.5
+        self.cruise_min_kmh = 20.0
 
         self.cadence = 0.0
         self.torque_nm = 0.0
@@ -215,6 +240,28 @@ class Vehicle:
         return self.v * 3.6
 
     @property
+    def assisting(self):
+        """Whether the motor may assist: not locked, discharge FET on, no fault."""
+        return not self.locked and self.discharge_on and self.fault_code == 0
+
+    @property
+    def pack_cells(self):
+        return self.cells
+
+    def cell_volts(self):
+        """Each cell's terminal voltage (V): OCV at its own SoC, plus I x its resistance."""
+        i = self.pack_i
+        out = []
+        for k in range(self.cells):
+            out.append(ocv_cell(self.soc + self.cell_soc_off[k]) + i * self.cell_r[k])
+        return out
+
+    def ntc_temps(self):
+        """The pack's two NTCs (C); NTC 2 sits by the runaway-prone cell."""
+        return [self.batt_temp + self.ntc_off[0],
+                self.batt_temp + self.ntc_off[1] + self.runaway_rise]
+
+    @property
     def phase_name(self):
         return PHASE_NAMES[self.phase]
 
@@ -247,6 +294,9 @@ class Vehicle:
 
     def _ride(self, dt):
         r = self.rng
+        if self.parked:
+            self._parked(dt)
+            return
         if self.phase == PHASE_STOP:
             self.v = 0.0
             self.a = 0.0
@@ -257,7 +307,7 @@ class Vehicle:
                 self.phase = PHASE_GO
                 self.phase_t = 0.0
                 self.phase_len = r.uniform(40.0, 60.0)
-                self.v_set = r.uniform(20.0, 24.5) / 3.6
+                self.v_set = r.uniform(self.cruise_min_kmh, self.cruise_max_kmh) / 3.6
                 self.gear = 0
             return
         if self.phase == PHASE_GO and self.phase_t >= self.phase_len:
@@ -275,6 +325,9 @@ class Vehicle:
             self.pedalling = False
         else:
             target = self.v_set + self.v_wobble
+            if self.v_set * 3.6 > self.speed_limit_kmh:
+                # A commuter rides at the assistance cut-off, not above it.
+                target = self.speed_limit_kmh / 3.6 + self.v_wobble
             a = _clamp(0.6 * (target - v), -1.0, 1.0)
             force = self.mass * a + f_res
             if force <= 0.0:
@@ -303,11 +356,26 @@ class Vehicle:
         self.trip_km += d / 1000.0
         self._m_acc += d
 
+    def _parked(self, dt):
+        """Standing (or pushed along by someone, unassisted, at ``pushed_kmh``)."""
+        self.rider_w = 0.0
+        self.motor_w = 0.0
+        self.pedalling = False
+        self.a = 0.0
+        self.phase = PHASE_STOP
+        self.v = self.pushed_kmh / 3.6
+        d = self.v * dt
+        self.s += d
+        self.trip_km += d / 1000.0
+        self._m_acc += d
+
     def _split_power(self, need):
         """Share ``need`` watts between rider and motor by assist level and limits."""
         kmh = self.v * 3.6
         # Assistance fades out over the last km/h below the cut-off (GB 17761).
         taper = _clamp(self.speed_limit_kmh - kmh, 0.0, 1.0)
+        if not self.assisting:
+            taper = 0.0
         ratio = self.assist_ratio * taper
         rider = need / (1.0 + ratio)
         motor = need - rider
@@ -322,16 +390,26 @@ class Vehicle:
 
     def _electrical(self, dt):
         p_motor_el = self.motor_w / self.motor_eff
-        p = p_motor_el + self.idle_w
-        ocv = CELLS * ocv_cell(self.soc)
-        # Terminal voltage V with I = -P/V and V = OCV + I*R (I + = charging).
-        disc = ocv * ocv - 4.0 * p * self.r_int
-        v = 0.5 * (ocv + math.sqrt(disc)) if disc > 0.0 else 0.5 * ocv
-        i = -p / v
+        p = p_motor_el + (0.3 if self.parked else self.idle_w)
+        ocv = self.cells * ocv_cell(self.soc)
+        if not self.discharge_on:
+            # The BMS opened the discharge switch: nothing flows out of the pack.
+            p = 0.0
+            p_motor_el = 0.0
+        if self.charge_a > 0.0 and self.charge_on:
+            # Charger: constant current, tapering above 4.1 V per cell (CC/CV).
+            i = self.charge_a * _clamp((4.18 - ocv / self.cells) / 0.08, 0.05, 1.0)
+            p = 0.0
+            v = ocv + i * self.r_int
+        else:
+            # Terminal voltage V with I = -P/V and V = OCV + I*R (I + = charging).
+            disc = ocv * ocv - 4.0 * p * self.r_int
+            v = 0.5 * (ocv + math.sqrt(disc)) if disc > 0.0 else 0.5 * ocv
+            i = -p / v
         self.pack_v = v
         self.pack_i = i
-        self.ctrl_v = v + i * self.r_cable
-        self.motor_i = p_motor_el / self.ctrl_v
+        self.ctrl_v = v + i * self.r_cable if self.discharge_on else 0.0
+        self.motor_i = p_motor_el / self.ctrl_v if self.ctrl_v > 0.0 else 0.0
         self.remaining_mah = _clamp(self.remaining_mah + i * dt / 3.6, 0.0, float(self.full_mah))
         self.soc = 100.0 * self.remaining_mah / self.full_mah
         self._wh_acc += p * dt / 3600.0
@@ -344,7 +422,7 @@ class Vehicle:
             self._update_range()
 
     def _update_range(self):
-        usable_wh = max(0.0, self.remaining_mah - 0.05 * self.full_mah) / 1000.0 * 36.0
+        usable_wh = max(0.0, self.remaining_mah - 0.05 * self.full_mah) / 1000.0 * 3.6 * self.cells
         self.range_km = usable_wh / max(self.wh_per_km, 1.0)
 
     def _thermal(self, dt):
@@ -357,6 +435,9 @@ class Vehicle:
         self.motor_temp += dt * (motor_loss - (self.motor_temp - amb) * cooling / 0.9) / 1800.0
         self.ctrl_temp += dt * (ctrl_loss - (self.ctrl_temp - amb) / 1.6) / 500.0
         self.batt_temp += dt * (batt_loss - (self.batt_temp - amb) / 2.5) / 2200.0
+        if self.extra_heat > 0.0:
+            self.motor_temp += dt * self.extra_heat
+            self.ctrl_temp += dt * self.extra_heat * 0.8
 
     def _pedals(self, dt):
         jitter = (self.rng.next_u32() % 7) - 3

@@ -168,3 +168,18 @@ def candump_line(t, iface, can_id, data):
     """One ``candump -L`` line (no newline): ``(sec.usec) iface IIIIIIII#hexdata``."""
     us = int(math.floor(t * 1000000.0 + 0.5))
     return f"({us // 1000000}.{us % 1000000:06d}) {iface} {can_id & 0x1FFFFFFF:08X}#{_hex(data)}"
+
+
+ID_DRIVE_12_00 = make_id(NODE_CONTROLLER, NODE_BROADCAST, OP_WRITE, 0x12, 0x00)
+
+
+def drive_unit_12_00(fault_code):
+    """Drive unit live fault code (0 = none)."""
+    code = _q(fault_code, 1, 0, 0xFF)
+    return ID_DRIVE_12_00, bytes((code,)), {"Vehicle.LEV.Controller.FaultCode": code}
+
+
+def speed_limit_write(speed_limit_kmh, source=NODE_DISPLAY):
+    """A host's write of the controller's cut-off speed (32/03, op 0): (can_id, data)."""
+    lim = _q(speed_limit_kmh, 100, 0, 0xFFFF)
+    return make_id(source, NODE_CONTROLLER, OP_WRITE, 0x32, 0x03), struct.pack("<H", lim)

@@ -1,4 +1,4 @@
-"""NMEA 0183 GGA and RMC sentences (PROTOCOLS.md, "NMEA 0183").
+"""NMEA 0183 GGA, RMC, VTG and GSA sentences (PROTOCOLS.md, "NMEA 0183").
 
 Each encoder returns ``(sentence_bytes, values)``: the full sentence with ``*hh``
 checksum and CR LF, and the values a perfect decoder reads back from the text
@@ -101,6 +101,15 @@ def gga(t, lat, lon, fix_quality, satellites, hdop, alt, talker="GN"):
     alt_s, alt_v = _fixed(alt, 1)
     geoid_s, _ = _fixed(GEOID_SEP_DM / 10.0, 1)
     fix = int(fix_quality)
+    if fix == 0:
+        # No fix: position, altitude and geoid fields are empty, as receivers send them.
+        body = f"{talker}GGA,{hms},,,,,0,{sats:02d},{hdop_s},,M,,M,,"
+        values = {
+            "Vehicle.LEV.GNSS.FixQuality": 0,
+            "Vehicle.LEV.GNSS.Satellites": sats,
+            "Vehicle.LEV.GNSS.HDOP": hdop_v,
+        }
+        return _finish(body), values
     body = (f"{talker}GGA,{hms},{lat_s},{ns},{lon_s},{ew},{fix},{sats:02d},{hdop_s},{alt_s},M,"
             f"{geoid_s},M,,")
     values = {
@@ -114,9 +123,14 @@ def gga(t, lat, lon, fix_quality, satellites, hdop, alt, talker="GN"):
     return _finish(body), values
 
 
-def rmc(t, lat, lon, speed_kmh, course, talker="GN"):
-    """RMC: time, status A, position, speed over ground (knots), course, date, mode A."""
+def rmc(t, lat, lon, speed_kmh, course, talker="GN", fix=True):
+    """RMC: time, status A, position, speed over ground (knots), course, date, mode A.
+
+    Without a fix: status V, mode N, position, speed and course empty.
+    """
     hms, date = utc_fields(t)
+    if not fix:
+        return _finish(f"{talker}RMC,{hms},V,,,,,,,{date},,,N"), {}
     lat_s, ns, lat_v = _coord(lat, 2, "N", "S")
     lon_s, ew, lon_v = _coord(lon, 3, "E", "W")
     kn_s, kn_v = _fixed(max(0.0, speed_kmh) / KNOTS_KMH, 3)
@@ -130,3 +144,40 @@ def rmc(t, lat, lon, speed_kmh, course, talker="GN"):
         "Vehicle.CurrentLocation.Heading": crs / 10.0,
     }
     return _finish(body), values
+
+
+def vtg(speed_kmh, course, talker="GN", fix=True):
+    """VTG: course true, (magnetic empty), speed in knots and km/h, mode A (N without a fix)."""
+    if not fix:
+        return _finish(f"{talker}VTG,,T,,M,,N,,K,N"), {}
+    kmh = max(0.0, speed_kmh)
+    kn_s, _ = _fixed(kmh / KNOTS_KMH, 3)
+    kmh_s, kmh_v = _fixed(kmh, 2)
+    crs = _round(course * 10.0) % 3600
+    body = f"{talker}VTG,{crs // 10}.{crs % 10},T,,M,{kn_s},N,{kmh_s},K,A"
+    values = {
+        "Vehicle.CurrentLocation.Heading": crs / 10.0,
+        "Vehicle.LEV.GNSS.Speed": kmh_v,
+    }
+    return _finish(body), values
+
+
+def gsa(satellites, hdop, fix=True, talker="GN"):
+    """GSA: auto mode, fix type (3 = 3D, 1 = none), the satellites used, PDOP, HDOP, VDOP.
+
+    PRNs are made up (BeiDou-style numbers from 201 with a GB/BD talker, GPS 1-32
+    otherwise). No catalogue signal comes from GSA, so ``values`` is empty.
+    """
+    n = max(0, min(12, int(satellites))) if fix else 0
+    base = 201 if talker in ("GB", "BD") else 1
+    prns = [str(base + 3 * i) for i in range(n)] + [""] * (12 - n)
+    if fix:
+        hdop_s, hdop_v = _fixed(hdop, 1)
+        pdop_s, _ = _fixed(hdop_v * 1.4, 1)
+        vdop_s, _ = _fixed(hdop_v * 1.1, 1)
+        mode = 3
+    else:
+        hdop_s = pdop_s = vdop_s = "99.9"
+        mode = 1
+    body = f"{talker}GSA,A,{mode}," + ",".join(prns) + f",{pdop_s},{hdop_s},{vdop_s}"
+    return _finish(body), {}
