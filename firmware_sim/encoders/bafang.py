@@ -11,6 +11,8 @@ MicroPython-safe.
 import math
 import struct
 
+from firmware_sim.encoders.wire import q
+
 NODE_TORQUE = 0x01
 NODE_CONTROLLER = 0x02
 NODE_DISPLAY = 0x03
@@ -35,19 +37,9 @@ ID_BATT_34_00 = make_id(NODE_BATTERY, NODE_BROADCAST, OP_WRITE, 0x34, 0x00)
 ID_BATT_34_01 = make_id(NODE_BATTERY, NODE_BROADCAST, OP_WRITE, 0x34, 0x01)
 
 
-def _q(x, scale, lo, hi):
-    """Round ``x * scale`` half up to an integer, clamped to [lo, hi]."""
-    n = int(math.floor(x * scale + 0.5))
-    if n < lo:
-        return lo
-    if n > hi:
-        return hi
-    return n
-
-
 def _temp(c, hi=0xFF):
     """Temperature byte: value + 40 C (range -40..215 C, or -40..214 C when FF is reserved)."""
-    return _q(c + 40.0, 1, 0, hi)
+    return q(c + 40.0, 1, 0, hi)
 
 
 def controller_32_01(speed_kmh, motor_i, voltage, ctrl_temp, motor_temp):
@@ -55,9 +47,9 @@ def controller_32_01(speed_kmh, motor_i, voltage, ctrl_temp, motor_temp):
 
     ``motor_temp`` None sends FF (no sensor) and leaves the signal out of ``values``.
     """
-    sp = _q(speed_kmh, 100, 0, 0xFFFF)
-    cur = _q(motor_i, 100, 0, 0xFFFF)
-    volt = _q(voltage, 100, 0, 0xFFFF)
+    sp = q(speed_kmh, 100, 0, 0xFFFF)
+    cur = q(motor_i, 100, 0, 0xFFFF)
+    volt = q(voltage, 100, 0, 0xFFFF)
     ct = _temp(ctrl_temp)
     values = {
         "Vehicle.Speed": sp / 100.0,
@@ -75,11 +67,11 @@ def controller_32_01(speed_kmh, motor_i, voltage, ctrl_temp, motor_temp):
 
 def controller_32_00(soc, trip_km, cadence, torque_raw, range_km):
     """Controller: SoC, trip distance, cadence, pedal torque (raw), remaining range."""
-    s = _q(soc, 1, 0, 100)
-    trip = _q(trip_km, 100, 0, 0xFFFF)
-    cad = _q(cadence, 1, 0, 0xFF)
-    tq = _q(torque_raw, 1, 0, 0xFFFF)
-    rng = _q(range_km, 100, 0, 0xFFFF)
+    s = q(soc, 1, 0, 100)
+    trip = q(trip_km, 100, 0, 0xFFFF)
+    cad = q(cadence, 1, 0, 0xFF)
+    tq = q(torque_raw, 1, 0, 0xFFFF)
+    rng = q(range_km, 100, 0, 0xFFFF)
     values = {
         "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current": s,
         "Vehicle.LEV.TripDistance": trip / 100.0,
@@ -92,9 +84,9 @@ def controller_32_00(soc, trip_km, cadence, torque_raw, range_km):
 
 def controller_32_03(speed_limit_kmh, wheel_size_code, wheel_circ_mm):
     """Controller settings: assistance cut-off speed, wheel size code, circumference."""
-    lim = _q(speed_limit_kmh, 100, 0, 0xFFFF)
-    code = _q(wheel_size_code, 1, 0, 0xFFFF)
-    circ = _q(wheel_circ_mm, 1, 0, 0xFFFF)
+    lim = q(speed_limit_kmh, 100, 0, 0xFFFF)
+    code = q(wheel_size_code, 1, 0, 0xFFFF)
+    circ = q(wheel_circ_mm, 1, 0, 0xFFFF)
     values = {
         "Vehicle.LEV.SpeedLimit": lim / 100.0,
         "Vehicle.LEV.WheelSizeCode": code,
@@ -105,8 +97,8 @@ def controller_32_03(speed_limit_kmh, wheel_size_code, wheel_circ_mm):
 
 def torque_31_00(torque_raw, cadence, counter):
     """Torque sensor: raw torque, cadence, rolling counter (the counter is not a signal)."""
-    tq = _q(torque_raw, 1, 0, 0xFFFF)
-    cad = _q(cadence, 1, 0, 0xFF)
+    tq = q(torque_raw, 1, 0, 0xFFFF)
+    cad = q(cadence, 1, 0, 0xFF)
     values = {
         "Vehicle.LEV.Pedal.Torque": tq,
         "Vehicle.LEV.Pedal.Cadence": cad,
@@ -116,9 +108,9 @@ def torque_31_00(torque_raw, cadence, counter):
 
 def battery_34_00(full_mah, remaining_mah, soc):
     """Battery capacity: full and remaining (mAh on the wire, Ah in values), SoC."""
-    full = _q(full_mah, 1, 0, 0xFFFF)
-    rem = _q(remaining_mah, 1, 0, 0xFFFF)
-    s = _q(soc, 1, 0, 100)
+    full = q(full_mah, 1, 0, 0xFFFF)
+    rem = q(remaining_mah, 1, 0, 0xFFFF)
+    s = q(soc, 1, 0, 100)
     values = {
         "Vehicle.LEV.Battery.FullCapacity": full / 1000.0,
         "Vehicle.LEV.Battery.RemainingCapacity": rem / 1000.0,
@@ -129,8 +121,8 @@ def battery_34_00(full_mah, remaining_mah, soc):
 
 def battery_34_01(current_a, voltage, temp_c):
     """Battery live data: current (+ = charging), voltage, temperature."""
-    cur = _q(current_a, 100, -0x8000, 0x7FFF)
-    volt = _q(voltage, 100, 0, 0xFFFF)
+    cur = q(current_a, 100, -0x8000, 0x7FFF)
+    volt = q(voltage, 100, 0, 0xFFFF)
     t = _temp(temp_c)
     values = {
         "Vehicle.Powertrain.TractionBattery.CurrentCurrent": cur / 100.0,
@@ -175,11 +167,11 @@ ID_DRIVE_12_00 = make_id(NODE_CONTROLLER, NODE_BROADCAST, OP_WRITE, 0x12, 0x00)
 
 def drive_unit_12_00(fault_code):
     """Drive unit live fault code (0 = none)."""
-    code = _q(fault_code, 1, 0, 0xFF)
+    code = q(fault_code, 1, 0, 0xFF)
     return ID_DRIVE_12_00, bytes((code,)), {"Vehicle.LEV.Controller.FaultCode": code}
 
 
 def speed_limit_write(speed_limit_kmh, source=NODE_DISPLAY):
     """A host's write of the controller's cut-off speed (32/03, op 0): (can_id, data)."""
-    lim = _q(speed_limit_kmh, 100, 0, 0xFFFF)
+    lim = q(speed_limit_kmh, 100, 0, 0xFFFF)
     return make_id(source, NODE_CONTROLLER, OP_WRITE, 0x32, 0x03), struct.pack("<H", lim)
