@@ -64,8 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kt", metavar="PATH", help="KT controller->display pty, 10 Hz (reads display frames)")
     p.add_argument("--surron", metavar="PATH", help="Sur-Ron RS-485 pty (57 at 2 Hz, answers 46 polls)")
     p.add_argument("--noise-rate", type=float, default=0.02, metavar="P",
-                   help="with the noisy-line scenario: chance per UART frame of a bit error, "
-                        "and of a garbage burst before it")
+                   help="with the noisy-line scenario: chance per frame (UART, NMEA, and CAN "
+                        "on the SLCAN line) of a bit error, and of a garbage burst before it; "
+                        "a corrupted SLCAN line never decodes as a frame")
+    p.add_argument("--fault-at", type=float, metavar="S",
+                   help="sim second the scenario's fault starts (theft, overheat, "
+                        "thermal-runaway, cell-imbalance, gnss-outage, bms-fault, "
+                        "controller-fault, unplug) instead of 0.2 or 0.3 x --duration; "
+                        "faults that end do so 0.3 x --duration later")
+    p.add_argument("--unplug-bus", choices=scenario.PORT_BUSES, metavar="BUS",
+                   help="with the unplug scenario: the bus whose port is pulled (its pty "
+                        "closed and link removed) and later replugged as a new pty at the "
+                        "same path (a replugged SLCAN adapter starts closed); "
+                        f"{', '.join(scenario.PORT_BUSES)}; default the first with a pty "
+                        "in that order")
     p.add_argument("--out", metavar="PATH", help="also write the CAN traffic as a candump -L log")
     p.add_argument("--manifest", metavar="FILE", help="JSON Lines record of what was delivered")
     p.add_argument("--linger", type=float, default=2.0, metavar="S",
@@ -99,7 +111,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (args.slcan or args.nmea or args.out or any(getattr(args, b) for b in scenario.UART_BUSES)):
         raise UsageError("nothing to emit: give --slcan, --nmea, --out and/or a UART bus "
                          "(--jbd, --daly, --ninebot, --kt, --surron)")
+    if args.fault_at is not None and not 0.0 <= args.fault_at < args.duration:
+        raise UsageError("--fault-at must be >= 0 and below --duration")
+    with_port = port_buses(args)
+    if "unplug" in args.scenario.split("+"):
+        if args.unplug_bus is None:
+            if not with_port:
+                raise UsageError("the unplug scenario needs a bus on a pty (--slcan, --nmea, "
+                                 "--jbd, ...)")
+            args.unplug_bus = with_port[0]
+        elif args.unplug_bus not in with_port:
+            flag = "--slcan" if args.unplug_bus == "can" else "--" + args.unplug_bus
+            raise UsageError(f"--unplug-bus {args.unplug_bus} needs {flag}")
+    elif args.unplug_bus is not None:
+        raise UsageError("--unplug-bus needs the unplug scenario")
     return args
+
+
+def port_buses(args: argparse.Namespace) -> list[str]:
+    """Buses that get a pty, in the order of ``scenario.PORT_BUSES``."""
+    return [b for b in scenario.PORT_BUSES if getattr(args, "slcan" if b == "can" else b)]
 
 
 class Sim:
@@ -118,6 +149,7 @@ class Sim:
         self.delivered = {"can": 0, "nmea": 0}
         self.dropped = {"can": 0, "nmea": 0}
         self.adapter_closed = 0
+        self.unplugged: dict[str, int] = {}     # bus -> frames produced while unplugged
         self.stop_reason: str | None = None
         self.t = 0.0
         self._wall0 = 0.0
@@ -159,7 +191,8 @@ class Sim:
             self.manifest = Manifest(a.manifest)
             self.manifest.write({
                 "type": "header", "scenario": a.scenario, "seed": a.seed, "speed": a.speed,
-                "duration": a.duration, "noise_rate": a.noise_rate, "sim_epoch": SIM_EPOCH_ISO,
+                "duration": a.duration, "noise_rate": a.noise_rate, "fault_at": a.fault_at,
+                "unplug_bus": a.unplug_bus, "sim_epoch": SIM_EPOCH_ISO,
                 "sim_epoch_unix": SIM_EPOCH_UNIX, "buses": buses,
             })
         return lines
@@ -189,25 +222,98 @@ class Sim:
 
     def fault(self, record: dict[str, Any]) -> None:
         """A scenario's injection, recorded when it takes effect."""
+        if record["what"] == "unplug":
+            record = self._unplug(record)
+        elif record["what"] == "replug":
+            record = self._replug(record)
         if self.manifest is not None:
             self.manifest.write(record)
+
+    def _port(self, bus: str) -> PtyPort:
+        """The pty of ``bus`` now."""
+        if bus == "can":
+            assert self.slcan is not None
+            return self.slcan.port
+        return self.uart[bus].port
+
+    def _unplug(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Pull the bus's adapter: close its pty and remove its link."""
+        bus = record["bus"]
+        port = self._port(bus)
+        unread = port.unread()
+        self.io.remove(port)
+        self.dropped[bus] += port.close()
+        self.unplugged[bus] = self.unplugged.get(bus, 0)
+        rec = dict(record)
+        rec.update(wall=time.time(), tty=port.tty_name, unread_bytes=unread)
+        return rec
+
+    def _replug(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Plug a new adapter in: a new pty, linked at the same path (as udev would)."""
+        bus = record["bus"]
+        a = self.args
+        rec = dict(record)
+        path = a.slcan if bus == "can" else getattr(a, bus)
+        try:
+            port = PtyPort(path)
+        except (LinkError, OSError) as exc:
+            rec.update(wall=time.time(), error=str(exc))    # stays unplugged
+            return rec
+        if bus == "can":
+            self.slcan = SlcanAdapter(port, BUS_BITRATE)    # a new adapter starts closed
+            self.slcan.on_tx = self._can_tx
+            self.io.add(port, self.slcan.feed)
+        else:
+            uart = UartBus(bus, port)
+            self.uart[bus] = uart
+            if self.ride is not None:
+                self.ride.parsers.pop(bus, None)            # a new device: no half request
+                uart.connect(self._input)
+            self.io.add(port, uart.feed)
+        rec.update(wall=time.time(), tty=port.tty_name)
+        return rec
+
+    def _is_unplugged(self, bus: str) -> bool:
+        """Whether ``bus``'s port is pulled now (its frames reach no host)."""
+        return bus in self.unplugged and self._port(bus).closed
+
     def frame(self, bus: str, t: float, payload: tuple[int, bytes] | bytes, kind: str,
               values: dict[str, Any]) -> None:
         """Deliver one frame to every sink of ``bus`` and account for it."""
         if bus == "can" and isinstance(payload, tuple):
-            can_id, data = payload
-            record = self._recorder("can", t, kind, values, id=f"{can_id:08X}", data=data.hex())
+            can_id, data = payload[0], payload[1]
+            edit = payload[2] if len(payload) > 2 else None
+            wire: dict[str, Any] = {"id": f"{can_id:08X}", "data": data.hex()}
+            if edit is not None and self.slcan is not None:
+                wire["corrupted"] = True
+            record = self._recorder("can", t, kind, values, **wire)
             if self.out is not None:
                 self.out.write(candump_line(SIM_EPOCH_UNIX + t, CAN_IFACE, can_id, data) + "\n")
                 if self.slcan is None:
                     record()
             if self.slcan is not None:
-                status = self.slcan.frame(t, can_id, data, record)
+                if self._is_unplugged("can"):
+                    self.unplugged["can"] += 1
+                    return
+                status = self.slcan.frame(t, can_id, data, record, edit)
                 if status == "dropped":
                     self.dropped["can"] += 1
                 elif status == "closed":
                     self.adapter_closed += 1
+        elif bus == "can" and isinstance(payload, bytes):
+            # Garbage on the SLCAN serial line; the --out log and the bus stay clean.
+            if self.slcan is None:
+                return
+            if self._is_unplugged("can"):
+                self.unplugged["can"] += 1
+                return
+            record = self._recorder("can", t, kind, values, data=payload.hex())
+            if self.slcan.noise(payload, record) == "dropped":
+                self.dropped["can"] += 1
         elif isinstance(payload, bytes) and bus in self.uart:
+            if self._is_unplugged(bus):
+                self.unplugged[bus] += 1
+                return
             if bus == "nmea" and kind != "garbage":
                 wire = {"sentence": payload.decode("latin-1").rstrip("\r\n")}
             else:
@@ -217,7 +323,7 @@ class Sim:
                 self.dropped[bus] += 1
 
     def _recorder(self, bus: str, t: float, kind: str, values: dict[str, Any],
-                  **wire: str) -> Callable[[], None]:
+                  **wire: Any) -> Callable[[], None]:
         """A callback that counts the frame and writes its manifest line when delivered."""
         def delivered() -> None:
             self.delivered[bus] += 1
@@ -292,7 +398,8 @@ class Sim:
         if self.manifest is not None:
             self.manifest.write({
                 "type": "end", "frames": dict(self.delivered), "dropped": dict(self.dropped),
-                "adapter_closed": {"can": self.adapter_closed}, "t": self.t, "reason": reason,
+                "adapter_closed": {"can": self.adapter_closed}, "unplugged": dict(self.unplugged),
+                "t": self.t, "reason": reason,
             })
             self.manifest.close()
 
@@ -340,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.slcan or args.out:
             streamed.append("can")
         scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, args.talker,
-                     buses=streamed, noise_rate=args.noise_rate, sentences=args.sentences)
+                     buses=streamed, noise_rate=args.noise_rate, sentences=args.sentences,
+                     fault_at=args.fault_at, unplug_bus=args.unplug_bus or "can")
         if sim.stop_reason is None and sim.ports:
             sim.linger(args.linger)
         if sim.stop_reason is not None:

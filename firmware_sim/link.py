@@ -13,13 +13,17 @@ when the host stops reading.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import selectors
+import struct
+import termios
 import tty
 from collections import deque
 from collections.abc import Callable
 
 from firmware_sim.encoders.bafang import slcan_frame
+from firmware_sim.scenario import edit_line
 
 DEFAULT_QUEUE_LIMIT = 32 * 1024
 
@@ -142,6 +146,16 @@ class PtyPort:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def unread(self) -> int:
+        """Bytes handed to the kernel that the host has not read yet (lost on close)."""
+        if self.closed:
+            return 0
+        try:
+            got = fcntl.ioctl(self.slave, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", got)[0])
+
     def close(self) -> int:
         """Close the pty and remove the link; returns frames still queued (undelivered)."""
         if self.closed:
@@ -263,13 +277,24 @@ class SlcanAdapter:
         return len(data) == 2 * dlc and (dlc == 0 or _is_hex(data))
 
     def frame(self, t: float, can_id: int, data: bytes,
-              on_done: Callable[[], None] | None = None) -> str:
-        """Offer one bus frame to the host: "sent", "dropped" or "closed"."""
+              on_done: Callable[[], None] | None = None,
+              edit: tuple[str, int, int] | None = None) -> str:
+        """Offer one bus frame to the host: "sent", "dropped" or "closed".
+
+        ``edit`` (from ``noisy-line``) corrupts its line on the serial side."""
         if not self.receiving:
             return "closed"
         stamp = int(t * 1000.0 + 0.5) if self.timestamps else None
         line = slcan_frame(can_id, data, stamp)
+        if edit is not None:
+            line = edit_line(line, edit)
         return "sent" if self.port.send(line, on_done) else "dropped"
+
+    def noise(self, data: bytes, on_done: Callable[[], None] | None = None) -> str:
+        """Garbage bytes on the serial line (``noisy-line``), while frames would pass too."""
+        if not self.receiving:
+            return "closed"
+        return "sent" if self.port.send(data, on_done) else "dropped"
 
 
 class UartBus:
@@ -320,6 +345,13 @@ class IoLoop:
         self.selector.register(port.master, selectors.EVENT_READ, (port, on_input))
         self._ports.append(port)
         self._writing[port.master] = False
+
+    def remove(self, port: PtyPort) -> None:
+        """Stop watching ``port`` (before it is closed, as when it is unplugged)."""
+        if port in self._ports:
+            self.selector.unregister(port.master)
+            self._ports.remove(port)
+            del self._writing[port.master]
 
     def poll(self, timeout: float) -> None:
         """Handle I/O that is ready, waiting at most ``timeout`` seconds for some."""

@@ -33,7 +33,12 @@ class HexWriter:
         self.ride = ride
 
     def frame(self, bus, t, payload, kind, values):
-        data = "%08x#%s" % (payload[0], _hex(payload[1])) if bus == "can" else _hex(payload)
+        if bus == "can" and kind != "garbage":
+            data = "%08x#%s" % (payload[0], _hex(payload[1]))
+            if len(payload) > 2:        # its SLCAN line corrupted by noisy-line
+                data += " %s/%d/%d" % payload[2]
+        else:
+            data = _hex(payload)
         self.out.write("%s %d %s %s\n" % (bus, int(t * 100 + 0.5), kind, data))
 
     def fault(self, rec):

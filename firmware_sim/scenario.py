@@ -9,7 +9,10 @@ The writer is any object with
   ``(can_id, data_bytes)`` (29-bit id, an extended frame); for the others the frame
   bytes (NMEA: the sentence including CR LF). ``kind`` names the message (``"32/01"``,
   ``"GGA"``), ``values`` the physical values as quantised on the wire. Garbage
-  bytes injected by ``noisy-line`` come as kind ``"garbage"`` with no values.
+  bytes injected by ``noisy-line`` come as kind ``"garbage"`` with no values (on
+  ``"can"`` too: then the payload is bytes for the SLCAN serial line). A CAN frame
+  whose SLCAN line ``noisy-line`` corrupts comes as ``(can_id, data_bytes, edit)``;
+  :func:`edit_line` applies ``edit`` to the line (the values are those encoded).
 * optionally ``fault(record)``: a scenario's injection (a dict with ``t``, ``scenario``
   and ``what``), when it takes effect.
 * optionally ``attach(ride)``: called once with the :class:`Ride` before the first step,
@@ -85,7 +88,8 @@ TALKERS = ("GP", "GN", "GB", "BD")
 # Scenarios ----------------------------------------------------------------------
 # Each setup(ride) changes the vehicle at t = 0 and/or schedules injections with
 # ride.at(t, what, apply, **details). Times are fractions of the ride's duration so
-# that short test rides see them too.
+# that short test rides see them too; ride.start(f) is where a fault starts (f x
+# duration, or fault_at when given), ride.until(f) where it ends (0.3 x duration later).
 
 def _commute(ride):
     pass
@@ -110,13 +114,13 @@ def _theft(ride):
 
     def move(v):
         v.pushed_kmh = 8.0
-    ride.at(0.3 * ride.duration, "moved", move, speed_kmh=8.0, locked=True)
+    ride.at(ride.start(0.3), "moved", move, speed_kmh=8.0, locked=True)
 
 
 def _overheat(ride):
     def go(v):
         v.extra_heat = 1.5
-    ride.at(0.2 * ride.duration, "overheat", go, rate_c_per_s=1.5)
+    ride.at(ride.start(0.2), "overheat", go, rate_c_per_s=1.5)
 
 
 def _thermal_runaway(ride):
@@ -124,7 +128,7 @@ def _thermal_runaway(ride):
 
     def go(v):
         ride.runaway_rate = 3.0
-    ride.at(0.2 * ride.duration, "thermal-runaway", go, cell=v.runaway_cell + 1, ntc=2,
+    ride.at(ride.start(0.2), "thermal-runaway", go, cell=v.runaway_cell + 1, ntc=2,
             rate_c_per_s=3.0)
 
 
@@ -133,7 +137,7 @@ def _cell_imbalance(ride):
 
     def go(v):
         ride.imbalance_rate = -2.0
-    ride.at(0.2 * ride.duration, "cell-imbalance", go, cell=v.runaway_cell + 1,
+    ride.at(ride.start(0.2), "cell-imbalance", go, cell=v.runaway_cell + 1,
             rate_soc_pct_per_s=-2.0, floor_soc_pct=-30.0)
 
 
@@ -151,8 +155,8 @@ def _gnss_outage(ride):
 
     def regain(v):
         ride.gnss_fix = True
-    t0 = 0.3 * ride.duration
-    t1 = 0.6 * ride.duration
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
     ride.at(t0, "gnss-lost", lose, until=t1)
     ride.at(t1, "gnss-restored", regain)
 
@@ -171,10 +175,19 @@ def _bms_fault(ride):
     def clear(v):
         v.protection &= ~0x0200
         v.discharge_on = True
-    t0 = 0.3 * ride.duration
-    t1 = 0.6 * ride.duration
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
     ride.at(t0, "bms-protection", trip, protection=0x0200, discharge_on=False, until=t1)
     ride.at(t1, "bms-recovered", clear, protection=0, discharge_on=True)
+
+
+def _unplug(ride):
+    # The CPython glue closes the bus's pty and removes its link at "unplug", makes a
+    # new pty at the same path at "replug"; the vehicle itself rides on unchanged.
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
+    ride.at(t0, "unplug", _nop, bus=ride.unplug_bus, until=t1)
+    ride.at(t1, "replug", _nop, bus=ride.unplug_bus)
 
 
 CONTROLLER_FAULT = 0x21
@@ -186,8 +199,8 @@ def _controller_fault(ride):
 
     def clear(v):
         v.fault_code = 0
-    t0 = 0.3 * ride.duration
-    t1 = 0.6 * ride.duration
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
     ride.at(t0, "controller-fault", trip, code=CONTROLLER_FAULT, until=t1)
     ride.at(t1, "controller-recovered", clear, code=0)
 
@@ -205,7 +218,10 @@ SCENARIOS = {
     "noisy-line": _noisy_line,
     "bms-fault": _bms_fault,
     "controller-fault": _controller_fault,
+    "unplug": _unplug,
 }
+# Buses a scenario can unplug (each has its own port).
+PORT_BUSES = ("can", "nmea", "jbd", "daly", "ninebot", "kt", "surron")
 
 
 def scenario_names():
@@ -230,15 +246,43 @@ def _nop(*args):
     return None
 
 
+_HEX_CHARS = tuple(b"0123456789ABCDEFabcdef")
+_FRAME_STARTS = tuple(b"tTrR")
+_LINE_ENDS = (0x0D, 0x07)
+
+
+def _breaks_line(c):
+    """Whether byte ``c`` in an SLCAN frame line makes it invalid without ending it."""
+    return c not in _HEX_CHARS and c not in _LINE_ENDS
+
+
+def edit_line(line, edit):
+    """Apply a ``noisy-line`` edit to an SLCAN frame line (bytes, CR included):
+    ``("bit-error", i, bit)`` flips a bit of byte ``i``; ``("stray-byte", i, value)``
+    inserts ``value`` before byte ``i``. Either way the line stays one line (no CR or
+    BEL appears) and is no longer valid SLCAN, so a decoder drops it."""
+    what, i, x = edit
+    if what == "bit-error":
+        return line[:i] + bytes((line[i] ^ (1 << x),)) + line[i + 1:]
+    return line[:i] + bytes((x,)) + line[i:]
+
+
 class Ride:
     """A vehicle, its scenario's injections, and the answers to host requests."""
 
-    def __init__(self, scenario="commute", seed=1, duration=120.0, noise_rate=0.02):
+    def __init__(self, scenario="commute", seed=1, duration=120.0, noise_rate=0.02,
+                 fault_at=None, unplug_bus="can"):
         self.names = check_scenario(scenario)
+        if unplug_bus not in PORT_BUSES:
+            raise ValueError("unplug_bus must be one of " + ", ".join(PORT_BUSES))
         self.vehicle = Vehicle(seed)
         self.duration = duration
         self.noise_rate = noise_rate
+        self.fault_at = fault_at
+        self.unplug_bus = unplug_bus
         self.noise = Prng(seed ^ 0x0B17E)
+        # Its own stream, so noise on the SLCAN line leaves the UART noise unchanged.
+        self.can_noise = Prng(seed ^ 0x0CA11)
         self.noise_on = False
         self.gnss_fix = True
         self.runaway_rate = 0.0
@@ -258,6 +302,20 @@ class Ride:
         self.can = list(COMMUTE_CAN)
         if "controller-fault" in self.names:
             self.can.append(("12/00", 100, 15, _m12_00))
+
+    def start(self, fraction):
+        """Sim time a scenario's fault starts: ``fault_at`` if given, else ``fraction``
+        of the duration."""
+        if self.fault_at is not None:
+            return self.fault_at
+        return fraction * self.duration
+
+    def until(self, fraction, length=0.3):
+        """Sim time a fault that starts at ``start(fraction)`` ends: ``length`` of the
+        duration later."""
+        if self.fault_at is None:
+            return (fraction + length) * self.duration
+        return self.fault_at + length * self.duration
 
     def at(self, t, what, apply, **details):
         """Schedule ``apply(vehicle)`` at sim time ``t``; recorded as a fault record then."""
@@ -306,6 +364,56 @@ class Ride:
                           "bus": bus, "kind": kind, "byte": i, "bit": bit})
         return garbage, payload
 
+    def noisy_can(self, t, kind, can_id, data):
+        """Apply ``noisy-line`` to the SLCAN serial line of one CAN frame: maybe a garbage
+        line before it, maybe its line corrupted. Returns ``(garbage or None, edit or
+        None)`` (see :func:`edit_line`); both are recorded. The CAN bus itself is clean:
+        the noise is on the adapter's serial line, and no corrupted line or garbage can
+        pass for a valid frame."""
+        if not self.noise_on:
+            return None, None
+        r = self.can_noise
+        rate = self.noise_rate
+        garbage = None
+        edit = None
+        if r.random() < rate:
+            g = bytearray()
+            start = True                # at the start of a line
+            for _ in range(r.randint(1, 8)):
+                c = r.next_u32() & 0xFF
+                if start and c in _FRAME_STARTS:
+                    c ^= 0x80           # no garbage line may pass for a frame
+                g.append(c)
+                start = c in _LINE_ENDS
+            g.append(0x0D)              # ends as a line, so the next frame stays whole
+            garbage = bytes(g)
+            self._record({"type": "fault", "t": t, "scenario": "noisy-line", "what": "garbage",
+                          "bus": "can", "data": _hex(garbage)})
+        if r.random() < rate:
+            n = 10 + 2 * len(data)      # T, 8 id digits, DLC, data digits (before CR)
+            rec = {"type": "fault", "t": t, "scenario": "noisy-line", "bus": "can", "kind": kind}
+            if r.random() < 0.5:
+                i = r.randint(0, n - 1)
+                c = bafang.slcan_frame(can_id, data)[i]
+                bit = r.randint(0, 7)
+                while not _breaks_line(c ^ (1 << bit)):
+                    bit = (bit + 1) & 7  # a flip to another hex digit would go unseen
+                edit = ("bit-error", i, bit)
+                rec["what"] = "bit-error"
+                rec["byte"] = i
+                rec["bit"] = bit
+            else:
+                i = r.randint(1, n)
+                c = r.next_u32() & 0xFF
+                if not _breaks_line(c):
+                    c ^= 0x80
+                edit = ("stray-byte", i, c)
+                rec["what"] = "stray-byte"
+                rec["byte"] = i
+                rec["value"] = c
+            self._record(rec)
+        return garbage, edit
+
     def emit(self, bus, t, payload, kind, values):
         """Send one UART frame to the writer, through the line noise if any."""
         garbage, payload = self.noisy(bus, t, payload, kind)
@@ -350,13 +458,16 @@ class Ride:
 
 
 def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker="GN",
-        buses=("can", "nmea"), noise_rate=0.02, sentences=("GGA", "RMC")):
+        buses=("can", "nmea"), noise_rate=0.02, sentences=("GGA", "RMC"), fault_at=None,
+        unplug_bus="can"):
     """Ride ``scenario`` for ``duration`` sim seconds, sending frames to ``writer``.
 
     Steps t = 0, 0.01, ... below ``duration``. Only ``buses`` are emitted (``can``,
     ``nmea``, ``kt``, ``surron``); polled buses answer through ``Ride.serve``. NMEA
     epochs (``sentences`` in order) fall on multiples of 1/``nmea_rate`` s. Returns
     the vehicle (its final true state) and the sim time reached as ``(vehicle, t)``.
+    ``fault_at`` (sim seconds) moves the start of the scenario's fault (see
+    :meth:`Ride.start`); ``unplug_bus`` is the bus the ``unplug`` scenario pulls.
     """
     rate = int(nmea_rate)
     if rate < 1 or rate > 10:
@@ -366,7 +477,7 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
     for s in sentences:
         if s not in NMEA_SENTENCES:
             raise ValueError("unknown NMEA sentence %r" % s)
-    ride = Ride(scenario, seed, duration, noise_rate)
+    ride = Ride(scenario, seed, duration, noise_rate, fault_at, unplug_bus)
     frame = writer.frame
     ride._frame = frame
     ride._fault = getattr(writer, "fault", None) or _nop
@@ -397,7 +508,13 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
             for kind, period, offset, enc in ride.can:
                 if n % period == offset:
                     can_id, data, values = enc(vehicle, state)
-                    frame("can", t, (can_id, data), kind, values)
+                    garbage, edit = ride.noisy_can(t, kind, can_id, data)
+                    if garbage is not None:
+                        frame("can", t, garbage, "garbage", {})
+                    if edit is None:
+                        frame("can", t, (can_id, data), kind, values)
+                    else:
+                        frame("can", t, (can_id, data, edit), kind, values)
         for bus, kind, period, offset, make in streams:
             if n % period == offset:
                 payload, values = make(vehicle)
