@@ -23,8 +23,11 @@ KERNEL = "agent.fusion._kernel"
 INSTALL_REQUIRES = [
     "paho-mqtt>=2.1,<3",
     "pyserial>=3.5,<4",
-    "cbor2>=5.6,<7",
+    # 6.2: the strict decoder options (duplicate keys, indefinite lengths, depth) commands.py uses.
+    "cbor2>=6.2,<7",
     "cantools>=39,<46",
+    # Ed25519 for signed commands (agent/uplink/commands.py); wheels for 32-bit Raspberry Pi OS too.
+    "cryptography>=42,<51",
 ]
 EXTRAS = {
     "dev": [

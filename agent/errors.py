@@ -52,4 +52,14 @@ class UplinkError(AgentError):
 
 
 class CommandRejected(AgentError):
-    """A command from the cloud failed verification and was not run."""
+    """A command from the cloud failed verification and was not run.
+
+    ``reason`` is a machine-readable code (agent.uplink.commands.REASONS) that goes back
+    to the cloud on ``cmd/result``; ``command_id`` is the command's id when it could be read.
+    """
+
+    def __init__(self, reason: str, command_id: str | None = None, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.command_id = command_id
+        self.detail = detail

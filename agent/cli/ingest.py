@@ -13,7 +13,7 @@ from agent.errors import AgentError
 from agent.uplink.mqtt import Subscriber
 
 
-def _broker(text: str) -> tuple[str, int]:
+def broker_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
@@ -61,7 +61,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ingest", help="cloud-side consumer: store received batches in SQLite")
-    p.add_argument("--broker", required=True, type=_broker, help="HOST:PORT")
+    p.add_argument("--broker", required=True, type=broker_address, help="HOST:PORT")
     p.add_argument("--db", required=True, help="SQLite file to write")
     p.add_argument("--prefix", default="ebike/v1/", help="topic prefix before the device id")
     p.add_argument("--client-id", default="ebike-ingest", help="MQTT client id (its session persists)")

@@ -293,3 +293,27 @@ class Subscriber:
 
     def close(self) -> None:
         self.client.disconnect()
+
+
+def publish_once(host: str, port: int, topic: str, payload: bytes, expiry_s: int, timeout: float = 10.0) -> None:
+    """Connect (MQTT 5), publish at QoS 1 with a message expiry, wait for the PUBACK,
+    disconnect: how operators send a command, so a vehicle offline past its expiry never
+    gets a stale one."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    try:
+        client.connect(host, port, 30)
+    except OSError as e:
+        raise UplinkError(f"cannot connect to {host}:{port}: {e}") from e
+    client.loop_start()
+    try:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.MessageExpiryInterval = expiry_s
+        info = client.publish(topic, payload, qos=1, properties=props)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise UplinkError(f"no PUBACK from {host}:{port} within {timeout} s")
+    except (RuntimeError, ValueError) as e:
+        raise UplinkError(f"publish to {host}:{port} failed: {e}") from e
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -8,6 +8,7 @@ CDDL is checked against.
 
 from __future__ import annotations
 
+import io
 import struct
 from typing import Any
 
@@ -16,6 +17,35 @@ import cbor2
 from agent.errors import DecodeError
 
 VERSION = 1
+# cbor2's own errors, plus what its decoder lets through on hostile input.
+DECODE_ERRORS = (cbor2.CBORError, ValueError, TypeError, EOFError, OverflowError, RecursionError,
+                 UnicodeDecodeError)
+
+
+def dumps(obj: Any) -> bytes:
+    """CBOR of ``obj`` (for the command envelope and its results)."""
+    return bytes(cbor2.dumps(obj))
+
+
+def tagged(tag: int, value: Any) -> bytes:
+    """CBOR of ``value`` under ``tag`` (COSE_Sign1 is tag 18)."""
+    return bytes(cbor2.dumps(cbor2.CBORTag(tag, value)))
+
+
+def strict_loads(data: bytes, what: str, max_depth: int) -> Any:
+    """One strict CBOR item filling ``data`` exactly: no trailing bytes, no indefinite
+    lengths, no duplicate map keys, bounded nesting. A tag comes back as (tag, value)."""
+    fp = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(fp, allow_indefinite=False, allow_duplicate_keys=False,
+                                 max_depth=max_depth).decode()
+    except DECODE_ERRORS as e:
+        raise ValueError(f"{what} is not CBOR: {type(e).__name__}") from e
+    if fp.tell() != len(data):
+        raise ValueError(f"{what} has {len(data) - fp.tell()} trailing bytes")
+    if isinstance(item, cbor2.CBORTag):
+        return (item.tag, item.value)
+    return item
 KIND_WINDOW = "win"
 _UINT64 = 2**64 - 1
 
