@@ -134,7 +134,8 @@ class Vehicle:
         self.speed_limit_kmh = 25.0
         self.wheel_circ_mm = 2200
         self.wheel_size_code = 0x01C0      # 28.0" as (inches << 4 | sixteenths), as in captures
-        self.full_mah = 14000
+        self.design_mah = 14000.0          # new pack; full_mah fades from it with cycles
+        self.full_mah = self.design_mah
         self.assist_level = 3
         self.assist_ratio = 1.6            # motor power per rider power at this level
         self.mass = 100.0 + r.uniform(-8.0, 8.0)   # bike + rider, kg
@@ -188,8 +189,9 @@ class Vehicle:
         self.ntc_off = [p.uniform(-0.4, 0.4), p.uniform(-0.4, 0.4)]
         self.runaway_cell = p.randint(0, cells - 1)
         self.runaway_rise = 0.0            # C above the pack, at the runaway cell's NTC
-        self.cycles = p.randint(20, 180)
-        self.soh = 100 - self.cycles // 20
+        self.cycles = float(p.randint(20, 180))  # equivalent full cycles, grows as the pack works
+        self._fade()
+        self.remaining_mah *= self.full_mah / self.design_mah  # the same SoC on the faded pack
         self.protection = 0                # JBD bit order (PROTOCOLS.md)
         self.charge_on = True              # FET states as the BMS drives them
         self.discharge_on = True
@@ -274,10 +276,17 @@ class Vehicle:
             "ctrl_temp": self.ctrl_temp, "motor_temp": self.motor_temp,
             "batt_temp": self.batt_temp, "cadence": self.cadence, "torque": self.torque,
             "trip_km": self.trip_km, "range_km": self.range_km,
-            "remaining_mah": self.remaining_mah, "phase": self.phase_name,
+            "remaining_mah": self.remaining_mah, "full_mah": self.full_mah, "soh": self.soh,
+            "cycles": self.cycles, "phase": self.phase_name,
         }
 
     # Model ----------------------------------------------------------------
+
+    def _fade(self):
+        """Capacity fade: 1 % of the design capacity per 20 equivalent full cycles (about
+        80 % after 400), the state of health the BMS reports."""
+        self.soh = max(50.0, 100.0 - self.cycles / 20.0)
+        self.full_mah = self.design_mah * self.soh / 100.0
 
     def step(self, dt):
         self.t += dt
@@ -411,6 +420,10 @@ class Vehicle:
         self.ctrl_v = v + i * self.r_cable if self.discharge_on else 0.0
         self.motor_i = p_motor_el / self.ctrl_v if self.ctrl_v > 0.0 else 0.0
         self.remaining_mah = _clamp(self.remaining_mah + i * dt / 3.6, 0.0, float(self.full_mah))
+        if i < 0.0:
+            # One equivalent full cycle per full capacity discharged; capacity fades with them.
+            self.cycles += -i * dt / 3.6 / self.design_mah
+            self._fade()
         self.soc = 100.0 * self.remaining_mah / self.full_mah
         self._wh_acc += p * dt / 3600.0
         if self._m_acc >= 100.0:

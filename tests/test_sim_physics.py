@@ -88,3 +88,19 @@ def test_gnss_track_stays_on_the_route():
     assert sum(dists) / len(dists) < 5.0
     first, last = w.fixes[0], w.fixes[-1]
     assert math.hypot(first[0] - last[0], first[1] - last[1]) * 111320.0 > 300.0   # it went somewhere
+
+
+def test_capacity_fades_with_equivalent_full_cycles() -> None:
+    """Discharging the pack adds equivalent full cycles (one per design capacity drawn)
+    and the full capacity fades with them: 1 % of the design capacity per 20 cycles."""
+    v = Vehicle(seed=5)
+    c0, full0 = v.cycles, v.full_mah
+    assert full0 == v.design_mah * (100.0 - c0 / 20.0) / 100.0
+    drawn = 0.0
+    for _ in range(20000):
+        v.step(0.05)
+        drawn += max(0.0, -v.pack_i) * 0.05 / 3.6
+    assert drawn > 100.0, "the ride drew too little to see anything"
+    assert math.isclose(v.cycles - c0, drawn / v.design_mah, rel_tol=0.02)
+    assert math.isclose(v.full_mah, v.design_mah * (100.0 - v.cycles / 20.0) / 100.0, rel_tol=1e-12)
+    assert v.full_mah < full0 and 0.0 <= v.soc <= 100.0
