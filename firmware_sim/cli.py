@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the noisy-line scenario: chance per frame (UART, NMEA, and CAN "
                         "on the SLCAN line) of a bit error, and of a garbage burst before it; "
                         "a corrupted SLCAN line never decodes as a frame")
+    p.add_argument("--wheel-circumference", type=int, default=2200, metavar="MM",
+                   help="wheel circumference, 1000-3000 mm (the KT wheel period and Bafang 32/03 follow it)")
     p.add_argument("--fault-at", type=float, metavar="S",
                    help="sim second the scenario's fault starts (theft, overheat, "
                         "thermal-runaway, cell-imbalance, gnss-outage, bms-fault, "
@@ -93,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.duration <= 0:
         raise UsageError("--duration must be > 0")
+    if not 1000 <= args.wheel_circumference <= 3000:
+        raise UsageError("--wheel-circumference must be 1000-3000 mm")
     if args.speed < 0:
         raise UsageError("--speed must be >= 0")
     if not 1 <= args.nmea_rate <= 10:
@@ -448,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             streamed.append("can")
         scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, args.talker,
                      buses=streamed, noise_rate=args.noise_rate, sentences=args.sentences,
-                     fault_at=args.fault_at, unplug_bus=args.unplug_bus or "can")
+                     fault_at=args.fault_at, unplug_bus=args.unplug_bus or "can",
+                     wheel_circ_mm=args.wheel_circumference)
         if sim.stop_reason is None and sim.ports:
             sim.linger(args.linger)
         if sim.stop_reason is not None:

@@ -271,11 +271,11 @@ class Ride:
     """A vehicle, its scenario's injections, and the answers to host requests."""
 
     def __init__(self, scenario="commute", seed=1, duration=120.0, noise_rate=0.02,
-                 fault_at=None, unplug_bus="can"):
+                 fault_at=None, unplug_bus="can", wheel_circ_mm=2200):
         self.names = check_scenario(scenario)
         if unplug_bus not in PORT_BUSES:
             raise ValueError("unplug_bus must be one of " + ", ".join(PORT_BUSES))
-        self.vehicle = Vehicle(seed)
+        self.vehicle = Vehicle(seed, wheel_circ_mm=wheel_circ_mm)
         self.duration = duration
         self.noise_rate = noise_rate
         self.fault_at = fault_at
@@ -459,7 +459,7 @@ class Ride:
 
 def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker="GN",
         buses=("can", "nmea"), noise_rate=0.02, sentences=("GGA", "RMC"), fault_at=None,
-        unplug_bus="can"):
+        unplug_bus="can", wheel_circ_mm=2200):
     """Ride ``scenario`` for ``duration`` sim seconds, sending frames to ``writer``.
 
     Steps t = 0, 0.01, ... below ``duration``. Only ``buses`` are emitted (``can``,
@@ -477,7 +477,7 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
     for s in sentences:
         if s not in NMEA_SENTENCES:
             raise ValueError("unknown NMEA sentence %r" % s)
-    ride = Ride(scenario, seed, duration, noise_rate, fault_at, unplug_bus)
+    ride = Ride(scenario, seed, duration, noise_rate, fault_at, unplug_bus, wheel_circ_mm)
     frame = writer.frame
     ride._frame = frame
     ride._fault = getattr(writer, "fault", None) or _nop

@@ -125,14 +125,16 @@ class Route:
 class Vehicle:
     """True state of the bike; ``step(dt)`` advances it by ``dt`` sim seconds."""
 
-    def __init__(self, seed=1, cells=CELLS):
+    def __init__(self, seed=1, cells=CELLS, wheel_circ_mm=2200):
         r = Prng(seed)
         self.rng = r
         self.route = Route(ROUTE)
 
         # Fixed properties of this bike and rider.
         self.speed_limit_kmh = 25.0
-        self.wheel_circ_mm = 2200
+        if wheel_circ_mm < 1000 or wheel_circ_mm > 3000:
+            raise ValueError("wheel circumference must be 1000-3000 mm")
+        self.wheel_circ_mm = wheel_circ_mm
         self.wheel_size_code = 0x01C0      # 28.0" as (inches << 4 | sixteenths), as in captures
         self.design_mah = 14000.0          # new pack; full_mah fades from it with cycles
         self.full_mah = self.design_mah

@@ -7,6 +7,8 @@ framer + decode and must give back exactly the ``values`` the encoder reported.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agent.protocols import protocol
@@ -191,3 +193,21 @@ def test_every_streamed_frame_of_a_ride_decodes_to_its_values():
             _same(g, values)
     assert len(w.by_bus["kt"]) == 300 and len(w.by_bus["surron"]) == 60
     assert len(w.by_bus["nmea"]) == 4 * 150
+
+
+def test_wheel_circumference_is_configurable() -> None:
+    """The KT wheel period and the Bafang 32/03 circumference follow --wheel-circumference."""
+    class Keep:
+        def __init__(self) -> None:
+            self.frames: list[tuple[str, Any, dict[str, Any]]] = []
+
+        def frame(self, bus: str, t: float, payload: Any, kind: str, values: dict[str, Any]) -> None:
+            self.frames.append((kind, payload, values))
+
+    for circ in (1500, 2300):
+        keep = Keep()
+        scenario.run(keep, "commute", 3, 3.0, buses=("can",), wheel_circ_mm=circ)
+        limits = [v for kind, _, v in keep.frames if kind == "32/03"]
+        assert limits and all(v["Vehicle.LEV.WheelCircumference"] == circ for v in limits)
+    with pytest.raises(ValueError, match="circumference"):
+        scenario.run(Keep(), "commute", 3, 1.0, wheel_circ_mm=50)
