@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pycddl
@@ -56,6 +59,13 @@ path = "outbox.sqlite"
 commit_interval = 0.5
 """)
     return path
+
+
+def _buffer_stats(tmp: Path) -> dict[str, Any] | None:
+    out = subprocess.run([sys.executable, "-m", "agent", "buffer", "stats", "--json", "--config",
+                          str(tmp / "agent.toml")], capture_output=True, text=True, timeout=30)
+    stats: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {}
+    return stats if stats.get("source") == "agent" else None
 
 
 def manifest_series(manifest: Path, name: str) -> list[float]:
@@ -114,6 +124,8 @@ def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> N
         wait_for("the consumer to subscribe", lambda: log_has(consumer_log, "subscribed to"), 20)
         wait_for("the simulator's ptys", lambda: log_has(sim_log, "ready"), 20)
         agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto))], agent_log)
+        live = wait_for("buffer stats from the running agent", lambda: _buffer_stats(tmp_path), 20)
+        assert live["source"] == "agent" and "in_flight" in live
         assert wait_for("the simulated ride to end", lambda: sim.poll() is not None, RIDE_S / SPEEDUP + 60,
                         interval=0.2) and sim.returncode == 0, sim_log.read_text()
         assert stop(agent) == 0, agent_log.read_text()

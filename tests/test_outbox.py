@@ -241,3 +241,27 @@ def test_after_a_reconnect_the_newest_live_window_goes_first(tmp_path: Path) -> 
     assert [s for s, _ in box.lease(100, BIG, newest_live_first=True)] == [3, 6, 2, 4, 5, 1]
     box.release_all()
     assert [s for s, _ in box.lease(100, BIG)] == [3, 2, 4, 6, 5, 1]
+
+
+def test_buffer_stats_reads_the_file_when_no_agent_runs(tmp_path: Path) -> None:
+    """``ebike-agent buffer stats`` works for a technician on a stopped unit, read-only."""
+    import json
+
+    box = Outbox(str(tmp_path / "outbox.sqlite"), 1 << 30)
+    box.append([(LANE_ALARM, 1.0, b"a"), (LANE_LIVE, 2.0, b"bb"), (LANE_LIVE, 3.0, b"ccc")])
+    box.ack([1])
+    box.close()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('device_id = "b1"\ncontrol_socket = "none.sock"\n'
+                   '[[sources]]\nname = "g"\nkind = "uart"\nport = "/dev/null"\nprotocol = "nmea"\n'
+                   '[outbox]\npath = "outbox.sqlite"\n')
+    out = subprocess.run([sys.executable, "-m", "agent", "buffer", "stats", "--json", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    assert stats["source"] == "file" and stats["records"] == 2 and stats["bytes"] == 5
+    assert stats["depth"]["live"] == 2 and stats["last_seq"] == 3 and stats["last_acked"] == 1
+    (tmp_path / "outbox.sqlite").unlink()
+    gone = subprocess.run([sys.executable, "-m", "agent", "buffer", "stats", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and "no agent running and no outbox" in gone.stderr

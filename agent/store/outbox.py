@@ -185,27 +185,42 @@ class Outbox:
         self.acked += len(seqs)
 
     def stats(self) -> dict[str, Any]:
-        try:
-            meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-            depth = {name: 0 for name in LANES}
-            names = {v: k for k, v in LANES.items()}
-            for lane, count in self.db.execute("SELECT lane, count(*) FROM records GROUP BY lane"):
-                depth[names.get(lane, str(lane))] = count
-            size, oldest = self.db.execute("SELECT coalesce(sum(length(body)), 0), min(t) FROM records").fetchone()
-        except sqlite3.Error as e:
-            raise StoreError(f"outbox {self.path}: stats failed: {e}") from e
-        return {
-            "depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
-            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"], "in_flight": len(self.leased),
-            "moved_aside": self.moved_aside,
-            "dropped": self.dropped, "quota_bytes": self.quota_bytes,
-        }
+        return dict(stored_stats(self.db, self.path), in_flight=len(self.leased), moved_aside=self.moved_aside,
+                    dropped=self.dropped, quota_bytes=self.quota_bytes)
 
     def close(self) -> None:
         self.db.close()
 
     def _transaction(self) -> _Txn:
         return _Txn(self.db)
+
+
+def stored_stats(db: sqlite3.Connection, path: str) -> dict[str, Any]:
+    """What the file holds: depth per lane, bytes, oldest record, last committed and last
+    acknowledged sequence numbers (also readable while the agent runs, read-only)."""
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        depth = {name: 0 for name in LANES}
+        names = {v: k for k, v in LANES.items()}
+        for lane, count in db.execute("SELECT lane, count(*) FROM records GROUP BY lane"):
+            depth[names.get(lane, str(lane))] = count
+        size, oldest = db.execute("SELECT coalesce(sum(length(body)), 0), min(t) FROM records").fetchone()
+    except sqlite3.Error as e:
+        raise StoreError(f"outbox {path}: stats failed: {e}") from e
+    return {"depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
+            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"]}
+
+
+def read_stats(path: str) -> dict[str, Any]:
+    """``stored_stats`` of an outbox file opened read-only (a technician's look)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open outbox {path}: {e}") from e
+    try:
+        return stored_stats(db, path)
+    finally:
+        db.close()
 
 
 def _salvage_last_seq(db: sqlite3.Connection) -> int:
