@@ -431,3 +431,25 @@ def test_mqtt_311_only_by_choice_and_with_a_warning(tmp_path: Path, mosquitto: M
     link.append(6)
     pump("delivered and acknowledged by the cloud", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
     assert cloud.stored(link.device) == list(range(1, 7))
+
+
+def test_reconnect_waits_double_with_jitter_up_to_two_minutes(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """1 s to 120 s, each wait drawn from the upper half of a doubling cap, so a fleet
+    cut off together does not come back in lockstep."""
+    links = [Link(tmp_path, mosquitto) for _ in range(2)]
+    try:
+        seqs = [[link.uplink.next_reconnect_delay() for _ in range(12)] for link in links]
+        for delays in seqs:
+            cap = 1.0
+            for d in delays:
+                assert max(1.0, cap / 2) <= d <= cap
+                cap = min(120.0, cap * 2)
+            assert delays[-1] >= 60.0
+        assert seqs[0][2:] != seqs[1][2:], "two devices drew the same waits"
+        link = links[0]
+        link.uplink.start()
+        pump("a connection", link, None, lambda: link.uplink.connected, 10)
+        assert link.uplink.backoff_cap == 1.0, "a good connection resets the backoff"
+    finally:
+        for link in links:
+            link.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -86,6 +87,13 @@ class Uplink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+        self.client.on_connect_fail = self._on_connect_fail
+        # Reconnect backoff with jitter, so a fleet does not come back in lockstep after a
+        # broker restart: the cap doubles from RECONNECT_MIN to RECONNECT_MAX, each wait is
+        # drawn from [cap/2, cap].
+        self.jitter = random.Random()
+        self.backoff_cap = float(RECONNECT_MIN)
+        self.reconnect_delays: collections.deque[float] = collections.deque(maxlen=16)
 
     def start(self) -> None:
         """Connect in the background; failures are retried by paho with backoff."""
@@ -97,6 +105,7 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
         if not _failed(rc):
+            self.backoff_cap = float(RECONNECT_MIN)
             self.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
             if self.cfg.ack == "cloud":
                 client.subscribe(self.topic_ack, qos=1)
@@ -104,7 +113,20 @@ class Uplink:
         self.events.put(("connect", rc, None))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        self.next_reconnect_delay()
         self.events.put(("disconnect", rc, None))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.next_reconnect_delay()
+
+    def next_reconnect_delay(self) -> float:
+        """Set paho's next wait (it runs right after these callbacks) to a jittered share
+        of the doubling cap."""
+        delay = max(float(RECONNECT_MIN), self.jitter.uniform(self.backoff_cap / 2, self.backoff_cap))
+        self.backoff_cap = min(float(RECONNECT_MAX), self.backoff_cap * 2)
+        self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        self.reconnect_delays.append(delay)
+        return delay
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Properties | None) -> None:
         self.events.put(("publish", mid, rc))
@@ -236,6 +258,7 @@ class Uplink:
             "batches_failed": self.batches_failed, "records_acked": self.records_acked, "ack": self.cfg.ack,
             "awaiting_cloud_ack": len(self.awaiting_seqs), "cloud_acks": self.cloud_acks,
             "bad_acks": self.bad_acks, "resent_unacked": self.resent_unacked,
+            "reconnect_delays": [round(d, 3) for d in self.reconnect_delays],
             "last_error": self.last_error,
         }
 
