@@ -203,7 +203,8 @@ class Runtime:
         self.kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live)
         if dbc is not None:
             self.kernel.set_can_tables(*dbc.kernel_tables())
-        self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024))
+        self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
+                             gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False))
         self.sources = [make_source(s) for s in cfg.sources]

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import pycddl
 import pytest
 
 from agent.signals import signal_id
 from agent.uplink.mqtt import Subscriber
 from devtools.broker import Mosquitto
+from tests.conftest import WIRE_CDDL, WireSchema
 from tests.helpers import log_has, spawn, stop, wait_for
 
 SPEED = signal_id("Vehicle.Speed")
@@ -100,7 +100,7 @@ def assert_windows_match(series: list[float], rows: list[tuple[int, float, float
 
 @pytest.mark.e2e
 def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    schema = pycddl.Schema((Path(__file__).parents[1] / "docs" / "wire.cddl").read_text())
+    schema = WireSchema(WIRE_CDDL)
     payloads: list[bytes] = []
     raw = Subscriber("e2e-raw", mosquitto.host, mosquitto.port, f"ebike/v1/{DEVICE}/telemetry",
                      lambda topic, payload: payloads.append(payload))

@@ -265,3 +265,29 @@ def test_buffer_stats_reads_the_file_when_no_agent_runs(tmp_path: Path) -> None:
     gone = subprocess.run([sys.executable, "-m", "agent", "buffer", "stats", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "no agent running and no outbox" in gone.stderr
+
+
+def test_quota_drops_are_announced_as_a_gap_record(tmp_path: Path) -> None:
+    """What the quota throws away is told to the cloud: one alarm-lane record listing the
+    dropped sequence numbers as runs, and why."""
+    announced: list[tuple[list[tuple[int, int]], str]] = []
+
+    def gap_body(runs: list[tuple[int, int]], why: str) -> bytes:
+        announced.append((runs, why))
+        return b"gap:" + repr(runs).encode()
+
+    box = Outbox(str(tmp_path / "outbox.sqlite"), 300_000, gap_body=gap_body)
+    try:
+        plan = [LANE_HISTORY if i % 3 else LANE_LIVE for i in range(600)]
+        seqs = box.append([(lane, float(i), body(i, 1000)) for i, lane in enumerate(plan)])
+        kept = {s for s, _ in box.lease(10_000, BIG)}
+        dropped = sorted(set(seqs) - kept)
+        assert dropped and box.stats()["dropped"] == len(dropped)
+        assert all(plan[s - 1] == LANE_HISTORY for s in dropped), "live rows went before history"
+        (runs, why), = announced
+        assert why == "quota" and [s for a, b in runs for s in range(a, b + 1)] == dropped
+        gap_seq = max(kept)
+        assert gap_seq == seqs[-1] + 1, "the announcement did not get its own sequence number"
+        assert box.db.execute("SELECT lane FROM records WHERE seq=?", (gap_seq,)).fetchone() == (LANE_ALARM,)
+    finally:
+        box.close()

@@ -453,3 +453,66 @@ def test_reconnect_waits_double_with_jitter_up_to_two_minutes(tmp_path: Path, mo
     finally:
         for link in links:
             link.close()
+
+
+def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     shared_data: Path) -> None:
+    """The real agent loop (in process) rides a looping candump replay with the broker
+    away and a quota far too small: it keeps running, drops the oldest rows, and once the
+    broker is back the cloud has every kept record and an announcement for every dropped
+    one: no unexplained gap."""
+    from agent import config
+    from agent.runtime import Runtime
+
+    log = tmp_path / "ride.log"
+    log.write_bytes((shared_data / "bafang_can" / "ride-coasting-excerpt.log").read_bytes())
+    port = devtools.broker.free_port()
+    cfg = config.parse(str(tmp_path / "agent.toml"), {
+        "device_id": "quota-bike", "control_socket": str(tmp_path / "control.sock"),
+        "sources": [{"name": "can0", "kind": "candump", "port": str(log), "protocol": "bafang-can",
+                     "replay_speed": 20.0, "loop": True}],
+        "broker": {"host": "127.0.0.1", "port": port, "keepalive": 5},
+        "outbox": {"path": str(tmp_path / "outbox.sqlite"), "quota_mb": 0.06, "commit_interval": 0.05},
+        "windows": {"live": 0.05},
+    })
+    rt = Runtime(cfg)
+    cloud: Cloud | None = None
+    broker: Mosquitto | None = None
+    rt.control.start(rt.selector)
+    rt.uplink.start()
+    try:
+        deadline = time.monotonic() + 20
+        while rt.outbox.dropped == 0 and time.monotonic() < deadline:
+            rt.step(0.02)
+        assert rt.outbox.dropped > 0, "the quota never bit"
+        for _ in range(20):
+            rt.step(0.02)
+        monkeypatch.setattr(devtools.broker, "free_port", lambda: port)
+        workdir = tmp_path / "broker"
+        workdir.mkdir()
+        broker = Mosquitto(str(workdir)).start()
+        cloud = Cloud(tmp_path, broker, "ebike/v1/quota-bike/telemetry")
+        wait_for("the consumer to subscribe", lambda: (cloud.sub.loop(0.02), cloud.subscribed)[1], 10)
+        rt.sources[0].close()
+        rt.sources[0].finished = True  # the ride is over; drain what is kept
+        deadline = time.monotonic() + 30
+        while (rt.outbox.stats()["records"] or rt.pending) and time.monotonic() < deadline:
+            rt.step(0.01)
+            cloud.sub.loop(0.01)
+        assert rt.outbox.stats()["records"] == 0, rt.uplink.status()
+        for _ in range(50):
+            cloud.sub.loop(0.01)
+        report = cloud.ingest.report()
+        assert report["announced_drops"].get("quota-bike"), "nothing announced"
+        assert report["gaps"] == {}, "a dropped record was not announced"
+        announced = {s for a, b in report["announced_drops"]["quota-bike"] for s in range(a, b + 1)}
+        stored = set(cloud.stored("quota-bike"))
+        assert len(announced) == rt.outbox.dropped and not announced & stored
+        assert stored | announced == set(range(1, rt.outbox.stats()["last_seq"] + 1)), \
+            "every sequence number is either in the cloud or announced as dropped"
+    finally:
+        rt.shutdown()
+        if cloud is not None:
+            cloud.close()
+        if broker is not None:
+            broker.stop()

@@ -8,6 +8,7 @@ reference for the fleet backend, so it must accept exactly what docs/wire.cddl d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from agent.errors import DecodeError
 from agent.uplink import wire
+from tests.conftest import WireSchema
 
 UINT64 = 2**64 - 1
 uints = st.integers(min_value=0, max_value=UINT64)
@@ -121,7 +123,7 @@ BAD_BATCHES = {
 
 
 @pytest.mark.parametrize("payload", list(BAD_BATCHES.values()), ids=list(BAD_BATCHES))
-def test_decoder_rejects(payload: bytes, batch_schema: pycddl.Schema) -> None:
+def test_decoder_rejects(payload: bytes, batch_schema: WireSchema) -> None:
     """Everything off the contract is a DecodeError (which the consumer counts), never
     another exception, and the CDDL refuses the same bytes."""
     with pytest.raises(DecodeError):
@@ -132,7 +134,7 @@ def test_decoder_rejects(payload: bytes, batch_schema: pycddl.Schema) -> None:
 
 @pytest.mark.parametrize("payload", [batch([0, record()]), batch([-1, record()]), batch([2**64, record()])],
                          ids=["seq-0", "seq-negative", "seq-2**64"])
-def test_decoder_rejects_seqs_outside_the_outbox_range(payload: bytes, batch_schema: pycddl.Schema) -> None:
+def test_decoder_rejects_seqs_outside_the_outbox_range(payload: bytes, batch_schema: WireSchema) -> None:
     """Sequence numbers start at 1 and fit 64 bits, in the decoder and the CDDL alike."""
     with pytest.raises(DecodeError, match="seq"):
         wire.decode_batch(payload)
@@ -145,7 +147,7 @@ def test_decoder_error_is_a_value_error() -> None:
         wire.decode_batch(b"\xff")
 
 
-def test_schema_rejects_hand_made_invalid_batch(batch_schema: pycddl.Schema) -> None:
+def test_schema_rejects_hand_made_invalid_batch(batch_schema: WireSchema) -> None:
     """The CDDL check the suite relies on does bite: a valid batch passes, a wrong one fails."""
     batch_schema.validate_cbor(batch([1, record(s=[[1, 2, 3.5, 4, 5, 6]])]))
     with pytest.raises(pycddl.ValidationError):
@@ -186,7 +188,7 @@ batch_like = st.one_of(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(obj=batch_like)
-def test_decoder_agrees_with_cddl(obj: Any, batch_schema: pycddl.Schema) -> None:
+def test_decoder_agrees_with_cddl(obj: Any, batch_schema: WireSchema) -> None:
     """The reference decoder and docs/wire.cddl accept exactly the same batches (but for
     seq < 1, which only the decoder refuses: see above)."""
     payload = cbor2.dumps(obj)
@@ -206,3 +208,24 @@ def test_decoder_agrees_with_cddl(obj: Any, batch_schema: pycddl.Schema) -> None
         assert not decoder_ok
         return
     assert decoder_ok == cddl_ok, (obj, cddl_ok)
+
+
+def test_ingest_tells_announced_drops_from_lost_records(tmp_path: Path) -> None:
+    """A hole the device announced in a gap record is not reported as lost; any other is."""
+    from agent.cloud.ingest import Ingest
+
+    def batch_of(items: list[tuple[int, bytes]]) -> bytes:
+        return wire.encode_batch("bike-7", items)
+
+    win = [wire.window_record(1.7e9 + i, 1.0, [(1, 1, 1.0, 1.0, 1.0, 1.0, 0.0)]) for i in range(10)]
+    store = Ingest(str(tmp_path / "cloud.sqlite"))
+    try:
+        topic = "ebike/v1/bike-7/telemetry"
+        assert store.handle(topic, batch_of([(1, win[0]), (2, win[1]), (5, win[4]), (9, win[8])])) == [1, 2, 5, 9]
+        assert store.report()["gaps"] == {"bike-7": [[3, 4], [6, 8]]}
+        store.handle(topic, batch_of([(10, wire.gap_record([(3, 4), (7, 7)], "quota", 1.7e9))]))
+        report = store.report()
+        assert report["announced_drops"] == {"bike-7": [[3, 4], [7, 7]]}
+        assert report["gaps"] == {"bike-7": [[6, 6], [8, 8]]}
+    finally:
+        store.close()

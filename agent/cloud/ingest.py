@@ -12,7 +12,7 @@ import sqlite3
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import decode_batch, encode_ack, record_bytes
+from agent.uplink.wire import KIND_GAP, decode_batch, encode_ack, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,19 @@ CREATE TABLE IF NOT EXISTS window_signals (
     signal INTEGER NOT NULL, count INTEGER NOT NULL, min REAL, max REAL, mean REAL, last REAL,
     PRIMARY KEY (device, seq, signal)
 );
+CREATE TABLE IF NOT EXISTS announced_gaps (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, why TEXT NOT NULL
+);
 """
+
+
+def _subtract(span: tuple[int, int], covers: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``span`` outside every ``(first, last)`` in ``covers``."""
+    parts = [span]
+    for first, last in covers:
+        parts = [piece for lo, hi in parts
+                 for piece in ((lo, min(hi, first - 1)), (max(lo, last + 1), hi)) if piece[0] <= piece[1]]
+    return parts
 
 
 def ack_for(topic: str, seqs: list[int]) -> tuple[str, bytes]:
@@ -76,6 +88,10 @@ class Ingest:
                         duplicates += 1
                         continue
                     stored += 1
+                    if rec["k"] == KIND_GAP:
+                        self.db.executemany("INSERT INTO announced_gaps VALUES (?, ?, ?, ?, ?)",
+                                            [(device, seq, first, last, rec["why"]) for first, last in rec["runs"]])
+                        continue
                     self.db.executemany(
                         "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [(device, seq, rec["t"], rec["d"], *row) for row in rec["s"]],
@@ -93,14 +109,25 @@ class Ingest:
         return [seq for seq, _ in records]
 
     def gaps(self) -> dict[str, list[tuple[int, int]]]:
-        """Missing sequence ranges per device, between the first and last seen."""
+        """Missing sequence ranges per device, between the first and last seen, that no gap
+        record of the device explains: these are lost records."""
         out: dict[str, list[tuple[int, int]]] = {}
         rows = self.db.execute(
             "SELECT device, seq, nxt FROM (SELECT device, seq, lead(seq) OVER (PARTITION BY device ORDER BY seq)"
             " AS nxt FROM records) WHERE nxt > seq + 1"
         )
+        announced = self.announced()
         for device, seq, nxt in rows:
-            out.setdefault(device, []).append((seq + 1, nxt - 1))
+            for gap in _subtract((seq + 1, nxt - 1), announced.get(device, [])):
+                out.setdefault(device, []).append(gap)
+        return out
+
+    def announced(self) -> dict[str, list[tuple[int, int]]]:
+        """Sequence numbers each device said it dropped (gap records)."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for device, first, last in self.db.execute(
+                "SELECT device, first, last FROM announced_gaps ORDER BY device, first"):
+            out.setdefault(device, []).append((first, last))
         return out
 
     def report(self) -> dict[str, Any]:
@@ -110,6 +137,7 @@ class Ingest:
             "batches": self.batches, "records": self.records, "duplicates": self.duplicates,
             "bad_batches": self.bad_batches, "devices": devices,
             "gaps": {d: [list(g) for g in gs] for d, gs in self.gaps().items()},
+            "announced_drops": {d: [list(g) for g in gs] for d, gs in self.announced().items()},
         }
 
     def close(self) -> None:

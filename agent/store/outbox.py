@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.errors import StoreError
@@ -43,8 +43,11 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('last_acked', 0
 class Outbox:
     """SQLite outbox in WAL mode; one writer (the agent's main loop)."""
 
-    def __init__(self, path: str, quota_bytes: int) -> None:
+    def __init__(self, path: str, quota_bytes: int,
+                 gap_body: Callable[[list[tuple[int, int]], str], bytes] | None = None) -> None:
+        """``gap_body(runs, why)`` encodes the record announcing dropped sequence numbers."""
         self.path = path
+        self.gap_body = gap_body
         self.quota_bytes = quota_bytes
         self.dropped = 0
         self.moved_aside = ""
@@ -95,7 +98,14 @@ class Outbox:
 
     def append(self, records: Iterable[tuple[int, float, bytes]]) -> list[int]:
         """Store ``(lane, time, body)`` records in one transaction; returns their sequence numbers."""
-        rows = list(records)
+        seqs = self._insert(list(records))
+        dropped = self._enforce_quota()
+        if dropped and self.gap_body is not None:
+            # Tell the cloud what went and why, as an alarm-lane record of its own.
+            self._insert([(LANE_ALARM, time.time(), self.gap_body(_runs(dropped), "quota"))])
+        return seqs
+
+    def _insert(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
         if not rows:
             return []
         try:
@@ -110,7 +120,6 @@ class Outbox:
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: append failed: {e}") from e
         self.appended += len(rows)
-        self._enforce_quota()
         return seqs
 
     def _size(self) -> int:
@@ -119,21 +128,24 @@ class Outbox:
         (page,) = self.db.execute("PRAGMA page_size").fetchone()
         return int((pages - free) * page)
 
-    def _enforce_quota(self) -> None:
-        """Over quota, drop the oldest rows of the lowest-priority lane first (alarms last)."""
+    def _enforce_quota(self) -> list[int]:
+        """Over quota, drop the oldest rows of the lowest-priority lane first (alarms last);
+        returns the sequence numbers dropped."""
+        dropped: list[int] = []
         try:
             while self._size() > self.quota_bytes:
                 row = self.db.execute("SELECT lane FROM records ORDER BY lane DESC, seq LIMIT 1").fetchone()
                 if row is None:
-                    return
+                    break
                 with self._transaction():
-                    cur = self.db.execute(
-                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE lane=? ORDER BY seq LIMIT 64)",
-                        (row[0],),
-                    )
-                self.dropped += cur.rowcount
+                    dropped += [seq for (seq,) in self.db.execute(
+                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE lane=? ORDER BY seq LIMIT 64)"
+                        " RETURNING seq", (row[0],)).fetchall()]
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
+        self.dropped += len(dropped)
+        self.leased.difference_update(dropped)
+        return dropped
 
     def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False,
               overhead: int = 0) -> list[tuple[int, bytes]]:
@@ -193,6 +205,17 @@ class Outbox:
 
     def _transaction(self) -> _Txn:
         return _Txn(self.db)
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted sequence numbers as contiguous ``(first, last)`` runs."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(seqs):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def stored_stats(db: sqlite3.Connection, path: str) -> dict[str, Any]:

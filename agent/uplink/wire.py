@@ -47,6 +47,7 @@ def strict_loads(data: bytes, what: str, max_depth: int) -> Any:
         return (item.tag, item.value)
     return item
 KIND_WINDOW = "win"
+KIND_GAP = "gap"
 _UINT64 = 2**64 - 1
 
 
@@ -71,6 +72,13 @@ def window_record(start: float, length: float, rows: list[tuple[Any, ...]]) -> b
         "d": int(round(length * 1000)),
         "s": [[sid, count, vmin, vmax, mean, last] for sid, count, vmin, vmax, mean, last, _ in rows],
     })
+
+
+def gap_record(runs: list[tuple[int, int]], why: str, t: float) -> bytes:
+    """Body of a record announcing sequence numbers the device dropped, and why, so the
+    cloud can tell an explained gap from a lost record."""
+    return cbor2.dumps({"k": KIND_GAP, "t": int(round(t * 1000)), "why": why,
+                        "runs": [[first, last] for first, last in runs]})
 
 
 def state_message(online: bool, boot_id: str, version: str, kernel: str) -> bytes:
@@ -166,6 +174,13 @@ def _value(v: Any) -> bool:
 
 
 def _check_record(rec: dict[str, Any]) -> None:
+    if rec.get("k") == KIND_GAP:
+        runs = rec.get("runs")
+        if (not _uint(rec.get("t")) or not isinstance(rec.get("why"), str) or not isinstance(runs, list)
+                or not all(isinstance(r, list) and len(r) == 2 and _uint(r[0]) and _uint(r[1])
+                           and 1 <= r[0] <= r[1] for r in runs)):
+            raise DecodeError("gap record needs unsigned t, text why and runs of [first, last]")
+        return
     if rec.get("k") != KIND_WINDOW:
         raise DecodeError(f"unknown record kind {rec.get('k')!r}")
     if not _uint(rec.get("t")) or not _uint(rec.get("d")) or not isinstance(rec.get("s"), list):
