@@ -4,6 +4,7 @@ terminal's Ctrl-C reaches only us), stopped by pid, every wait bounded."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -50,3 +51,28 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
         return -9
+
+
+def wait_ready(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> list[str]:
+    """The simulator's stdout lines up to its ``ready`` line (it prints its pty paths
+    first); kills it and fails if that does not come in time."""
+    lines: list[str] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                lines.append(line.decode())
+                if line == b"ready":
+                    return lines
+    proc.kill()
+    stderr = proc.stderr.read() if proc.stderr is not None else b""
+    raise AssertionError(f"no ready line; got {lines!r}, stderr {stderr!r}")

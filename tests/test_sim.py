@@ -23,6 +23,7 @@ from firmware_sim import scenario
 from firmware_sim.encoders import bafang, nmea
 from firmware_sim.prng import Prng
 from firmware_sim.vehicle import Vehicle
+from tests.helpers import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -373,26 +374,6 @@ def _reap(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float = 15.0) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    buf = b""
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                lines.append(line.decode())
-                if line == b"ready":
-                    return lines
-    proc.kill()
-    raise AssertionError(f"no ready line; got {lines!r}, stderr {proc.stderr.read()!r}")
-
 
 def _open_raw(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -452,7 +433,7 @@ def test_end_to_end_through_ptys(tmp_path):
     proc = _start(["--slcan", str(can), "--nmea", str(gps), "--speed", "20", "--duration", "10",
                    "--manifest", str(man), "--wait-open", "15", "--linger", "1.5"])
     try:
-        lines = _wait_ready(proc)
+        lines = wait_ready(proc)
         assert lines[0].startswith(f"slcan {can} /dev/pts/")
         assert lines[1].startswith(f"nmea {gps} /dev/pts/")
         assert can.is_symlink() and os.readlink(can) == lines[0].split()[2]
@@ -508,7 +489,7 @@ def test_timestamps_and_overflow_are_recorded(tmp_path):
     proc = _start(["--slcan", str(can), "--speed", "0", "--duration", "300",
                    "--manifest", str(man), "--linger", "3.0"])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         fd = _open_raw(can)
         assert _command(fd, b"Z1\r", 1) == b"\r"
         os.write(fd, b"O\r")
@@ -550,7 +531,7 @@ def test_wait_open_timeout_exits_2(tmp_path):
     can = tmp_path / "can"
     proc = _start(["--slcan", str(can), "--wait-open", "0.5"])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         assert proc.wait(10) == 2
         assert proc.stderr.read().decode().startswith("error: the SLCAN channel was not opened")
     finally:
@@ -563,7 +544,7 @@ def test_sigterm_stops_cleanly(tmp_path):
     gps, man = tmp_path / "gps", tmp_path / "m.jsonl"
     proc = _start(["--nmea", str(gps), "--duration", "600", "--manifest", str(man)])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         fd = _open_raw(gps)
         assert _read_for(fd, 1, 5.0)                      # the ride is running
         proc.send_signal(signal.SIGTERM)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocols import protocol
+from tests.helpers import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,26 +30,6 @@ def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "firmware_sim", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-
-def _wait_ready(proc: subprocess.Popen, timeout: float = 15.0) -> list[str]:
-    lines: list[str] = []
-    buf = b""
-    deadline = time.monotonic() + timeout
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                lines.append(line.decode())
-                if line == b"ready":
-                    return lines
-    proc.kill()
-    raise AssertionError(f"no ready line; got {lines!r}, stderr {proc.stderr.read()!r}")
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -116,7 +97,7 @@ def test_jbd_bms_answers_polls_on_a_pty(tmp_path):
                    "--linger", "2.0"])
     fd = None
     try:
-        lines = _wait_ready(proc)
+        lines = wait_ready(proc)
         assert lines[0].startswith(f"jbd {bms} /dev/pts/")
         fd = _open_raw(bms)
         answers = []
@@ -164,7 +145,7 @@ def test_all_uart_buses_at_once(tmp_path):
     fds: dict[str, int] = {}
     got: dict[str, bytes] = {}
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         fds = {b: _open_raw(p) for b, p in paths.items()}
         daly_req = bytes((0xA5, 0x80, 0x90, 0x08)) + bytes(8)
         os.write(fds["daly"], daly_req + bytes((sum(daly_req) & 0xFF,)))

@@ -22,6 +22,7 @@ import pytest
 from agent.sources.slcan import EXTENDED_FLAG, SlcanParser
 from firmware_sim import cli, scenario
 from firmware_sim.encoders.bafang import slcan_frame
+from tests.helpers import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,22 +129,6 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            if b"ready\n" in buf:
-                return
-    proc.kill()
-    raise AssertionError(f"no ready line; got {buf!r}, stderr {proc.stderr.read()!r}")
-
 
 def _reap(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
@@ -210,7 +195,7 @@ def test_unplug_slcan_port_disappears_and_returns(tmp_path):
                    "--speed", "4", "--fault-at", "2", "--linger", "0.5", "--manifest", str(man),
                    "--seed", "3"])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         deadline = time.monotonic() + 20
         before = _session(link, b"C\rS5\rO\r", deadline)
         gone = time.time()
@@ -256,7 +241,7 @@ def test_unplug_uart_port_default_bus(tmp_path):
     proc = _start(["--nmea", str(link), "--scenario", "unplug", "--duration", "6", "--speed", "4",
                    "--linger", "0.5", "--manifest", str(man), "--nmea-rate", "10"])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         deadline = time.monotonic() + 20
         before = _session(link, b"", deadline)
         _reopen_wait(link, deadline)
@@ -284,7 +269,7 @@ def test_noisy_slcan_pty_decodes_to_the_intact_frames(tmp_path):
     proc = _start(["--slcan", str(link), "--scenario", "commute+noisy-line", "--noise-rate", "0.1",
                    "--duration", "6", "--speed", "6", "--linger", "0.5", "--manifest", str(man)])
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         data = _session(link, b"Z1\rO\r", time.monotonic() + 20)
         assert proc.wait(20) == 0
     finally:
