@@ -2,7 +2,7 @@
 # Install the Debian packages a target needs when they are missing and we may (root);
 # otherwise name exactly what to install. Usage: ensure-system.sh build|broker
 #   build:  a C compiler, the Python headers and venv, to build the Cython kernel
-#   broker: mosquitto (tests and make run start their own on a free loopback port;
+#   broker: mosquitto and openssl (tests and make run start their own broker on a free loopback port;
 #           policy-rc.d keeps apt from starting the system one on 1883 here)
 set -eu
 PYTHON=${PYTHON:-python3}
@@ -16,6 +16,7 @@ case "${1:-}" in
         ;;
     broker)
         command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+        command -v openssl >/dev/null 2>&1 || missing="$missing openssl"  # the TLS tests make certificates
         ;;
     *)
         echo "usage: $0 build|broker" >&2
