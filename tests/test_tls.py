@@ -20,12 +20,7 @@ from agent.uplink.mqtt import Uplink
 from devtools.broker import Mosquitto
 from tests.helpers import wait_for
 
-ACL = """\
-pattern write ebike/v1/%u/telemetry
-pattern write ebike/v1/%u/state
-pattern read ebike/v1/%u/ack
-pattern read ebike/v1/%u/cmd
-"""
+ACL = (Path(__file__).resolve().parents[1] / "docs" / "mosquitto" / "acl").read_text()
 
 
 def openssl(*args: str) -> None:
