@@ -2,7 +2,8 @@
 
 One thread runs it all around a selector: a read of a port is parsed into a batch
 and handed to the kernel in one call; closed windows become records, committed to
-the outbox in groups; the uplink leases rows and deletes them on the broker's ack.
+the outbox in groups; the uplink leases rows and deletes them once the cloud (or, with
+ack = "broker", the broker) has acknowledged them.
 """
 
 from __future__ import annotations
