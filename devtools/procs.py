@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -76,3 +77,26 @@ def wait_ready(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> list[str
     proc.kill()
     stderr = proc.stderr.read() if proc.stderr is not None else b""
     raise AssertionError(f"no ready line; got {lines!r}, stderr {stderr!r}")
+
+
+def start_sim(args: list[str]) -> subprocess.Popen[bytes]:
+    """``python -m firmware_sim ARGS`` from the repo, its stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, "-m", "firmware_sim", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the simulator if it is still running, wait for it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def open_raw(path: Path) -> int:
+    """A pty opened as a serial port would be: raw, non-blocking, not our terminal."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(fd)
+    return fd

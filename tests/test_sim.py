@@ -12,9 +12,7 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import time
-import tty
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from firmware_sim import scenario
 from firmware_sim.encoders import bafang, nmea
 from firmware_sim.prng import Prng
 from firmware_sim.vehicle import Vehicle
-from tests.helpers import wait_ready
+from tests.helpers import open_raw, reap, start_sim, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,25 +358,8 @@ def test_cli_candump_file_and_manifest(tmp_path):
 
 # Through real ptys -----------------------------------------------------------------
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "firmware_sim.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _reap(proc: subprocess.Popen) -> None:
-    """Kill the simulator if it is still running and close its pipes."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    proc.stdout.close()
-    proc.stderr.close()
-
-
-
-def _open_raw(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
-    return fd
 
 
 def _read_for(fd: int, want: int, timeout: float) -> bytes:
@@ -430,14 +411,14 @@ def _manifest(path: Path) -> list[dict]:
 @pytest.mark.e2e
 def test_end_to_end_through_ptys(tmp_path):
     can, gps, man = tmp_path / "can", tmp_path / "gps", tmp_path / "m.jsonl"
-    proc = _start(["--slcan", str(can), "--nmea", str(gps), "--speed", "20", "--duration", "10",
+    proc = start_sim(["--slcan", str(can), "--nmea", str(gps), "--speed", "20", "--duration", "10",
                    "--manifest", str(man), "--wait-open", "15", "--linger", "1.5"])
     try:
         lines = wait_ready(proc)
         assert lines[0].startswith(f"slcan {can} /dev/pts/")
         assert lines[1].startswith(f"nmea {gps} /dev/pts/")
         assert can.is_symlink() and os.readlink(can) == lines[0].split()[2]
-        fd_can, fd_gps = _open_raw(can), _open_raw(gps)
+        fd_can, fd_gps = open_raw(can), open_raw(gps)
         assert _command(fd_can, b"S5\r", 1) == b"\r"
         assert _command(fd_can, b"V\r", 6) == b"V1013\r"
         assert _command(fd_can, b"N\r", 6) == b"NA123\r"
@@ -457,7 +438,7 @@ def test_end_to_end_through_ptys(tmp_path):
         got = _read_all({"can": fd_can, "gps": fd_gps}, proc, 30.0, poke)
         assert proc.wait(10) == 0, proc.stderr.read()
     finally:
-        _reap(proc)
+        reap(proc)
     os.close(fd_can)
     os.close(fd_gps)
     assert not can.exists() and not gps.exists()          # links removed on exit
@@ -486,11 +467,11 @@ def test_end_to_end_through_ptys(tmp_path):
 @pytest.mark.e2e
 def test_timestamps_and_overflow_are_recorded(tmp_path):
     can, man = tmp_path / "can", tmp_path / "m.jsonl"
-    proc = _start(["--slcan", str(can), "--speed", "0", "--duration", "300",
+    proc = start_sim(["--slcan", str(can), "--speed", "0", "--duration", "300",
                    "--manifest", str(man), "--linger", "3.0"])
     try:
         wait_ready(proc)
-        fd = _open_raw(can)
+        fd = open_raw(can)
         assert _command(fd, b"Z1\r", 1) == b"\r"
         os.write(fd, b"O\r")
         # Do not read until the ride is over: the pty and the adapter queue overflow.
@@ -500,7 +481,7 @@ def test_timestamps_and_overflow_are_recorded(tmp_path):
         got = _read_all({"can": fd}, proc, 20.0)["can"]
         assert proc.wait(10) == 0
     finally:
-        _reap(proc)
+        reap(proc)
     os.close(fd)
     recs = _manifest(man)
     end = recs[-1]
@@ -529,28 +510,28 @@ def _ride_over(man: Path, last_truth_t: float) -> bool:
 @pytest.mark.e2e
 def test_wait_open_timeout_exits_2(tmp_path):
     can = tmp_path / "can"
-    proc = _start(["--slcan", str(can), "--wait-open", "0.5"])
+    proc = start_sim(["--slcan", str(can), "--wait-open", "0.5"])
     try:
         wait_ready(proc)
         assert proc.wait(10) == 2
         assert proc.stderr.read().decode().startswith("error: the SLCAN channel was not opened")
     finally:
-        _reap(proc)
+        reap(proc)
     assert not can.exists()
 
 
 @pytest.mark.e2e
 def test_sigterm_stops_cleanly(tmp_path):
     gps, man = tmp_path / "gps", tmp_path / "m.jsonl"
-    proc = _start(["--nmea", str(gps), "--duration", "600", "--manifest", str(man)])
+    proc = start_sim(["--nmea", str(gps), "--duration", "600", "--manifest", str(man)])
     try:
         wait_ready(proc)
-        fd = _open_raw(gps)
+        fd = open_raw(gps)
         assert _read_for(fd, 1, 5.0)                      # the ride is running
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
-        _reap(proc)
+        reap(proc)
     os.close(fd)
     assert not gps.exists()
     end = _manifest(man)[-1]

@@ -10,40 +10,21 @@ from __future__ import annotations
 import json
 import os
 import select
-import subprocess
-import sys
 import time
-import tty
 from pathlib import Path
 
 import pytest
 
 from agent.protocols import protocol
-from tests.helpers import wait_ready
+from tests.helpers import open_raw, reap, start_sim, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.e2e
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "firmware_sim", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-
-def _reap(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    proc.stdout.close()
-    proc.stderr.close()
-
-
-def _open_raw(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
-    return fd
 
 
 def _read_for(fd: int, want: int, timeout: float) -> bytes:
@@ -93,13 +74,13 @@ def _same(got: dict, want: dict) -> None:
 
 def test_jbd_bms_answers_polls_on_a_pty(tmp_path):
     bms, man = tmp_path / "bms", tmp_path / "m.jsonl"
-    proc = _start(["--jbd", str(bms), "--speed", "20", "--duration", "5", "--manifest", str(man),
+    proc = start_sim(["--jbd", str(bms), "--speed", "20", "--duration", "5", "--manifest", str(man),
                    "--linger", "2.0"])
     fd = None
     try:
         lines = wait_ready(proc)
         assert lines[0].startswith(f"jbd {bms} /dev/pts/")
-        fd = _open_raw(bms)
+        fd = open_raw(bms)
         answers = []
         # Noise first: a BMS ignores bytes that are not a checked request.
         os.write(fd, b"\x00\xdd\x13\x77")
@@ -111,7 +92,7 @@ def test_jbd_bms_answers_polls_on_a_pty(tmp_path):
         assert _read_for(fd, 1, 0.2) == b""                    # nothing unasked
         assert proc.wait(15) == 0, proc.stderr.read()
     finally:
-        _reap(proc)
+        reap(proc)
         if fd is not None:
             os.close(fd)
     recs = _manifest(man)
@@ -136,7 +117,7 @@ def test_all_uart_buses_at_once(tmp_path):
     and a JBD MOS write opens the discharge switch (closing the loop through the pty)."""
     paths = {b: tmp_path / b for b in ("jbd", "daly", "ninebot", "kt", "surron", "gps")}
     man = tmp_path / "m.jsonl"
-    proc = _start(["--jbd", str(paths["jbd"]), "--daly", str(paths["daly"]),
+    proc = start_sim(["--jbd", str(paths["jbd"]), "--daly", str(paths["daly"]),
                    "--ninebot", str(paths["ninebot"]), "--kt", str(paths["kt"]),
                    "--surron", str(paths["surron"]), "--nmea", str(paths["gps"]),
                    "--nmea-sentences", "GGA,RMC,VTG,GSA", "--talker", "GB",
@@ -146,7 +127,7 @@ def test_all_uart_buses_at_once(tmp_path):
     got: dict[str, bytes] = {}
     try:
         wait_ready(proc)
-        fds = {b: _open_raw(p) for b, p in paths.items()}
+        fds = {b: open_raw(p) for b, p in paths.items()}
         daly_req = bytes((0xA5, 0x80, 0x90, 0x08)) + bytes(8)
         os.write(fds["daly"], daly_req + bytes((sum(daly_req) & 0xFF,)))
         body = bytes((0x03, 0x22, 0x01, 0x31, 0x0A))
@@ -169,7 +150,7 @@ def test_all_uart_buses_at_once(tmp_path):
             got[b] += _drain(fd, 0.2)
         assert proc.wait(10) == 0, proc.stderr.read()
     finally:
-        _reap(proc)
+        reap(proc)
         for fd in fds.values():
             os.close(fd)
     recs = _manifest(man)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import subprocess
-import sys
 import termios
 import time
 import tty
@@ -22,7 +20,7 @@ import pytest
 from agent.sources.slcan import EXTENDED_FLAG, SlcanParser
 from firmware_sim import cli, scenario
 from firmware_sim.encoders.bafang import slcan_frame
-from tests.helpers import wait_ready
+from tests.helpers import reap, start_sim, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,18 +122,7 @@ def test_noisy_slcan_line_decodes_to_the_intact_frames_only():
 
 # Over ptys -------------------------------------------------------------------------
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "firmware_sim", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    proc.stdout.close()
-    proc.stderr.close()
 
 
 def _session(path: Path, hello: bytes, deadline: float) -> bytes:
@@ -191,7 +178,7 @@ def _frames(recs: list[dict]) -> list[tuple[int, bytes]]:
 @pytest.mark.e2e
 def test_unplug_slcan_port_disappears_and_returns(tmp_path):
     link, man = tmp_path / "can", tmp_path / "m.jsonl"
-    proc = _start(["--slcan", str(link), "--scenario", "commute+unplug", "--duration", "8",
+    proc = start_sim(["--slcan", str(link), "--scenario", "commute+unplug", "--duration", "8",
                    "--speed", "4", "--fault-at", "2", "--linger", "0.5", "--manifest", str(man),
                    "--seed", "3"])
     try:
@@ -203,7 +190,7 @@ def test_unplug_slcan_port_disappears_and_returns(tmp_path):
         after = _session(link, b"S5\rO\r", deadline)
         assert proc.wait(20) == 0
     finally:
-        _reap(proc)
+        reap(proc)
     recs = _manifest(man)
     header = recs[0]
     assert header["fault_at"] == 2.0 and header["unplug_bus"] == "can"
@@ -238,7 +225,7 @@ def test_unplug_slcan_port_disappears_and_returns(tmp_path):
 @pytest.mark.e2e
 def test_unplug_uart_port_default_bus(tmp_path):
     link, man = tmp_path / "gps", tmp_path / "m.jsonl"
-    proc = _start(["--nmea", str(link), "--scenario", "unplug", "--duration", "6", "--speed", "4",
+    proc = start_sim(["--nmea", str(link), "--scenario", "unplug", "--duration", "6", "--speed", "4",
                    "--linger", "0.5", "--manifest", str(man), "--nmea-rate", "10"])
     try:
         wait_ready(proc)
@@ -248,7 +235,7 @@ def test_unplug_uart_port_default_bus(tmp_path):
         after = _session(link, b"", deadline)
         assert proc.wait(20) == 0
     finally:
-        _reap(proc)
+        reap(proc)
     recs = _manifest(man)
     (unplug,) = [r for r in recs if r.get("what") == "unplug"]
     (replug,) = [r for r in recs if r.get("what") == "replug"]
@@ -266,14 +253,14 @@ def test_unplug_uart_port_default_bus(tmp_path):
 @pytest.mark.e2e
 def test_noisy_slcan_pty_decodes_to_the_intact_frames(tmp_path):
     link, man = tmp_path / "can", tmp_path / "m.jsonl"
-    proc = _start(["--slcan", str(link), "--scenario", "commute+noisy-line", "--noise-rate", "0.1",
+    proc = start_sim(["--slcan", str(link), "--scenario", "commute+noisy-line", "--noise-rate", "0.1",
                    "--duration", "6", "--speed", "6", "--linger", "0.5", "--manifest", str(man)])
     try:
         wait_ready(proc)
         data = _session(link, b"Z1\rO\r", time.monotonic() + 20)
         assert proc.wait(20) == 0
     finally:
-        _reap(proc)
+        reap(proc)
     recs = _manifest(man)
     frames = [r for r in recs if r["type"] == "frame"]
     intact = [r for r in frames if r["kind"] != "garbage" and not r.get("corrupted")]
