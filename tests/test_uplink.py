@@ -112,6 +112,13 @@ def pump(what: str, link: Link | None, cloud: Cloud | None, done: Callable[[], b
     wait_for(what, turn, timeout, interval=0.005)
 
 
+def connect(link: Link, cloud: Cloud) -> None:
+    """The consumer subscribed first (nothing published before is lost), then the device."""
+    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
+    link.uplink.start()
+    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+
+
 @pytest.fixture
 def parts(tmp_path: Path) -> Iterator[list[Link | Cloud]]:
     made: list[Link | Cloud] = []
@@ -127,9 +134,7 @@ def test_records_published_acked_and_stored(tmp_path: Path, mosquitto: Mosquitto
     link = Link(tmp_path, mosquitto)
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     parts += [link, cloud]
-    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-    link.uplink.start()
-    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    connect(link, cloud)
     seqs = link.append(12)
     assert seqs == list(range(1, 13))
     pump("every record acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
@@ -159,9 +164,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         link = Link(tmp_path, broker, max_batch=3)
         cloud = Cloud(tmp_path, broker, link.prefix + "telemetry")
         parts += [link, cloud]
-        pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-        link.uplink.start()
-        pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+        connect(link, cloud)
         link.append(6)
         pump("the first records acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
 
@@ -294,9 +297,7 @@ def test_rows_wait_for_the_cloud_ack_and_are_resent_without_it(tmp_path: Path, m
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     cloud.acking = False
     parts += [link, cloud]
-    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-    link.uplink.start()
-    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    connect(link, cloud)
     link.append(10)
     pump("PUBACKs and a resend", link, cloud, lambda: link.uplink.resent_unacked >= 10, 10)
     assert link.outbox.stats()["records"] == 10, "rows deleted without the cloud's ack"
@@ -328,9 +329,7 @@ def test_forged_or_bad_acks_delete_nothing_they_should_not(tmp_path: Path, mosqu
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     cloud.acking = False
     parts += [link, cloud]
-    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-    link.uplink.start()
-    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    connect(link, cloud)
     link.append(100)
     # The window fills with PUBACKed batches awaiting the cloud; the rest waits on disk unsent.
     pump("the window full of PUBACKed batches", link, cloud,
@@ -388,9 +387,7 @@ def test_batches_fit_the_brokers_maximum_packet_size(tmp_path: Path, parts: list
         link = Link(tmp_path, broker, max_batch=200)
         cloud = Cloud(tmp_path, broker, link.prefix + "telemetry")
         parts += [link, cloud]
-        pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-        link.uplink.start()
-        pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+        connect(link, cloud)
         assert link.uplink.max_packet == 1200
         link.append(100)
         pump("every record stored and acknowledged", link, cloud, lambda: link.outbox.stats()["records"] == 0, 20)
@@ -405,9 +402,7 @@ def test_bandwidth_cap_spreads_the_backlog(tmp_path: Path, mosquitto: Mosquitto,
     link = Link(tmp_path, mosquitto, max_batch=2, max_bytes_per_s=600)
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     parts += [link, cloud]
-    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-    link.uplink.start()
-    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    connect(link, cloud)
     link.append(30)
     started = time.monotonic()
     pump("every record delivered", link, cloud, lambda: link.outbox.stats()["records"] == 0, 30)
@@ -425,9 +420,7 @@ def test_mqtt_311_only_by_choice_and_with_a_warning(tmp_path: Path, mosquitto: M
     assert "MQTT 3.1.1" in caplog.text and "lost silently" in caplog.text
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     parts.append(cloud)
-    pump("the consumer to subscribe", None, cloud, lambda: cloud.subscribed, 10)
-    link.uplink.start()
-    pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
+    connect(link, cloud)
     link.append(6)
     pump("delivered and acknowledged by the cloud", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
     assert cloud.stored(link.device) == list(range(1, 7))
