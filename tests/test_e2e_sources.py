@@ -83,6 +83,12 @@ live = {live}
     return path
 
 
+def uart_source(port: Path, protocol: str, extra: str = "") -> str:
+    """A ``[[sources]]`` table for a 9600-baud UART at ``port``."""
+    return (f'\n[[sources]]\nname = "{port.name}"\nkind = "uart"\nport = "{port}"\n'
+            f'protocol = "{protocol}"\nbaudrate = 9600\n{extra}')
+
+
 def status_cli(sock: Path) -> dict[str, Any]:
     """What ``ebike-agent status --json`` prints, as an operator would run it."""
     out = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--socket", str(sock)], cwd=REPO,
@@ -258,16 +264,8 @@ def test_polled_jbd_bms_on_a_pty(tmp_path: Path, mosquitto: Mosquitto, consumer:
     assert 0xDD not in corrupted(jbd_basic(5100))[1:], "the corrupt frame holds no other start byte"
     device = "e2e-jbd"
     sock, log = tmp_path / "control.sock", tmp_path / "agent.log"
-    config = write_config(tmp_path, mosquitto, device, f"""
-[[sources]]
-name = "bms"
-kind = "uart"
-port = "{tmp_path / 'bms'}"
-protocol = "jbd"
-baudrate = 9600
-poll_interval = 0.2
-poll_timeout = 0.4
-""")
+    config = write_config(tmp_path, mosquitto, device,
+                          uart_source(tmp_path / "bms", "jbd", "poll_interval = 0.2\npoll_timeout = 0.4\n"))
     with pty_link(tmp_path / "bms") as master:
         bms = FakeJbd(master)
         bms.start()
@@ -479,14 +477,7 @@ def test_surron_capture_through_a_pty(tmp_path: Path, mosquitto: Mosquitto, cons
     assert len(frames) == 270
     device = "e2e-surron"
     sock, log = tmp_path / "control.sock", tmp_path / "agent.log"
-    config = write_config(tmp_path, mosquitto, device, f"""
-[[sources]]
-name = "rs485"
-kind = "uart"
-port = "{tmp_path / 'rs485'}"
-protocol = "surron"
-baudrate = 9600
-""")
+    config = write_config(tmp_path, mosquitto, device, uart_source(tmp_path / "rs485", "surron"))
     chunk, garbage = 7, 0
     with pty_link(tmp_path / "rs485") as master:
         agent = spawn(["agent", "run", "--config", str(config)], log)
