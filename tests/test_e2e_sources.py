@@ -83,10 +83,15 @@ live = {live}
     return path
 
 
+def source(port: Path, kind: str, protocol: str, extra: str = "", name: str = "") -> str:
+    """A ``[[sources]]`` table (named after the port unless ``name`` is given)."""
+    return (f'\n[[sources]]\nname = "{name or port.name}"\nkind = "{kind}"\nport = "{port}"\n'
+            f'protocol = "{protocol}"\n{extra}')
+
+
 def uart_source(port: Path, protocol: str, extra: str = "") -> str:
-    """A ``[[sources]]`` table for a 9600-baud UART at ``port``."""
-    return (f'\n[[sources]]\nname = "{port.name}"\nkind = "uart"\nport = "{port}"\n'
-            f'protocol = "{protocol}"\nbaudrate = 9600\n{extra}')
+    """A 9600-baud UART source."""
+    return source(port, "uart", protocol, "baudrate = 9600\n" + extra)
 
 
 def status_cli(sock: Path) -> dict[str, Any]:
@@ -374,14 +379,8 @@ def test_candump_replay_as_fast_as_possible(tmp_path: Path, mosquitto: Mosquitto
     assert n_speed == 12 and len(times) == 493 and 2.5 < duration < 3.5
     device, live = "e2e-candump-fast", 0.5
     sock, log = tmp_path / "control.sock", tmp_path / "agent.log"
-    config = write_config(tmp_path, mosquitto, device, f"""
-[[sources]]
-name = "replay"
-kind = "candump"
-port = "{capture}"
-protocol = "bafang-can"
-replay_speed = 0
-""", live=live)
+    config = write_config(tmp_path, mosquitto, device, source(capture, "candump", "bafang-can",
+                                                              "replay_speed = 0\n", name="replay"), live=live)
     started = time.time()
     agent = spawn(["agent", "run", "--config", str(config)], log)
     try:
@@ -429,14 +428,8 @@ def test_candump_replay_at_ten_times(tmp_path: Path, mosquitto: Mosquitto, consu
     capture.write_text("".join(lines))
     device, live = "e2e-candump-x10", 0.5
     sock, log = tmp_path / "control.sock", tmp_path / "agent.log"
-    config = write_config(tmp_path, mosquitto, device, f"""
-[[sources]]
-name = "replay"
-kind = "candump"
-port = "{capture}"
-protocol = "bafang-can"
-replay_speed = 10
-""", live=live)
+    config = write_config(tmp_path, mosquitto, device, source(capture, "candump", "bafang-can",
+                                                              "replay_speed = 10\n", name="replay"), live=live)
     agent = spawn(["agent", "run", "--config", str(config)], log)
     try:
         wait_for("the replay to finish", lambda: source_status(sock).get("finished"), 10)

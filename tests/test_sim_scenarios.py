@@ -11,7 +11,7 @@ import pytest
 
 from agent.protocols import protocol
 from firmware_sim import scenario
-from firmware_sim.encoders import bafang, jbd, kt
+from firmware_sim.encoders import bafang, jbd, kt, wire
 from firmware_sim.link import PtyPort, SlcanAdapter
 
 CTRL_T = "Vehicle.LEV.Controller.Temperature"
@@ -143,11 +143,11 @@ def test_cell_imbalance_one_cell_sags():
     rec = [f for f in w.faults if f["what"] == "cell-imbalance"][0]
     t0, cell = rec["t"], rec["cell"]
     for t, v in w.of("jbd", "04"):
-        spread = v[jbd.CELL_MAX] - v[jbd.CELL_MIN]
+        spread = v[wire.CELL_MAX] - v[wire.CELL_MIN]
         if t <= t0:
             assert spread < 0.06
         elif t >= t0 + 20:
-            assert spread > 0.2 and v[jbd.CELL_MIN] == v[f"Vehicle.LEV.Battery.CellVoltage.{cell}"]
+            assert spread > 0.2 and v[wire.CELL_MIN] == v[f"Vehicle.LEV.Battery.CellVoltage.{cell}"]
 
 
 def test_overspeed_above_25():

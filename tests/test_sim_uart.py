@@ -13,7 +13,7 @@ import pytest
 
 from agent.protocols import protocol
 from firmware_sim import scenario
-from firmware_sim.encoders import daly, jbd, kt, ninebot, nmea, surron
+from firmware_sim.encoders import daly, jbd, kt, ninebot, nmea, surron, wire
 from firmware_sim.vehicle import Vehicle
 
 
@@ -52,7 +52,7 @@ def test_jbd_answers_registers_like_a_bms():
     assert basic[jbd.SOC] == round(v.soc)
     cells = frames[1][1]
     assert sum(1 for k in cells if k.startswith("Vehicle.LEV.Battery.CellVoltage.")) == v.cells
-    spread = cells[jbd.CELL_MAX] - cells[jbd.CELL_MIN]
+    spread = cells[wire.CELL_MAX] - cells[wire.CELL_MIN]
     assert 0.001 <= spread < 0.1                         # real packs differ by mV
     assert frames[3][0][2] == jbd.STATUS_ERROR           # unknown register: error reply
 

@@ -10,7 +10,7 @@ MicroPython-safe.
 
 import struct
 
-from firmware_sim.encoders.wire import Hunter, q
+from firmware_sim.encoders.wire import Hunter, cell_block, q
 
 START = 0xDD
 END = 0x77
@@ -36,8 +36,6 @@ CHARGE_ON = "Vehicle.LEV.Battery.ChargeEnabled"
 DISCHARGE_ON = "Vehicle.LEV.Battery.DischargeEnabled"
 TEMP_MIN = "Vehicle.Powertrain.TractionBattery.Temperature.Min"
 TEMP_MAX = "Vehicle.Powertrain.TractionBattery.Temperature.Max"
-CELL_MIN = "Vehicle.Powertrain.TractionBattery.CellVoltage.Min"
-CELL_MAX = "Vehicle.Powertrain.TractionBattery.CellVoltage.Max"
 
 
 def checksum(body):
@@ -92,20 +90,8 @@ def basic_info(pack_v, pack_i, remaining_mah, full_mah, cycles, protection, soc,
 
 
 def cell_voltages(volts):
-    """Register 04 answer: one u16 per cell in mV."""
-    data = b""
-    values = {}
-    got = []
-    k = 1
-    for v in volts:
-        mv = q(v, 1000, 0, 0xFFFF)
-        data += struct.pack(">H", mv)
-        values["Vehicle.LEV.Battery.CellVoltage.%d" % k] = mv / 1000.0
-        got.append(mv / 1000.0)
-        k += 1
-    if got:
-        values[CELL_MIN] = min(got)
-        values[CELL_MAX] = max(got)
+    """Register 04 answer: one u16 per cell in mV, big-endian."""
+    data, values = cell_block(volts, ">")
     return response(REG_CELLS, data), values
 
 

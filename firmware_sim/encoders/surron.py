@@ -14,7 +14,7 @@ MicroPython-safe.
 
 import struct
 
-from firmware_sim.encoders.wire import Hunter, q
+from firmware_sim.encoders.wire import Hunter, cell_block, q
 
 REQUEST = 0x46
 RESPONSE = 0x47
@@ -70,18 +70,7 @@ def response(param, width, pack_v, pack_i, soc, soh, remaining_mah, full_mah, cy
         ma = q(pack_i, 1000, -0x80000000, 0x7FFFFFFF)
         return _response(param, struct.pack("<i", ma)), {CURRENT: ma * 0.001}
     if param == P_CELLS:
-        data = b""
-        values = {}
-        got = []
-        k = 1
-        for c in cells:
-            mv = q(c, 1000, 0, 0xFFFF)
-            data += struct.pack("<H", mv)
-            values["Vehicle.LEV.Battery.CellVoltage.%d" % k] = mv * 0.001
-            got.append(mv * 0.001)
-            k += 1
-        values["Vehicle.Powertrain.TractionBattery.CellVoltage.Min"] = min(got)
-        values["Vehicle.Powertrain.TractionBattery.CellVoltage.Max"] = max(got)
+        data, values = cell_block(cells, "<")
         return _response(param, data), values
     if width < 1 or width > 4:
         width = 2

@@ -4,6 +4,7 @@ MicroPython-safe.
 """
 
 import math
+import struct
 
 
 def q(x, scale, lo, hi):
@@ -14,6 +15,27 @@ def q(x, scale, lo, hi):
     if n > hi:
         return hi
     return n
+
+
+CELL_MIN = "Vehicle.Powertrain.TractionBattery.CellVoltage.Min"
+CELL_MAX = "Vehicle.Powertrain.TractionBattery.CellVoltage.Max"
+
+
+def cell_block(volts, order):
+    """Cells as one u16 of mV each, byte order ``order`` (">" or "<"), and what a perfect
+    decoder reads back: each cell and the pack's lowest and highest."""
+    data = b""
+    values = {}
+    got = []
+    for k, v in enumerate(volts):
+        mv = q(v, 1000, 0, 0xFFFF)
+        data += struct.pack(order + "H", mv)
+        values["Vehicle.LEV.Battery.CellVoltage.%d" % (k + 1)] = mv * 0.001
+        got.append(mv * 0.001)
+    if got:
+        values[CELL_MIN] = min(got)
+        values[CELL_MAX] = max(got)
+    return data, values
 
 
 class Hunter:
