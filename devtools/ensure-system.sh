@@ -1,7 +1,9 @@
 #!/bin/sh
 # Install the Debian packages a target needs when they are missing and we may (root);
 # otherwise name exactly what to install. Usage: ensure-system.sh build|broker
-#   build:  a C compiler, the Python headers and venv, to build the Cython kernel
+#   build:  a C compiler, the Python headers and venv, to build the Cython kernel; libfuse3's
+#           headers and pkg-config, to build pyfuse3 (a dev extra: the power-loss test's FUSE
+#           filesystem), and fuse3 for fusermount3
 #   broker: mosquitto and openssl (tests and make run start their own broker on a free loopback port;
 #           policy-rc.d keeps apt from starting the system one on 1883 here)
 set -eu
@@ -13,6 +15,9 @@ case "${1:-}" in
         "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
             || missing="$missing python3-dev"
         "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing="$missing python3-venv"
+        command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+        pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
+        command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
         ;;
     broker)
         command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"

@@ -129,7 +129,9 @@ def test_stats_fields(tmp_path: Path) -> None:
     assert stats["last_seq"] == 4
     assert stats["last_acked"] == 0
     assert stats["in_flight"] == 1
-    assert stats["dropped"] == 0 and stats["quota_bytes"] == BIG
+    assert stats["dropped"] == 0 and stats["configured_quota_bytes"] == BIG
+    assert 0 < stats["quota_bytes"] < BIG, "a quota beyond the free space must be clamped"
+    assert stats["disk_full"] == 0 and stats["refused"] == 0 and stats["ballast_bytes"] > 0
 
 
 def lane_seqs(box: Outbox) -> dict[int, list[int]]:

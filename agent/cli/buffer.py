@@ -28,8 +28,9 @@ def _stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
     else:
         lanes = " ".join(f"{k}={v}" for k, v in stats["depth"].items())
+        full = " DISK FULL: dropping by the quota policy" if stats.get("disk_full_now") else ""
         print(f"{stats['records']} records ({lanes}), {stats['bytes']} bytes, "
-              f"last seq {stats['last_seq']}, last acked {stats['last_acked']} [{stats['source']}]")
+              f"last seq {stats['last_seq']}, last acked {stats['last_acked']} [{stats['source']}]{full}")
     return 0
 
 

@@ -12,7 +12,7 @@ import sqlite3
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import KIND_GAP, decode_batch, encode_ack, record_bytes
+from agent.uplink.wire import KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +76,29 @@ class Ingest:
             self.bad_batches += 1
             self.last_error = f"{topic}: device {device!r} does not match the topic"
             return []
-        stored = duplicates = 0
+        # One look for the numbers already stored, then one insert per table: a batch is
+        # hundreds of records of tens of signals, and per-record statements were most of
+        # the consumer's time. The look is inside the write transaction, so consumers
+        # sharing the database (a shared subscription) cannot both store a resent record.
+        seqs = [seq for seq, _ in records]
         try:
             with self.db:
-                for seq, rec in records:
-                    cur = self.db.execute(
-                        "INSERT OR IGNORE INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
-                        (device, seq, rec["k"], rec["t"], record_bytes(rec)),
-                    )
-                    if cur.rowcount == 0:
-                        duplicates += 1
-                        continue
-                    stored += 1
-                    if rec["k"] == KIND_GAP:
-                        self.db.executemany("INSERT INTO announced_gaps VALUES (?, ?, ?, ?, ?)",
-                                            [(device, seq, first, last, rec["why"]) for first, last in rec["runs"]])
-                        continue
-                    self.db.executemany(
-                        "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(device, seq, rec["t"], rec["d"], *row) for row in rec["s"]],
-                    )
+                self.db.execute("BEGIN IMMEDIATE")
+                seen = {seq for (seq,) in self.db.execute(
+                    "SELECT seq FROM records WHERE device=? AND seq BETWEEN ? AND ?",
+                    (device, min(seqs, default=0), max(seqs, default=0)))}
+                fresh = {seq: rec for seq, rec in records if seq not in seen}
+                self.db.executemany(
+                    "INSERT INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
+                    [(device, seq, rec["k"], rec["t"], record_bytes(rec)) for seq, rec in fresh.items()])
+                self.db.executemany(
+                    "INSERT INTO announced_gaps VALUES (?, ?, ?, ?, ?)",
+                    [(device, seq, first, last, rec["why"]) for seq, rec in fresh.items() if rec["k"] == KIND_GAP
+                     for first, last in rec["runs"]])
+                self.db.executemany(
+                    "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(device, seq, rec["t"], rec["d"], *row) for seq, rec in fresh.items() if rec["k"] == KIND_WINDOW
+                     for row in rec["s"]])
         except (sqlite3.Error, OverflowError) as e:
             # Decodes but cannot be stored (a signal twice in one window, a uint beyond
             # int64): the whole batch is rolled back and counted; the consumer goes on.
@@ -103,6 +106,8 @@ class Ingest:
             self.last_error = f"{topic}: batch not stored: {e}"
             log.warning("batch on %s not stored: %s", topic, e)
             return []
+        stored = len(fresh)
+        duplicates = len(records) - stored
         self.records += stored
         self.duplicates += duplicates
         self.batches += 1

@@ -6,6 +6,14 @@ acknowledged rows, and is never reused. Rows are leased to the uplink while a
 message carrying them is in flight and deleted only on the broker's acknowledgement;
 a lease lives in memory only, so after a crash everything unacknowledged is sent
 again (the cloud drops duplicates by device and sequence).
+
+A full disk is never a crash. In WAL mode SQLite needs room even to DELETE, so the
+outbox keeps away from the edge: its quota is clamped at open to 90 % of the space
+free for it, and a ballast file beside it is released the moment the disk is full
+anyway (other files fill it too). Then rows go by the quota's policy (oldest history
+first, alarms last), announced to the cloud with a gap record, until the append fits;
+the quota is lowered to what the disk held, and the ballast comes back once there is
+room again.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
 from agent.errors import StoreError
 
@@ -26,6 +36,12 @@ LANE_LIVE = 1
 LANE_EVENT = 2
 LANE_HISTORY = 3
 LANES = {"alarm": LANE_ALARM, "live": LANE_LIVE, "event": LANE_EVENT, "history": LANE_HISTORY}
+
+FREE_SHARE = 0.9  # of the space free for the outbox at open: the most its quota may be
+BALLAST_MAX = 4 << 20  # bytes kept in reserve beside the outbox, released when the disk is full
+ROOM_ROUNDS = 64  # drops tried for one append on a full disk before its records are refused
+PAGE_GUESS = 4096  # WAL bytes a write transaction adds beyond its records (b-tree and meta pages)
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -48,17 +64,102 @@ class Outbox:
         """``gap_body(runs, why)`` encodes the record announcing dropped sequence numbers."""
         self.path = path
         self.gap_body = gap_body
-        self.quota_bytes = quota_bytes
+        self.configured_quota = quota_bytes
         self.dropped = 0
         self.moved_aside = ""
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.db = self._open_checked()
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot open outbox {path}: {e}") from e
+        self.ballast = path + ".ballast"
+        self.disk_full = 0  # times the disk was found full (once per episode)
+        self.full = False  # in such an episode: until the disk has room for the ballast again
+        self.shrink_due = False  # the episode has not lowered the quota yet
+        self.wal_debt = 0  # bytes written since the last checkpoint this object saw succeed
+        self.refused = 0  # records not stored at all: the disk full and nothing left to drop
+        self.unannounced: list[int] = []  # dropped for a full disk, gap record not stored yet
         self.leased: set[int] = set()
         self.appended = 0
         self.acked = 0
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.db = self._open_checked()
+            self.quota_bytes, self.ballast_bytes = self._clamp_quota(quota_bytes)
+            # The WAL holds at most a quarter of the ballast beyond the database file, so the
+            # released ballast always has room for the checkpoint that brings it back.
+            (page,) = self.db.execute("PRAGMA page_size").fetchone()
+            self.db.execute(f"PRAGMA wal_autocheckpoint={max(16, self.ballast_bytes // page // 4)}")
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open outbox {path}: {e}") from e
+        self._restore_ballast()
+
+    def _clamp_quota(self, configured: int) -> tuple[int, int]:
+        """The quota in force and the ballast's size: the outbox may fill at most 90 % of
+        what is free for it (free space, its own file and ballast), less the ballast, so
+        SQLite's WAL always has room to work."""
+        room = self._free() + self._file_bytes() + _file_size(self.ballast)
+        ballast = min(BALLAST_MAX, room // 32)
+        limit = int(FREE_SHARE * (room - ballast))
+        if limit < configured:
+            log.warning("outbox %s: quota %.2f MB clamped to %.2f MB, 90 %% of the %.2f MB free for it on its "
+                        "filesystem", self.path, configured / 1e6, limit / 1e6, room / 1e6)
+        return min(configured, limit), ballast
+
+    def _free(self) -> int:
+        disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        return disk.f_bavail * disk.f_frsize
+
+    def _file_bytes(self) -> int:
+        (pages,) = self.db.execute("PRAGMA page_count").fetchone()
+        (page,) = self.db.execute("PRAGMA page_size").fetchone()
+        return int(pages * page)
+
+    def _watch_the_disk(self) -> None:
+        """Before each append: a disk that other files filled is noticed while SQLite still
+        has room to delete (the ballast stays for when it has not); once there is room
+        again, the ballast and the quota come back."""
+        try:
+            free = self._free()
+        except OSError as e:
+            log.warning("outbox %s: cannot see the free space: %s", self.path, e)
+            return
+        if not self.full:
+            if free < self.ballast_bytes:
+                self._disk_full_now(f"{free} bytes free")
+            return
+        if free >= 2 * self.ballast_bytes and self._restore_ballast():
+            self.full = False
+            self.quota_bytes, _ = self._clamp_quota(self.configured_quota)
+            log.warning("outbox %s: the disk has room again: ballast back, quota %.2f MB", self.path,
+                        self.quota_bytes / 1e6)
+
+    def _disk_full_now(self, why: str) -> None:
+        if not self.full:
+            self.full = self.shrink_due = True
+            self.disk_full += 1
+            log.error("OUTBOX %s: DISK FULL (%s): dropping the oldest, lowest-priority rows to go on", self.path, why)
+
+    def _restore_ballast(self) -> bool:
+        """Put the ballast (back); False if the disk has no room for it."""
+        have = _file_size(self.ballast)
+        if have >= self.ballast_bytes:
+            return True
+        try:
+            fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.ballast_bytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            Path(self.ballast).unlink(missing_ok=True)
+            log.warning("outbox %s: no room for its %d-byte ballast: %s", self.path, self.ballast_bytes, e)
+            return False
+        return True
+
+    def _release_ballast(self) -> bool:
+        """Free the reserve and checkpoint into it, so SQLite can delete; False if it was gone."""
+        if not _file_size(self.ballast):
+            return False
+        Path(self.ballast).unlink(missing_ok=True)
+        log.warning("outbox %s: disk full: released the %d-byte ballast", self.path, self.ballast_bytes)
+        self._checkpoint()
+        return True
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None)
@@ -97,30 +198,130 @@ class Outbox:
         return db
 
     def append(self, records: Iterable[tuple[int, float, bytes]]) -> list[int]:
-        """Store ``(lane, time, body)`` records in one transaction; returns their sequence numbers."""
-        seqs = self._insert(list(records))
+        """Store ``(lane, time, body)`` records in one transaction; returns their sequence
+        numbers ([] if a full disk left no room even after every drop)."""
+        self._watch_the_disk()
+        if self.shrink_due:
+            self._make_room(0)
+        seqs = self._store(list(records))
         dropped = self._enforce_quota()
         if dropped and self.gap_body is not None:
             # Tell the cloud what went and why, as an alarm-lane record of its own.
-            self._insert([(LANE_ALARM, time.time(), self.gap_body(_runs(dropped), "quota"))])
+            self._store([(LANE_ALARM, time.time(), self.gap_body(_runs(dropped), "quota"))])
         return seqs
 
-    def _insert(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
-        if not rows:
+    def _store(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
+        """Insert ``rows``, with the announcement of earlier drops for a full disk in the same
+        transaction; a full disk drops old rows by the quota's policy until they fit."""
+        for _ in range(ROOM_ROUNDS):
+            batch = rows + self._announcement()
+            if not batch:
+                return []
+            seqs = self._write(partial(self._insert, batch), "append", sum(len(body) for _, _, body in batch))
+            if seqs is not None:
+                self.appended += len(batch)
+                if len(batch) > len(rows):
+                    self.unannounced = []
+                if self.shrink_due:
+                    # Stored in the room the ballast left: shrink now, while a DELETE still fits.
+                    self._make_room(0)
+                return seqs[:len(rows)]
+            if not self._make_room(sum(len(body) for _, _, body in batch)):
+                break
+        self.refused += len(rows)
+        log.error("OUTBOX %s: DISK FULL and nothing left to drop: %d records not stored", self.path, len(rows))
+        return []
+
+    def _announcement(self) -> list[tuple[int, float, bytes]]:
+        if not self.unannounced or self.gap_body is None:
             return []
-        try:
-            with self._transaction():
-                (first,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-                seqs = list(range(first, first + len(rows)))
-                self.db.executemany(
-                    "INSERT INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)",
-                    [(seq, lane, t, body) for seq, (lane, t, body) in zip(seqs, rows, strict=True)],
-                )
-                self.db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (first + len(rows),))
-        except sqlite3.Error as e:
-            raise StoreError(f"outbox {self.path}: append failed: {e}") from e
-        self.appended += len(rows)
+        return [(LANE_ALARM, time.time(), self.gap_body(_runs(self.unannounced), "disk-full"))]
+
+    def _insert(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
+        (first,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        seqs = list(range(first, first + len(rows)))
+        self.db.executemany(
+            "INSERT INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)",
+            [(seq, lane, t, body) for seq, (lane, t, body) in zip(seqs, rows, strict=True)],
+        )
+        self.db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (first + len(rows),))
         return seqs
+
+    def _write(self, work: Callable[[], _T], what: str, size: int = 0) -> _T | None:
+        """``work()`` (which returns something, not None) in one write transaction of about
+        ``size`` bytes. On a full disk: checkpoint (the WAL gives its space back when the
+        database file need not grow for it) and try again, then release the ballast and
+        try once more; None if the disk is still full. Any other failure is a StoreError.
+
+        SQLite's own checkpoints fail silently on a full disk, and the WAL then grows into
+        whatever space it already holds until no checkpoint fits even in the ballast; so
+        every quarter ballast written, and after every write while the disk is full, a
+        checkpoint of ours runs and a full disk is noticed there."""
+        for remedy in (None, self._checkpoint, self._release_ballast):
+            if remedy is not None and not remedy():
+                continue
+            try:
+                with self._transaction():
+                    done = work()
+            except sqlite3.Error as e:
+                if not _disk_full(e):
+                    raise StoreError(f"outbox {self.path}: {what} failed: {e}") from e
+                self._disk_full_now(str(e))
+                continue
+            self.wal_debt += size + PAGE_GUESS
+            if self.full or self.wal_debt >= self.ballast_bytes // 4:
+                self._checkpoint()
+            return done
+        return None
+
+    def _make_room(self, need: int) -> bool:
+        """The disk is full: drop the oldest rows of the lowest-priority lane (alarms last),
+        at least twice ``need`` bytes and a tenth of the outbox, so the next appends fit
+        too; lower the quota to what is left, so the outbox stops growing. False when
+        nothing could be dropped."""
+        try:
+            target = max(2 * need, self._size() // 10)
+            victims: list[int] = []
+            total = 0
+            for seq, size in self.db.execute("SELECT seq, length(body) FROM records ORDER BY lane DESC, seq"):
+                victims.append(seq)
+                total += size
+                if total >= target:
+                    break
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: read failed: {e}") from e
+        if not victims or self._write(lambda: self._delete(victims), "drop") is None:
+            return False
+        self.shrink_due = False
+        self.dropped += len(victims)
+        if self.gap_body is not None:
+            self.unannounced += victims
+        self.leased.difference_update(victims)
+        left = self._size()
+        if left < self.quota_bytes:
+            log.warning("outbox %s: quota lowered from %.2f MB to %.2f MB, what the full disk held",
+                        self.path, self.quota_bytes / 1e6, left / 1e6)
+            self.quota_bytes = left
+        return True
+
+    def _delete(self, seqs: list[int]) -> int:
+        self.db.executemany("DELETE FROM records WHERE seq=?", [(s,) for s in seqs])
+        return len(seqs)
+
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database, so the next write starts the WAL over in the
+        space it already has (PASSIVE: a reader is never waited for); False if not all of
+        it could be copied (no room for the database to grow, or a reader in the way)."""
+        try:
+            (_, frames, copied) = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            if not _disk_full(e):
+                raise StoreError(f"outbox {self.path}: checkpoint failed: {e}") from e
+            self._disk_full_now(f"checkpoint: {e}")
+            return False
+        if frames == copied:
+            self.wal_debt = 0
+        return bool(frames == copied)
 
     def _size(self) -> int:
         (pages,) = self.db.execute("PRAGMA page_count").fetchone()
@@ -137,15 +338,20 @@ class Outbox:
                 row = self.db.execute("SELECT lane FROM records ORDER BY lane DESC, seq LIMIT 1").fetchone()
                 if row is None:
                     break
-                with self._transaction():
-                    dropped += [seq for (seq,) in self.db.execute(
-                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE lane=? ORDER BY seq LIMIT 64)"
-                        " RETURNING seq", (row[0],)).fetchall()]
+                gone = self._write(partial(self._drop_oldest, row[0]), "quota enforcement")
+                if gone is None:
+                    break  # the disk is full even for a delete; the next append makes room
+                dropped += gone
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
         self.dropped += len(dropped)
         self.leased.difference_update(dropped)
         return dropped
+
+    def _drop_oldest(self, lane: int) -> list[int]:
+        return [seq for (seq,) in self.db.execute(
+            "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE lane=? ORDER BY seq LIMIT 64)"
+            " RETURNING seq", (lane,)).fetchall()]
 
     def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False,
               overhead: int = 0) -> list[tuple[int, bytes]]:
@@ -187,24 +393,42 @@ class Outbox:
         """The broker has these: delete them, durably."""
         if not seqs:
             return
-        try:
-            with self._transaction():
-                self.db.executemany("DELETE FROM records WHERE seq=?", [(s,) for s in seqs])
-                self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_acked'", (max(seqs),))
-        except sqlite3.Error as e:
-            raise StoreError(f"outbox {self.path}: ack failed: {e}") from e
+
+        def delete() -> int:
+            self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_acked'", (max(seqs),))
+            return self._delete(seqs)
+
         self.leased.difference_update(seqs)
+        if self._write(delete, "ack") is None:
+            # Kept, and so sent again later: the cloud drops the duplicates.
+            log.warning("outbox %s: disk full: %d acknowledged rows kept for now", self.path, len(seqs))
+            return
         self.acked += len(seqs)
 
     def stats(self) -> dict[str, Any]:
         return dict(stored_stats(self.db, self.path), in_flight=len(self.leased), moved_aside=self.moved_aside,
-                    dropped=self.dropped, quota_bytes=self.quota_bytes)
+                    dropped=self.dropped, quota_bytes=self.quota_bytes, configured_quota_bytes=self.configured_quota,
+                    disk_full=self.disk_full, disk_full_now=self.full, refused=self.refused,
+                    ballast_bytes=_file_size(self.ballast))
 
     def close(self) -> None:
         self.db.close()
 
     def _transaction(self) -> _Txn:
         return _Txn(self.db)
+
+
+def _disk_full(e: sqlite3.Error) -> bool:
+    """SQLite's word for ENOSPC: on the database or WAL, or growing the -shm index."""
+    code = getattr(e, "sqlite_errorcode", 0)
+    return code & 0xFF == sqlite3.SQLITE_FULL or code == sqlite3.SQLITE_IOERR_SHMSIZE
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:
@@ -256,8 +480,9 @@ def _salvage_last_seq(db: sqlite3.Connection) -> int:
 
 
 class _Txn:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the sqlite3 module's own
-    context manager does not begin a transaction in autocommit mode)."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, a failed COMMIT too (a full
+    disk fails the WAL write at COMMIT and may leave the transaction open); the sqlite3
+    module's own context manager does not begin a transaction in autocommit mode."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -266,4 +491,15 @@ class _Txn:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
+            return
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
