@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.fusion._kernel_py import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+from agent.signals import BY_NAME
 
 SOURCE_KINDS = ("uart", "slcan", "socketcan", "candump", "python-can")
 CAN_KINDS = ("slcan", "socketcan", "candump", "python-can")
@@ -76,6 +78,13 @@ class OutboxConfig:
 @dataclass(frozen=True)
 class WindowsConfig:
     live: float = 1.0
+    history: float = 60.0
+    ring_samples: int = 1 << 18
+
+
+# An alarm row as the kernel takes it (see ALARMS in agent/fusion/_kernel_py.py).
+AlarmRow = tuple[int, str, int, int, int, float, float, float, float, int, str]
+REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,11 @@ class Config:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     windows: WindowsConfig = field(default_factory=WindowsConfig)
     control_socket: str = "/run/ebike-agent/control.sock"
+    # The kernel's tunables in PARAMS order, its alarm table, and (signal id, mode,
+    # deadband) for each signal whose reporting is not the default (every window).
+    fusion: tuple[float, ...] = tuple(p[1] for p in PARAMS)
+    alarms: tuple[AlarmRow, ...] = ALARMS
+    reporting: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def topic_prefix(self) -> str:
@@ -209,8 +223,63 @@ _OUTBOX: Schema = (
     ("quota_mb", float, 256.0, _positive),
     ("commit_interval", float, 1.0, _positive),
 )
-_WINDOWS: Schema = (("live", float, 1.0, _positive),)
-_TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows")
+def _power_of_two(v: int) -> str | None:
+    return None if v >= 16 and v & (v - 1) == 0 else "must be a power of two >= 16"
+
+
+_WINDOWS: Schema = (
+    ("live", float, 1.0, _positive),
+    ("history", float, 60.0, _positive),
+    # Samples the event-capture ring holds: enough for capture_before_s at the bus's rate.
+    ("ring_samples", int, 1 << 18, _power_of_two),
+)
+_FUSION: Schema = tuple((name, float, default, _positive) for name, default, _unit, _why in PARAMS)
+_ALARM_KEYS = ("enabled", "level", "threshold", "clear", "delay", "clear_delay")
+_REPORTING: Schema = (
+    ("mode", str, REQUIRED, _one_of(tuple(REPORT_MODES))),
+    ("deadband", float, 0.0, _non_negative),
+)
+_TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows", "fusion", "alarms",
+             "reporting")
+
+
+def _alarms(path: str, raw: Any) -> tuple[AlarmRow, ...]:
+    """ALARMS with the [alarms.<name>] overrides; per-cell thresholds stay per cell here
+    (the kernel scales them), disabled alarms are left out."""
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "alarms", "must be a table of [alarms.<name>] tables")
+    by_name = {row[1]: row for row in ALARMS}
+    for name in raw:
+        if name not in by_name:
+            raise ConfigError(path, f"alarms.{name}", f"unknown alarm (known: {', '.join(sorted(by_name))})")
+    rows = []
+    for row in ALARMS:
+        code, name, level, sid, direction, thr, clr, on, off, scale, why = row
+        schema: Schema = (("enabled", bool, True, None), ("level", int, level, _one_of((1, 2, 3))),
+                          ("threshold", float, thr, None), ("clear", float, clr, None),
+                          ("delay", float, on, _non_negative), ("clear_delay", float, off, _non_negative))
+        got = _table(path, f"alarms.{name}", raw.get(name, {}), schema)
+        if not got["enabled"]:
+            continue
+        thr, clr = got["threshold"], got["clear"]
+        if (direction == ABOVE and clr > thr) or (direction != ABOVE and clr < thr):
+            side = "at or below" if direction == ABOVE else "at or above"
+            raise ConfigError(path, f"alarms.{name}.clear", f"must be {side} the threshold {thr} (hysteresis)")
+        rows.append((code, name, got["level"], sid, direction, thr, clr, got["delay"], got["clear_delay"], scale,
+                     why))
+    return tuple(rows)
+
+
+def _reporting(path: str, raw: Any) -> tuple[tuple[int, int, float], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "reporting", 'must be a table of "<signal name>" = {mode, deadband} tables')
+    out = []
+    for name, table in raw.items():
+        if name not in BY_NAME:
+            raise ConfigError(path, f"reporting.{name}", "unknown signal (ebike-agent signals lists them)")
+        got = _table(path, f"reporting.{name}", table, _REPORTING)
+        out.append((BY_NAME[name].id, REPORT_MODES[got["mode"]], got["deadband"]))
+    return tuple(out)
 
 
 def _table(path: str, where: str, raw: Any, schema: Schema) -> dict[str, Any]:
@@ -270,6 +339,14 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         if value and not os.path.isfile(value):
             raise ConfigError(path, f"broker.{key}", f"no such file: {value}")
     outbox = OutboxConfig(**_table(path, "outbox", data.get("outbox", {}), _OUTBOX))
+    windows = WindowsConfig(**_table(path, "windows", data.get("windows", {}), _WINDOWS))
+    ratio = windows.history / windows.live
+    if abs(ratio - round(ratio)) > 1e-9 * ratio:
+        raise ConfigError(path, "windows.history", f"must be a whole number of live windows ({windows.live} s)")
+    raw_fusion = _table(path, "fusion", data.get("fusion", {}), _FUSION)
+    fusion = tuple(raw_fusion[name] for name, _d, _u, _w in PARAMS)
+    if not 1.0 <= raw_fusion["temp_rise_window_s"] <= 30.0:
+        raise ConfigError(path, "fusion.temp_rise_window_s", "must be 1-30 s")
     control = data.get("control_socket", "/run/ebike-agent/control.sock")
     if not isinstance(control, str) or not control:
         raise ConfigError(path, "control_socket", "must be a non-empty path")
@@ -279,8 +356,11 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         sources=tuple(sources),
         broker=broker,
         outbox=replace(outbox, path=_resolve(path, outbox.path)),
-        windows=WindowsConfig(**_table(path, "windows", data.get("windows", {}), _WINDOWS)),
+        windows=windows,
         control_socket=_resolve(path, control),
+        fusion=fusion,
+        alarms=_alarms(path, data.get("alarms", {})),
+        reporting=_reporting(path, data.get("reporting", {})),
     )
 
 

@@ -22,13 +22,14 @@ from agent.config import CAN_KINDS, Config, SourceConfig
 from agent.control.server import ControlServer
 from agent.dbc.compile import CompiledDbc, compile_dbc, profile_path
 from agent.errors import ConfigError, DecodeError, SourceUnavailableError
+from agent.fusion._kernel_py import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, WIN_LIVE
 from agent.fusion.kernel import BUILD, Kernel
 from agent.protocols import protocol
 from agent.signals import BY_NAME, ID_SPACE
 from agent.sources import make_source
 from agent.sources.base import Source
 from agent.sources.candump import line_time
-from agent.store.outbox import LANE_LIVE, Outbox
+from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, Outbox
 from agent.uplink import wire
 from agent.uplink.mqtt import Uplink
 
@@ -50,13 +51,15 @@ class UartHandler:
     """A UART protocol stream (NMEA, JBD, Daly, Ninebot, KT, Sur-Ron): framer, decoder,
     catalogue samples into the kernel; polled protocols also get their requests sent."""
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, slot: int) -> None:
         self.proto = protocol(cfg.protocol)
         self.framer = self.proto.framer()
         self.poller = self.proto.poller(cfg.poll_interval, cfg.poll_timeout) if cfg.poll_interval > 0 else None
+        self.slot = slot
         self.ok = 0
         self.not_understood = 0
         self.bad: dict[str, int] = {}
+        self.checksum_errors = 0
         self.last_data = time.monotonic()
 
     def feed(self, data: bytes, now: float, kernel: Any) -> list[Any]:
@@ -66,6 +69,7 @@ class UartHandler:
     def _frames(self, frames: list[bytes], now: float, kernel: Any) -> list[Any]:
         ids: list[int] = []
         values: list[float] = []
+        good = 0
         for frame in frames:
             if self.poller is not None:
                 self.poller.answered(frame)
@@ -79,9 +83,16 @@ class UartHandler:
                 self.bad[reason] = self.bad.get(reason, 0) + 1
                 continue
             self.ok += 1
+            good += 1
             for name, value in decoded.items():
                 ids.append(BY_NAME[name].id)
                 values.append(value)
+        # The source's health slot: good frames, and the framer's checksum refusals.
+        kernel.note_frames(self.slot, [now] * good)
+        checksum = self.framer.bad.get("checksum", 0)
+        if checksum != self.checksum_errors:
+            kernel.note_errors(self.slot, checksum - self.checksum_errors, 0)
+            self.checksum_errors = checksum
         return kernel.feed_values(ids, [now] * len(ids), values)  # type: ignore[no-any-return]
 
     def tick(self, source: Source, now: float, kernel: Any) -> list[Any]:
@@ -160,12 +171,27 @@ class PackedHandler:
 Handler = UartHandler | CanTextHandler | PackedHandler
 
 
-def _handler(cfg: SourceConfig, source: Source) -> Handler:
-    if source.frame_format in ("slcan", "candump"):
-        return CanTextHandler(source.frame_format)
-    if source.frame_format == "packed":
-        return PackedHandler()
-    return UartHandler(cfg)
+def _handler(cfg: SourceConfig, source: Source, index: int, kernel: Any) -> Handler:
+    """The source's decode path; CAN messages count towards the health of the source
+    (the kernel's tables are shared), a UART source gets a health slot of its own."""
+    if source.frame_format in ("slcan", "candump", "packed"):
+        kernel.set_can_source(index)
+        return CanTextHandler(source.frame_format) if source.frame_format != "packed" else PackedHandler()
+    return UartHandler(cfg, kernel.health_slot(index))
+
+
+def make_kernel(cfg: Config, dbc: CompiledDbc | None) -> Any:
+    """The fusion kernel as the configuration sets it up: windows, tunables, alarms,
+    reporting policy, CAN tables."""
+    kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live, cfg.windows.history,
+                    cfg.windows.ring_samples)
+    kernel.set_params(cfg.fusion)
+    kernel.set_alarms(cfg.alarms)
+    for sid, mode, deadband in cfg.reporting:
+        kernel.set_policy(sid, mode, deadband)
+    if dbc is not None:
+        kernel.set_can_tables(*dbc.kernel_tables())
+    return kernel
 
 
 def _one_dbc(cfg: Config) -> CompiledDbc | None:
@@ -200,19 +226,18 @@ class Runtime:
         self.cfg = cfg
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex
-        dbc = _one_dbc(cfg)
-        self.kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live)
-        if dbc is not None:
-            self.kernel.set_can_tables(*dbc.kernel_tables())
+        self.kernel = make_kernel(cfg, _one_dbc(cfg))
         self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False))
         self.sources = [make_source(s) for s in cfg.sources]
-        self.handlers = [_handler(c, s) for c, s in zip(cfg.sources, self.sources, strict=True)]
+        self.handlers = [_handler(c, s, i, self.kernel)
+                         for i, (c, s) in enumerate(zip(cfg.sources, self.sources, strict=True))]
         self.selector = selectors.DefaultSelector()
         self.control = ControlServer(cfg.control_socket, self.status)
         self.pending: list[tuple[int, float, bytes]] = []
+        self.urgent = False
         self.last_commit = time.monotonic()
         self.records = 0
         self.leased_since_connect = 0
@@ -253,11 +278,12 @@ class Runtime:
                 continue
             self._read(key.data, key.fd)
         now = time.time()
-        for src, handler in zip(self.sources, self.handlers, strict=True):
+        for i, (src, handler) in enumerate(zip(self.sources, self.handlers, strict=True)):
             if isinstance(handler, UartHandler):
+                self.kernel.source = i
                 self._records(handler.tick(src, now, self.kernel), now)
         self._records(self.kernel.close_due(now), now)
-        self._commit(force=False)
+        self._commit(force=self.urgent)
         self._send()
         self._rate()
 
@@ -269,21 +295,48 @@ class Runtime:
         if data:
             now = time.time()
             handler = self.handlers[i]
+            self.kernel.source = i
             if isinstance(handler, CanTextHandler):
                 closed = handler.feed(data, now, self.kernel, getattr(src, "read_pass", 0))
             else:
                 closed = handler.feed(data, now, self.kernel)
             self._records(closed, now)
 
-    def _records(self, closed: list[Any], now: float) -> None:
-        for start, length, rows in closed:
-            self.pending.append((LANE_LIVE, start, wire.window_record(start, length, rows)))
+    def _records(self, outputs: list[Any], now: float) -> None:
+        """Kernel outputs become outbox records in their lanes; an alarm makes the next
+        commit immediate (alarms are never left in the group-commit window)."""
+        changes = []
+        for out in outputs:
+            kind = out[0]
+            if kind == OUT_WINDOW:
+                _, which, start, length, rows = out
+                lane = LANE_LIVE if which == WIN_LIVE else LANE_HISTORY
+                self.pending.append((lane, start, wire.window_record(start, length, rows)))
+            elif kind == OUT_CHANGE:
+                changes.append(out[1:])
+            elif kind == OUT_ALARM:
+                _, t, code, inst, level, raised, value, thr = out
+                name = ALARM_NAMES[code]
+                log.warning("alarm %s%s level %d %s: value %g, threshold %g", name,
+                            f" (source {self.cfg.sources[inst].name})" if inst >= 0 else "", level,
+                            "raised" if raised else "cleared", value, thr)
+                self.pending.append((LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised),
+                                                                        value, thr)))
+                self.urgent = True
+            elif kind == OUT_SNAPSHOT:
+                _, t, code, inst, start, end, ids, times, values = out
+                log.info("event snapshot for alarm %s: %d samples", ALARM_NAMES.get(code, "request"), len(ids))
+                for body in wire.snapshot_records(t, code, inst, start, end, ids, times, values):
+                    self.pending.append((LANE_EVENT, t, body))
+        if changes:
+            self.pending.append((LANE_LIVE, now, wire.change_record(changes)))
 
     def _commit(self, force: bool) -> None:
         mono = time.monotonic()
         if self.pending and (force or mono - self.last_commit >= self.cfg.outbox.commit_interval):
             self.records += len(self.outbox.append(self.pending))
             self.pending = []
+            self.urgent = False
             self.last_commit = mono
 
     def _send(self) -> None:
@@ -321,11 +374,19 @@ class Runtime:
         log.info("agent stopped: %d records committed", self.records)
 
     def status(self) -> dict[str, Any]:
+        now = time.time()
         return {
             "device_id": self.cfg.device_id, "version": __version__, "kernel": BUILD, "pid": os.getpid(),
             "uptime": time.time() - self.started, "frames_per_s": self.frame_rate,
             "records_committed": self.records, "records_pending": len(self.pending),
             "fusion": self.kernel.counters(),
+            "alarms": [{"name": ALARM_NAMES[code], "code": code, "level": level, "since": since, "value": value,
+                        "source": self.cfg.sources[inst].name if inst >= 0 else None}
+                       for code, inst, level, since, value in self.kernel.alarms()],
+            "health": [{"slot": slot, "source": self.cfg.sources[src].name, "frames": frames, "period_s": period,
+                        "timeouts": timeouts, "timed_out": bool(out), "checksum_errors": checksum,
+                        "counter_errors": counter, "age_s": age}
+                       for slot, src, frames, period, timeouts, out, checksum, counter, age in self.kernel.health(now)],
             "sources": [dict(s.status(), protocol=c.protocol, decode=h.status())
                         for c, s, h in zip(self.cfg.sources, self.sources, self.handlers, strict=True)],
             "outbox": self.outbox.stats(), "uplink": self.uplink.status(),

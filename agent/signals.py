@@ -60,6 +60,24 @@ _FIXED: tuple[tuple[int, str, str, str], ...] = (
     (35, "Vehicle.LEV.TripDistance", "km", "trip distance"),
     (36, "Vehicle.LEV.Range", "km", "remaining range"),
     (37, "Vehicle.LEV.WheelSizeCode", "code", "Bafang wheel size code"),
+    # Derived by the fusion kernel (agent/fusion/_kernel_py.py uses these ids).
+    (38, "Vehicle.LEV.Fused.Speed", "km/h", "wheel and GNSS speed in a Kalman filter"),
+    (39, "Vehicle.LEV.Fused.Latitude", "deg", "GNSS latitude, dead-reckoned without a fix"),
+    (40, "Vehicle.LEV.Fused.Longitude", "deg", "GNSS longitude, dead-reckoned without a fix"),
+    (41, "Vehicle.LEV.Fused.PositionEstimated", "bool", "1 while the position is dead-reckoned"),
+    (42, "Vehicle.LEV.Fused.Odometer", "km", "controller odometer carried on by the fused distance"),
+    (43, "Vehicle.LEV.Fused.TripDistance", "km", "fused distance since the agent started"),
+    (44, "Vehicle.LEV.Energy.Out", "Wh", "energy drawn from the pack"),
+    (45, "Vehicle.LEV.Energy.Regenerated", "Wh", "energy into the pack while moving"),
+    (46, "Vehicle.LEV.Energy.Charged", "Wh", "energy into the pack while standing (charger)"),
+    (47, "Vehicle.LEV.Energy.Consumption", "Wh/km", "running average over recent distance"),
+    (48, "Vehicle.LEV.Fused.Range", "km", "usable energy over recent consumption"),
+    (49, "Vehicle.LEV.Fused.StateOfCharge", "%", "coulomb count corrected by the BMS and OCV"),
+    (50, "Vehicle.LEV.Fused.StateOfHealth", "%", "capacity observed against design capacity"),
+    (51, "Vehicle.LEV.Battery.CellVoltage.Spread", "V", "highest minus lowest cell"),
+    (52, "Vehicle.LEV.Battery.Temperature.Spread", "C", "hottest minus coolest pack sensor"),
+    (53, "Vehicle.LEV.Battery.Temperature.RiseRate", "C/min", "fastest pack sensor rise"),
+    (54, "Vehicle.LEV.Locked", "bool", "vehicle locked (controller flag or the agent's lock)"),
 )
 
 

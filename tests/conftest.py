@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BUILD_REQUIRED = os.environ.get("EBIKE_AGENT_BUILD_EXT", "") == "1"
 WIRE_CDDL = (REPO / "docs" / "wire.cddl").read_text()
+
+
+def assert_same_outputs(a: Any, b: Any, where: str = "output") -> None:
+    """The two kernel builds' outputs agree: same structure, equal ints and bools, floats
+    within 1e-9 relative (the C compiler may contract a multiply-add the interpreter
+    rounds twice)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{where}: {a!r} != {b!r}"
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_outputs(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(params=["c", "py"])
@@ -57,7 +72,9 @@ class WireSchema:
         self.batch = pycddl.Schema(
             "root = [version: 1, device: tstr, records: [* [seq: 1..18446744073709551615, body: any]]]\n" + cddl)
         self.bodies = {kind: pycddl.Schema(f"root = {rule}\n" + cddl)
-                       for kind, rule in (("win", "window-record"), ("gap", "gap-record"))}
+                       for kind, rule in (("win", "window-record"), ("gap", "gap-record"),
+                                          ("chg", "change-record"), ("alm", "alarm-record"),
+                                          ("snap", "snapshot-record"))}
 
     def validate_cbor(self, payload: bytes) -> None:
         self.batch.validate_cbor(payload)

@@ -284,6 +284,28 @@ protocol = "bafang-can"
                  id="cert-without-key"),
     pytest.param(minimal(tail='[broker]\ntls_ca = "/nonexistent/ca.pem"'), "broker.tls_ca",
                  "no such file: /nonexistent/ca.pem", id="missing-tls-file"),
+    pytest.param(minimal(tail="[windows]\nring_samples = 1000"), "windows.ring_samples", "power of two",
+                 id="ring-not-power-of-two"),
+    pytest.param(minimal(tail="[windows]\nlive = 0.7"), "windows.history", "whole number of live windows",
+                 id="history-not-multiple"),
+    pytest.param(minimal(tail="[fusion]\ncells = 0"), "fusion.cells", "must be > 0", id="fusion-zero"),
+    pytest.param(minimal(tail="[fusion]\ncels = 13"), "fusion.cels", "unknown key", id="fusion-unknown"),
+    pytest.param(minimal(tail="[fusion]\ntemp_rise_window_s = 40"), "fusion.temp_rise_window_s", "1-30 s",
+                 id="rise-window-long"),
+    pytest.param(minimal(tail="[alarms.overspeed]\nthreshold = 30"), "alarms.overspeed", "unknown alarm",
+                 id="alarm-unknown"),
+    pytest.param(minimal(tail="[alarms.over_speed]\nthreshold = 30\nclear = 31"), "alarms.over_speed.clear",
+                 "at or below the threshold 30.0", id="alarm-clear-wrong-side"),
+    pytest.param(minimal(tail="[alarms.soc_low]\nlevel = 4"), "alarms.soc_low.level", "must be one of",
+                 id="alarm-level"),
+    pytest.param(minimal(tail="[alarms.soc_low]\ndelay = -1"), "alarms.soc_low.delay", ">= 0",
+                 id="alarm-negative-delay"),
+    pytest.param(minimal(tail='[reporting."Vehicle.Sped"]\nmode = "change"'), "reporting.Vehicle.Sped",
+                 "unknown signal", id="reporting-unknown-signal"),
+    pytest.param(minimal(tail='[reporting."Vehicle.Speed"]\nmode = "sometimes"'), "reporting.Vehicle.Speed.mode",
+                 "must be one of", id="reporting-bad-mode"),
+    pytest.param(minimal(tail='[reporting."Vehicle.Speed"]\ndeadband = 1.0'), "reporting.Vehicle.Speed.mode",
+                 "is required", id="reporting-no-mode"),
     pytest.param('device_id = "x"\n[[sources]\n', "-", "not valid TOML", id="bad-toml"),
     pytest.param('device_id = "x"\ndevice_id = "y"\n', "-", "not valid TOML", id="toml-duplicate-key"),
 ])
@@ -470,3 +492,53 @@ def test_cli_run_refuses_a_bad_config(tmp_path: Path) -> None:
     proc = run_agent("run", "--config", str(bad))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:sources[1].name: duplicate source name 'can0'"
+
+
+def test_fusion_alarm_and_reporting_tables(tmp_path: Path) -> None:
+    from agent.fusion._kernel_py import ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+    from agent.signals import signal_id
+
+    cfg = load(str(write(tmp_path, minimal(tail="""
+[windows]
+history = 120
+ring_samples = 65536
+
+[fusion]
+cells = 13
+design_capacity_ah = 17.5
+
+[alarms.over_speed]
+threshold = 32.0
+clear = 30.0
+delay = 2
+level = 2
+
+[alarms.soc_high]
+enabled = false
+
+[reporting."Vehicle.LEV.Controller.FaultCode"]
+mode = "change"
+
+[reporting."Vehicle.Powertrain.TractionBattery.CurrentVoltage"]
+mode = "both"
+deadband = 0.5
+"""))))
+    assert (cfg.windows.history, cfg.windows.ring_samples) == (120.0, 65536)
+    names = [p[0] for p in PARAMS]
+    assert cfg.fusion[names.index("cells")] == 13.0 and cfg.fusion[names.index("design_capacity_ah")] == 17.5
+    assert cfg.fusion[names.index("tick")] == PARAMS[names.index("tick")][1]
+    rows = {r[1]: r for r in cfg.alarms}
+    assert "soc_high" not in rows and len(rows) == len(ALARMS) - 1
+    default_clear_delay = next(r for r in ALARMS if r[1] == "over_speed")[8]
+    assert rows["over_speed"][2] == 2 and rows["over_speed"][5:9] == (32.0, 30.0, 2.0, default_clear_delay)
+    assert rows["pack_over_voltage"] == next(r for r in ALARMS if r[1] == "pack_over_voltage")
+    assert set(cfg.reporting) == {(signal_id("Vehicle.LEV.Controller.FaultCode"), REPORT_CHANGE, 0.0),
+                                  (signal_id("Vehicle.Powertrain.TractionBattery.CurrentVoltage"),
+                                   REPORT_WINDOW | REPORT_CHANGE, 0.5)}
+
+
+def test_fusion_doc_is_the_alarms_command_output() -> None:
+    from agent.cli.alarms_cmd import markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "fusion.md"
+    assert doc.read_text() == markdown(), "regenerate: ebike-agent alarms --markdown > docs/fusion.md"

@@ -79,9 +79,10 @@ def manifest_series(manifest: Path, name: str) -> list[float]:
 
 
 def windows(db: Path, signal: int) -> list[tuple[int, float, float, float]]:
+    """The live (1 s) windows of ``signal``; the 60 s history windows summarise the same samples."""
     with sqlite3.connect(db) as c:
-        return c.execute("SELECT count, min, max, mean FROM window_signals WHERE device=? AND signal=? ORDER BY seq",
-                         (DEVICE, signal)).fetchall()
+        return c.execute("SELECT count, min, max, mean FROM window_signals WHERE device=? AND signal=? "
+                         "AND dur_ms=1000 ORDER BY seq", (DEVICE, signal)).fetchall()
 
 
 def assert_windows_match(series: list[float], rows: list[tuple[int, float, float, float]], resolution: float) -> None:
@@ -98,6 +99,19 @@ def assert_windows_match(series: list[float], rows: list[tuple[int, float, float
     assert pos == len(series), f"{len(series) - pos} delivered values never reached the cloud"
 
 
+def start_consumer_and_sim(tmp: Path, broker: Mosquitto, client_id: str,
+                           sim_args: list[str]) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """The reference consumer (``tmp``/cloud.sqlite, ingest.log) subscribed, and the
+    simulator's SLCAN and NMEA ptys (``tmp``/can, gps; sim.log) ready for the agent."""
+    consumer = spawn(["agent", "ingest", "--broker", broker.address, "--db", str(tmp / "cloud.sqlite"),
+                      "--client-id", client_id], tmp / "ingest.log")
+    sim = spawn(["firmware_sim", "--slcan", str(tmp / "can"), "--nmea", str(tmp / "gps"), *sim_args,
+                 "--wait-open", "60", "--linger", "2"], tmp / "sim.log")
+    wait_for("the consumer to subscribe", lambda: log_has(tmp / "ingest.log", "subscribed to"), 20)
+    wait_for("the simulator's ptys", lambda: log_has(tmp / "sim.log", "ready"), 20)
+    return consumer, sim
+
+
 @pytest.mark.e2e
 def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> None:
     schema = WireSchema(WIRE_CDDL)
@@ -111,18 +125,13 @@ def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> N
 
     consumer_db = tmp_path / "cloud.sqlite"
     consumer_log = tmp_path / "ingest.log"
-    consumer = spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(consumer_db),
-                      "--client-id", "e2e-ingest"], consumer_log)
     sim_log = tmp_path / "sim.log"
     agent_log = tmp_path / "agent.log"
     manifest = tmp_path / "manifest.jsonl"
-    sim = spawn(["firmware_sim", "--slcan", str(tmp_path / "can"), "--nmea", str(tmp_path / "gps"),
-                 "--speed", str(SPEEDUP), "--duration", str(RIDE_S), "--seed", "3", "--manifest", str(manifest),
-                 "--wait-open", "60", "--linger", "2"], sim_log)
+    consumer, sim = start_consumer_and_sim(tmp_path, mosquitto, "e2e-ingest", [
+        "--speed", str(SPEEDUP), "--duration", str(RIDE_S), "--seed", "3", "--manifest", str(manifest)])
     agent = None
     try:
-        wait_for("the consumer to subscribe", lambda: log_has(consumer_log, "subscribed to"), 20)
-        wait_for("the simulator's ptys", lambda: log_has(sim_log, "ready"), 20)
         agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto))], agent_log)
         live = wait_for("buffer stats from the running agent", lambda: _buffer_stats(tmp_path), 20)
         assert live["source"] == "agent" and "in_flight" in live

@@ -139,11 +139,16 @@ def stop_and_collect(agent: subprocess.Popen[bytes], log: Path, outbox: Path, db
     return committed
 
 
+HISTORY_MS = 60000
+
+
 def windows(db: Path, device: str, name: str) -> list[tuple[int, int, int, float, float, float, float]]:
-    """(t_ms, dur_ms, count, min, max, mean, last) of one signal, in sequence order."""
+    """(t_ms, dur_ms, count, min, max, mean, last) of one signal in the live windows (the
+    history windows, 60 s, summarise the same samples), in sequence order."""
     with sqlite3.connect(db) as c:
         return c.execute("SELECT t_ms, dur_ms, count, min, max, mean, last FROM window_signals "
-                         "WHERE device=? AND signal=? ORDER BY seq", (device, signal_id(name))).fetchall()
+                         f"WHERE device=? AND signal=? AND dur_ms < {HISTORY_MS} ORDER BY seq",
+                         (device, signal_id(name))).fetchall()
 
 
 def assert_constant(db: Path, device: str, name: str, value: float) -> int:
@@ -407,8 +412,10 @@ def test_candump_replay_as_fast_as_possible(tmp_path: Path, mosquitto: Mosquitto
     assert rows[-1][6] == pytest.approx(speeds[-1], abs=EXACT)
     # the windows keep the log's timing (shifted to when the replay began), not the replay's
     with sqlite3.connect(consumer) as c:
-        rec = c.execute("SELECT seq, t_ms FROM records WHERE device=? ORDER BY seq", (device,)).fetchall()
-        durs = {d for (d,) in c.execute("SELECT DISTINCT dur_ms FROM window_signals WHERE device=?", (device,))}
+        rec = c.execute("SELECT DISTINCT seq, t_ms FROM window_signals WHERE device=? AND dur_ms < ? ORDER BY seq",
+                        (device, HISTORY_MS)).fetchall()
+        durs = {d for (d,) in c.execute("SELECT DISTINCT dur_ms FROM window_signals WHERE device=? AND dur_ms < ?",
+                                        (device, HISTORY_MS))}
     starts = [t / 1000 for _, t in rec]
     assert durs == {live * 1000} and len(starts) == len(set(starts)) >= 3
     assert starts == sorted(starts), "windows out of order"
@@ -586,7 +593,8 @@ def test_python_can_virtual_bus_in_process(tmp_path: Path, mosquitto: Mosquitto)
         sub.close()
     records = dict(rec for p in payloads for rec in wire.decode_batch(p)[1])  # seq -> record, QoS 1 may repeat
     assert sorted(records) == list(range(1, committed + 1))
-    speed_rows = [row for rec in records.values() for row in rec["s"] if row[0] == signal_id(SPEED)]
+    live = [rec for rec in records.values() if rec["k"] == "win" and rec["d"] < HISTORY_MS]
+    speed_rows = [row for rec in live for row in rec["s"] if row[0] == signal_id(SPEED)]
     assert sum(row[1] for row in speed_rows) == len(speeds)
     assert min(row[2] for row in speed_rows) == pytest.approx(25.0, abs=EXACT)
     assert max(row[3] for row in speed_rows) == pytest.approx(26.0, abs=EXACT)

@@ -1,5 +1,6 @@
 """The fusion kernel, compiled and pure: decoding through compiled DBC tables (against
-cantools), window aggregation, and the two builds against each other on random input."""
+cantools), window aggregation, and the two builds against each other on random input.
+Fusion, alarms and capture have their own tests in tests/test_fusion.py."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 
 from agent.dbc.compile import compile_dbc, frame_key, load_cantools, profile_path
 from agent.fusion import kernel as kernel_module
+from agent.fusion._kernel_py import OUT_WINDOW, WIN_HISTORY, WIN_LIVE
 from agent.fusion.kernel import KERNELS
 from agent.signals import ID_SPACE, signal_id
-from tests.conftest import BUILD_REQUIRED
+from tests.conftest import BUILD_REQUIRED, assert_same_outputs
 
 KINDS_DBC = str(Path(__file__).parent / "data" / "kinds.dbc")
 DIFFERENTIAL_FRAMES = 100_000
@@ -34,6 +36,11 @@ def make(kernel_cls: Any, path: str, window: float = 1.0) -> tuple[Any, Any]:
     k = kernel_cls(dbc.id_space, window)
     k.set_can_tables(*dbc.kernel_tables())
     return k, dbc
+
+
+def windows(out: list[Any], which: int = WIN_LIVE) -> list[tuple[float, float, dict[int, Any]]]:
+    """The closed windows of one set among a kernel's outputs: (start, length, rows by id)."""
+    return [(o[2], o[3], {r[0]: r for r in o[4]}) for o in out if o[0] == OUT_WINDOW and o[1] == which]
 
 
 def random_frames(db: Any, n: int, seed: int) -> list[tuple[int, bytes, Any]]:
@@ -87,27 +94,41 @@ def test_decode_matches_cantools_on_random_frames(kernel_cls: Any, path: str) ->
 
 def test_windows_aggregate_min_max_mean_last_count(kernel_cls: Any) -> None:
     k = kernel_cls(ID_SPACE, 1.0)
-    assert k.feed_values([SPEED, SPEED, VOLTAGE], [10.1, 10.5, 10.7], [20.0, 22.0, 36.5]) == []
-    closed = k.feed_values([SPEED], [10.9], [24.0])
-    assert closed == []
-    closed = k.feed_values([SPEED], [11.2], [30.0])
+    assert windows(k.feed_values([SPEED, SPEED, VOLTAGE], [10.1, 10.5, 10.7], [20.0, 22.0, 36.5])) == []
+    assert windows(k.feed_values([SPEED], [10.9], [24.0])) == []
+    closed = windows(k.feed_values([SPEED], [11.2], [30.0]))
     assert len(closed) == 1
     start, length, rows = closed[0]
     assert (start, length) == (10.0, 1.0)
-    by_id = {r[0]: r for r in rows}
-    assert by_id[SPEED] == (SPEED, 3, 20.0, 24.0, 22.0, 24.0, 10.9)
-    assert by_id[VOLTAGE] == (VOLTAGE, 1, 36.5, 36.5, 36.5, 36.5, 10.7)
-    assert k.flush() == [(11.0, 1.0, [(SPEED, 1, 30.0, 30.0, 30.0, 30.0, 11.2)])]
+    assert rows[SPEED] == (SPEED, 3, 20.0, 24.0, 22.0, 24.0, 10.9)
+    assert rows[VOLTAGE] == (VOLTAGE, 1, 36.5, 36.5, 36.5, 36.5, 10.7)
+    last = windows(k.flush())
+    assert [(w[0], w[1], w[2][SPEED]) for w in last] == [(11.0, 1.0, (SPEED, 1, 30.0, 30.0, 30.0, 30.0, 11.2))]
     assert k.flush() == []
 
 
-def test_quiet_bus_window_closes_on_time(kernel_cls: Any) -> None:
+def test_history_windows_cover_their_own_span(kernel_cls: Any) -> None:
+    k = kernel_cls(ID_SPACE, 1.0, 60.0)
+    out = []
+    for i in range(130):
+        out += k.feed_values([VOLTAGE], [600.0 + i], [float(i)])
+    hist = windows(out, WIN_HISTORY)
+    assert [(w[0], w[1]) for w in hist] == [(600.0, 60.0), (660.0, 60.0)]
+    assert hist[0][2][VOLTAGE][1:6] == (60, 0.0, 59.0, 29.5, 59.0)
+    assert len(windows(out)) == 129
+
+
+def test_quiet_bus_window_closes_on_time_and_stale_signals_stop(kernel_cls: Any) -> None:
     k = kernel_cls(ID_SPACE, 1.0)
     k.feed_values([SPEED], [5.5], [1.0])
     assert k.close_due(5.99) == []
-    closed = k.close_due(6.0)
-    assert [c[0] for c in closed] == [5.0]
-    assert k.close_due(9.0) == []
+    assert [w[0] for w in windows(k.close_due(6.0))] == [5.0]
+    later = windows(k.close_due(9.0))
+    # The fused speed follows the wheel only while it is fresh (1 s here), then stops.
+    assert all(r[6] <= 6.5 for w in later for r in w[2].values())
+    assert windows(k.close_due(12.0)) == []
+    assert [s[4] for s in k.state(12.0) if s[0] == SPEED] == [True]
+    assert [s[4] for s in k.state(6.0) if s[0] == SPEED] == [False]
 
 
 def test_late_sample_goes_to_open_window_and_is_counted(kernel_cls: Any) -> None:
@@ -115,7 +136,7 @@ def test_late_sample_goes_to_open_window_and_is_counted(kernel_cls: Any) -> None
     k.feed_values([SPEED], [5.5], [1.0])
     k.feed_values([SPEED], [4.2], [3.0])
     assert k.counters()["late"] == 1
-    assert k.flush()[0][2][0][1] == 2
+    assert windows(k.flush())[0][2][SPEED][1] == 2
 
 
 def test_unknown_short_and_no_value_frames_are_counted(kernel_cls: Any) -> None:
@@ -140,13 +161,18 @@ def test_decode_frame_rejects_short_and_ignores_unknown(kernel_cls: Any) -> None
 def test_bad_tables_are_refused(kernel_cls: Any) -> None:
     from array import array
 
-    k = kernel_cls(10, 1.0)
+    k = kernel_cls(ID_SPACE, 1.0)
     with pytest.raises(ValueError, match="id space"):
         k.set_can_tables({1: 0}, array("i", [1]), array("i", [0]), array("i", [1]), array("b", [0]),
                          array("i", [0]), array("i", [8]), array("b", [0]), array("d", [1.0]),
-                         array("d", [0.0]), array("i", [99]), array("q", [-1]), array("i", [-1]), array("q", [-1]))
+                         array("d", [0.0]), array("i", [ID_SPACE]), array("q", [-1]), array("i", [-1]),
+                         array("q", [-1]))
     with pytest.raises(ValueError, match="window"):
-        kernel_cls(10, 0)
+        kernel_cls(ID_SPACE, 0)
+    with pytest.raises(ValueError, match="id space"):
+        kernel_cls(10, 1.0)
+    with pytest.raises(ValueError, match="ring"):
+        kernel_cls(ID_SPACE, 1.0, 60.0, 1000)
 
 
 def test_compiled_and_pure_agree_on_random_input() -> None:
@@ -169,15 +195,16 @@ def test_compiled_and_pure_agree_on_random_input() -> None:
             t += rng.expovariate(2000.0) - (0.01 if rng.random() < 0.01 else 0.0)
             times.append(t)
         args = ([f[0] for f in frames], [f[1] for f in frames], times)
-        assert kc.feed_frames(*args) == kp.feed_frames(*args)
+        assert_same_outputs(kc.feed_frames(*args), kp.feed_frames(*args))
         ids = [rng.randrange(dbc.id_space + 3) for _ in range(20)]
         vals = [rng.uniform(-1e6, 1e6) for _ in ids]
         vt = [t + rng.uniform(0, 0.1) for _ in ids]
-        assert kc.feed_values(ids, vt, vals) == kp.feed_values(ids, vt, vals)
+        assert_same_outputs(kc.feed_values(ids, vt, vals), kp.feed_values(ids, vt, vals))
         due = t + rng.uniform(0, 0.5)
-        assert kc.close_due(due) == kp.close_due(due)
-    assert kc.flush() == kp.flush()
-    assert kc.latest() == kp.latest()
+        assert_same_outputs(kc.close_due(due), kp.close_due(due))
+    assert_same_outputs(kc.flush(), kp.flush())
+    assert_same_outputs(kc.latest(), kp.latest())
+    assert_same_outputs(kc.alarms(), kp.alarms())
     assert kc.counters() == kp.counters()
 
 
@@ -217,7 +244,7 @@ def test_candump_feed_stamps_each_line_with_its_own_time(kernel_cls: Any) -> Non
     k, _ = make(kernel_cls, profile_path("bafang"))
     _, closed = k.feed_candump(b"(100.250000) can0 02F83201#6C091F05840D40FF\n"
                                b"(101.500000) can0 02F83201#B809E7048E0D40FF R\n", 1000.0)
-    assert [(c[0], c[2][0][1], c[2][0][4]) for c in closed] == [(1100.0, 1, 24.12)]
+    assert [(w[0], w[2][SPEED][1], w[2][SPEED][4]) for w in windows(closed)] == [(1100.0, 1, 24.12)]
     speed = {sid: (v, t) for sid, v, t in k.latest()}[SPEED]
     assert speed == (24.88, 1101.5)  # 0x09B8 = 2488 x 0.01 km/h
 

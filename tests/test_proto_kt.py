@@ -13,9 +13,9 @@ def xor(bs: bytes) -> int:
     return x
 
 
-def controller(period_ms: int, error: int = 0, power: int = 40, motor_temp: int = 35) -> bytes:
+def controller(period_ms: int, error: int = 0, power: int = 40, motor_temp: int = 35, flags: int = 0) -> bytes:
     b1_5 = bytes([0x0C, 0x30, period_ms >> 8, period_ms & 0xFF, error])
-    b7_11 = bytes([0x00, power, motor_temp, 0x00, 0x00])
+    b7_11 = bytes([flags, power, motor_temp, 0x00, 0x00])
     return b"\x41" + b1_5 + bytes([xor(b1_5 + b7_11)]) + b7_11
 
 
@@ -33,8 +33,10 @@ def test_controller_frame():
         "Vehicle.LEV.Controller.FaultCode": 8,
         "Vehicle.LEV.Controller.MotorCurrent": 10.0,
         "Vehicle.Powertrain.ElectricMotor.Temperature": 35,
+        "Vehicle.LEV.Locked": 0.0,
     })
     assert protocol("kt-lcd3", circumference_mm=2100).decode(f)["Vehicle.Speed"] == pytest.approx(15.12)
+    assert kt.decode(controller(6000, flags=0x11))["Vehicle.LEV.Locked"] == 1.0
 
 
 @pytest.mark.parametrize("period", [0, 6000, 0xFFFF])

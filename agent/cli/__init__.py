@@ -12,10 +12,10 @@ import os
 import sys
 
 from agent import __version__
-from agent.cli import buffer, command, config_cmd, decode, ingest, keys, run, signals_cmd, status
+from agent.cli import alarms_cmd, buffer, command, config_cmd, decode, ingest, keys, run, signals_cmd, status
 from agent.errors import AgentError
 
-_COMMANDS = (run, decode, config_cmd, signals_cmd, status, ingest, keys, command, buffer)
+_COMMANDS = (run, decode, config_cmd, signals_cmd, alarms_cmd, status, ingest, keys, command, buffer)
 
 
 def main(argv: list[str] | None = None) -> int:

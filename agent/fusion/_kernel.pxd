@@ -8,6 +8,25 @@ cdef Py_ssize_t PACKED_SIZE
 cdef int _CR, _LF, _BEL
 cdef long long _HASH_EMPTY
 cdef unsigned long long _M8, _M16, _M32
+cdef int OUT_WINDOW, OUT_CHANGE, OUT_ALARM, OUT_SNAPSHOT, WIN_LIVE, WIN_HISTORY
+cdef int REPORT_WINDOW, REPORT_CHANGE, SRC_FUSION, MAX_SOURCES, MAX_UART_SLOTS, MAX_TICKS_PER_CALL
+cdef int TEMP_HISTORY
+cdef int S_SPEED, S_ODOMETER, S_LAT, S_LON, S_HEADING, S_GNSS_SPEED, S_FIX, S_HDOP, S_PACK_V, S_PACK_I
+cdef int S_POWER, S_SOC, S_SOH, S_CELL_MIN, S_CELL_MAX, S_TEMP_MIN, S_TEMP_MAX, S_FULL_AH, S_PROTECTION
+cdef int S_MOTOR_TEMP, S_CTRL_TEMP, S_FAULT, S_FUSED_SPEED, S_FUSED_LAT, S_FUSED_LON, S_POS_ESTIMATED
+cdef int S_FUSED_ODOMETER, S_FUSED_TRIP, S_ENERGY_OUT, S_ENERGY_REGEN, S_ENERGY_CHARGED, S_CONSUMPTION
+cdef int S_FUSED_RANGE, S_FUSED_SOC, S_FUSED_SOH, S_CELL_SPREAD, S_TEMP_SPREAD, S_TEMP_RISE, S_LOCKED
+cdef int S_CELL0, N_CELLS, S_TEMP0, N_TEMPS, FUSION_ID_SPACE
+cdef int P_TICK, P_CELLS, P_DESIGN_AH, P_NOMINAL_V, P_RESERVE, P_STALE_PERIODS, P_STALE_MIN
+cdef int P_HEALTH_PERIODS, P_HEALTH_MIN, P_CAPTURE_BEFORE, P_CAPTURE_AFTER, P_SPEED_Q, P_WHEEL_R
+cdef int P_GNSS_R, P_SOC_BMS_TAU, P_REST_A, P_REST_TIME, P_SOC_OCV_TAU, P_SOH_SWING
+cdef int P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC
+cdef int A_TEMP_DIFFERENCE, A_BATTERY_HIGH_TEMP, A_PACK_OVER_VOLTAGE, A_PACK_UNDER_VOLTAGE, A_SOC_LOW
+cdef int A_CELL_OVER_VOLTAGE, A_CELL_UNDER_VOLTAGE, A_SOC_HIGH, A_SOC_JUMP, A_POOR_CONSISTENCY
+cdef int A_CONTROLLER_TEMP, A_MOTOR_TEMP, A_OVER_CHARGE, A_TEMP_RISE, A_BMS_PROTECTION
+cdef int A_CONTROLLER_FAULT, A_OVER_SPEED, A_THEFT, A_GNSS_LOST, A_COMM_LOST, A_WHEEL_IMPLAUSIBLE
+cdef int ABOVE, BELOW, PER_VALUE, PER_CELL, SPECIAL, MAX_ALARM_CODE
+cdef double NO_READING, DEG, M_PER_DEG
 
 
 cdef long long _hash(long long key, long long mask) noexcept
@@ -21,21 +40,121 @@ cdef Py_ssize_t _token_end(const unsigned char[::1] buf, Py_ssize_t p, Py_ssize_
 @cython.locals(v=cython.ulonglong, i=Py_ssize_t, b=cython.ulonglong)
 cdef unsigned long long _le(const unsigned char[::1] buf, Py_ssize_t off, Py_ssize_t size) noexcept
 
+cdef double _learn(double p, double dt) noexcept
+
+cdef double _gain(double dt, double tau) noexcept
+
+cdef int _check_source(int source) except -1
+
 
 @cython.final
 cdef class Kernel:
     cdef public Py_ssize_t id_space
     cdef public double window
+    cdef public double history
+    cdef double[::1] win_len
+    cdef long long[::1] win_index
     cdef signed char[::1] seen
     cdef double[::1] w_min
     cdef double[::1] w_max
     cdef double[::1] w_sum
-    cdef double[::1] w_last
-    cdef double[::1] w_last_time
     cdef int[::1] w_count
     cdef int[::1] touched
-    cdef Py_ssize_t n_touched
-    cdef long long w_index
+    cdef int[::1] n_touched
+    cdef double[::1] w_last
+    cdef double[::1] w_last_time
+    cdef signed char[::1] sig_src
+    cdef double[::1] sig_period
+    cdef signed char[::1] policy
+    cdef double[::1] deadband
+    cdef signed char[::1] reported
+    cdef double[::1] reported_value
+    cdef public int source
+    cdef int started
+    cdef long long tick_index
+    cdef double next_tick
+    cdef double next_event
+    cdef double live_start
+    cdef int[::1] src_seen
+    cdef int[::1] src_live
+    cdef long long ring_mask
+    cdef int[::1] r_sid
+    cdef double[::1] r_t
+    cdef double[::1] r_v
+    cdef long long r_head
+    cdef public long long ticks
+    cdef public long long snapshots
+    cdef double[::1] params
+    cdef public double tick
+    cdef double[::1] ocv_soc
+    cdef double[::1] ocv_v
+    cdef object alarm_rows
+    cdef int n_alarms
+    cdef int[::1] a_code
+    cdef int[::1] a_level
+    cdef int[::1] a_sid
+    cdef int[::1] a_dir
+    cdef double[::1] a_thr
+    cdef double[::1] a_clr
+    cdef double[::1] a_on
+    cdef double[::1] a_off
+    cdef signed char[::1] a_active
+    cdef double[::1] a_since
+    cdef double[::1] a_raised_t
+    cdef double[::1] a_value
+    cdef double[::1] spec_value
+    cdef signed char[::1] spec_ok
+    cdef int[::1] a_row
+    cdef int cap_pending
+    cdef double cap_t
+    cdef int cap_code
+    cdef int cap_instance
+    cdef Py_ssize_t n_msgs
+    cdef Py_ssize_t n_slots
+    cdef signed char[::1] m_src
+    cdef signed char[::1] m_seen
+    cdef double[::1] m_t
+    cdef double[::1] m_period
+    cdef long long[::1] m_frames
+    cdef int[::1] m_timeouts
+    cdef signed char[::1] m_out
+    cdef int[::1] m_checksum
+    cdef int[::1] m_counter
+    cdef double f_last
+    cdef double kf_x
+    cdef double kf_p
+    cdef double kf_wheel_t
+    cdef double kf_gnss_t
+    cdef int pos_ok
+    cdef double pos_lat
+    cdef double pos_lon
+    cdef double heading
+    cdef int gnss_seen
+    cdef double trip_km
+    cdef double odo_t
+    cdef double odo_base
+    cdef double odo_base_trip
+    cdef double e_out
+    cdef double e_regen
+    cdef double e_charged
+    cdef double cons_wh
+    cdef double cons_km
+    cdef double soc
+    cdef double rest_since
+    cdef double ah
+    cdef double soh
+    cdef double soh_anchor_soc
+    cdef double soh_anchor_ah
+    cdef double soc_bms_t
+    cdef double soc_bms_prev
+    cdef int soc_bms_src
+    cdef double[::1] temp_hist
+    cdef double[::1] temp_hist_t
+    cdef long long temp_hist_n
+    cdef double temp_hist_next
+    cdef int ext_n
+    cdef double ext_lo
+    cdef double ext_hi
     cdef public long long frames
     cdef public long long samples
     cdef public long long unknown
@@ -105,6 +224,9 @@ cdef class Kernel:
     cdef unsigned long long _hex_number(self, const unsigned char[::1] buf, Py_ssize_t start,
                                        Py_ssize_t end) noexcept
 
+    @cython.locals(dt=double)
+    cdef int _heard(self, Py_ssize_t slot, double t) except -1
+
     @cython.locals(m=int)
     cdef int _frame(self, long long key, unsigned long long le, Py_ssize_t size, double t) except -1
 
@@ -121,15 +243,101 @@ cdef class Kernel:
 
     cpdef list close_due(self, double now)
 
+    @cython.locals(k=int)
     cpdef list flush(self)
 
-    @cython.locals(w=cython.longlong)
     cdef int _advance(self, double t) except -1
 
-    cdef void _sample(self, int sid, double t, double value) noexcept
+    @cython.locals(k=int)
+    cdef int _start(self, double t) except -1
 
-    @cython.locals(k=Py_ssize_t, sid=int, c=int, rows=list)
-    cdef int _close(self, long long next_index) except -1
+    cdef void _skip_to(self, double t) noexcept
+
+    @cython.locals(n=int)
+    cdef int _due(self, double t) except -1
+
+    @cython.locals(k=int, w=cython.longlong)
+    cdef int _close_until(self, double t) except -1
+
+    @cython.locals(e=double, end=double, k=int)
+    cdef void _next_event(self) noexcept
+
+    @cython.locals(dt=double, r=Py_ssize_t)
+    cdef int _sample(self, int sid, double t, double value) except -1
+
+    @cython.locals(h=Py_ssize_t)
+    cdef void _merge(self, int sid) noexcept
+
+    @cython.locals(c=int, base=Py_ssize_t, j=int, i=int, sid=int, n=int, rows=list)
+    cdef int _close(self, int k, long long next_index) except -1
 
     @cython.locals(out=list)
     cdef list _take_closed(self)
+
+    @cython.locals(limit=double)
+    cdef bint _fresh(self, int sid, double t) noexcept
+
+    @cython.locals(src=int)
+    cdef int _put(self, int sid, double t, double value) except -1
+
+    @cython.locals(dt=double, moving=int)
+    cdef int _step(self, double t) except -1
+
+    cdef bint _gnss_fix(self, double t) noexcept
+
+    @cython.locals(a=int)
+    cdef bint _active(self, int code) noexcept
+
+    @cython.locals(wheel=bint, gnss=bint, hdop=double)
+    cdef int _speed(self, double t, double dt) except -2
+
+    @cython.locals(k=double)
+    cdef void _kf_update(self, double z, double r) noexcept
+
+    @cython.locals(d=double, h=double, estimated=double)
+    cdef int _position(self, double t, double dt, int moving) except -1
+
+    @cython.locals(dd=double, i=double, cap=double, p=double, wh=double, decay=double, wh_km=double,
+                   usable=double, wh_left=double)
+    cdef int _battery(self, double t, double dt, int moving) except -1
+
+    cdef double _capacity(self) noexcept
+
+    @cython.locals(bms=bint, rested=bint, ocv=double)
+    cdef int _soc(self, double t, double dt, double i, double cap) except -1
+
+    @cython.locals(capacity=double, observed=double)
+    cdef int _soc_reading(self, double t, double reading, int src) except -1
+
+    @cython.locals(n=Py_ssize_t, k=Py_ssize_t, f=double)
+    cdef double _ocv_soc(self, double cell_v) noexcept
+
+    cdef int _pack(self, double t) except -1
+
+    @cython.locals(n=int, k=int, v=double)
+    cdef int _extremes(self, int first, int count, double t) noexcept
+
+    cdef int _fill_in(self, int sid, double t, double value) except -1
+
+    @cython.locals(span=int, row=Py_ssize_t, back=Py_ssize_t, fastest=double, elapsed=double,
+                   then=double, rate=double, n=int, k=int, fresh=bint)
+    cdef int _temp_rise(self, double t) except -1
+
+    @cython.locals(s=int, m=Py_ssize_t, limit=double)
+    cdef void _health(self, double t) noexcept
+
+    @cython.locals(gnss=bint, locked=bint, full=bint, speed=double, g=double, w=double, top=double, a=int)
+    cdef void _specials(self, double t) noexcept
+
+    @cython.locals(a=int, code=int, sid=int, s=int)
+    cdef int _alarms(self, double t) except -1
+
+    @cython.locals(up=bint, cross=bint, delay=double, level=int)
+    cdef int _debounce(self, int a, int st, int instance, double t, double value) except -1
+
+    @cython.locals(t=double)
+    cdef int _capture(self) except -1
+
+    @cython.locals(ids=list, times=list, values=list, size=cython.longlong, stop=cython.longlong,
+                   j=cython.longlong, r=Py_ssize_t, rt=double)
+    cdef tuple _ring_slice(self, double t, int code, int instance, double lo, double hi)

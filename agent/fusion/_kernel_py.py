@@ -2,16 +2,29 @@
 
 setup.py compiles this very file with Cython (types come from ``_kernel.pxd``), so the
 compiled and the pure kernel cannot drift apart. It must also run under MicroPython:
-no dataclasses, enum or typing here, only ``array`` and plain classes.
+no dataclasses, enum or typing here, only ``array``, ``math`` and plain classes.
 
 Python calls the kernel once per read of a port, with every frame of that read, in
 the form the port delivers it: SLCAN text, candump text, packed ``struct can_frame``
-records, or already-split frames. The kernel parses, decodes through the compiled DBC
-tables, updates preallocated arrays and hands back only the windows that closed.
-A closed window is ``(start, length, rows)`` with one row per signal seen in it:
-``(signal_id, count, min, max, mean, last, last_time)``.
+records, already-split frames or decoded samples. The kernel parses, decodes through
+the compiled DBC tables and updates preallocated arrays; every ``tick`` seconds of
+sample time it runs the fusion step (derived signals, alarms, source health, event
+capture). Each call hands back only what Python must act on, as tuples whose first
+item says what they are:
+
+* ``(OUT_WINDOW, set, start, length, rows)``: a closed window of set ``WIN_LIVE`` or
+  ``WIN_HISTORY``, one row per signal sampled in it:
+  ``(signal_id, count, min, max, mean, last, last_time)``;
+* ``(OUT_CHANGE, signal_id, time, value)``: a signal reported on change moved beyond
+  its deadband;
+* ``(OUT_ALARM, time, code, instance, level, raised, value, threshold)``: an alarm
+  raised (1) or cleared (0) with the value that did it and the threshold it crossed;
+* ``(OUT_SNAPSHOT, time, code, instance, start, end, ids, times, values)``: every
+  sample of the ring buffer from ``capture_before_s`` before a level >= 2 alarm to
+  ``capture_after_s`` after it.
 """
 
+import math
 from array import array
 
 EFF_FLAG = 0x80000000
@@ -29,9 +42,202 @@ _M8 = 0x00FF00FF00FF00FF
 _M16 = 0x0000FFFF0000FFFF
 _M32 = 0x00000000FFFFFFFF
 
+OUT_WINDOW = 0
+OUT_CHANGE = 1
+OUT_ALARM = 2
+OUT_SNAPSHOT = 3
+WIN_LIVE = 0
+WIN_HISTORY = 1
+# Reporting policy bits of a signal's live reports.
+REPORT_WINDOW = 1
+REPORT_CHANGE = 2
+# Source of a sample the fusion step derived.
+SRC_FUSION = -1
+MAX_SOURCES = 16
+MAX_UART_SLOTS = 64
+MAX_TICKS_PER_CALL = 100
+# Seconds of per-sensor temperature kept (one entry a second) for the rate of rise.
+TEMP_HISTORY = 32
+
+# Catalogue ids the fusion step reads and writes (agent/signals.py is the authority;
+# tests/test_fusion.py checks these against it).
+S_SPEED = 1
+S_ODOMETER = 2
+S_LAT = 3
+S_LON = 4
+S_HEADING = 6
+S_GNSS_SPEED = 7
+S_FIX = 8
+S_HDOP = 10
+S_PACK_V = 11
+S_PACK_I = 12
+S_POWER = 13
+S_SOC = 14
+S_SOH = 15
+S_CELL_MIN = 16
+S_CELL_MAX = 17
+S_TEMP_MIN = 18
+S_TEMP_MAX = 19
+S_FULL_AH = 21
+S_PROTECTION = 23
+S_MOTOR_TEMP = 26
+S_CTRL_TEMP = 27
+S_FAULT = 30
+S_FUSED_SPEED = 38
+S_FUSED_LAT = 39
+S_FUSED_LON = 40
+S_POS_ESTIMATED = 41
+S_FUSED_ODOMETER = 42
+S_FUSED_TRIP = 43
+S_ENERGY_OUT = 44
+S_ENERGY_REGEN = 45
+S_ENERGY_CHARGED = 46
+S_CONSUMPTION = 47
+S_FUSED_RANGE = 48
+S_FUSED_SOC = 49
+S_FUSED_SOH = 50
+S_CELL_SPREAD = 51
+S_TEMP_SPREAD = 52
+S_TEMP_RISE = 53
+S_LOCKED = 54
+S_CELL0 = 100
+N_CELLS = 32
+S_TEMP0 = 132
+N_TEMPS = 16
+# The highest catalogue id the fusion step touches: the kernel's id space must cover it.
+FUSION_ID_SPACE = S_TEMP0 + N_TEMPS
+
+# Tunables: (name, default, unit, why). ``Kernel.set_params`` takes the values in this
+# order; agent/config.py reads overrides from the [fusion] table.
+PARAMS = (
+    ("tick", 0.1, "s", "period of the fusion step in sample time"),
+    ("cells", 10.0, "count", "cells in series: per-cell thresholds and OCV scale with it"),
+    ("design_capacity_ah", 14.0, "Ah", "new-pack capacity, the 100 % of state of health"),
+    ("nominal_cell_v", 3.6, "V", "energy per Ah for the range estimate"),
+    ("reserve_pct", 5.0, "%", "state of charge the range estimate keeps back"),
+    ("stale_periods", 10.0, "periods", "a signal is stale after this many of its learned periods"),
+    ("stale_min_s", 1.0, "s", "and never sooner than this (reads batch frames)"),
+    ("health_periods", 10.0, "periods", "a message times out after this many learned periods"),
+    ("health_min_s", 1.0, "s", "and never sooner than this"),
+    ("capture_before_s", 10.0, "s", "event snapshot: history kept before the alarm"),
+    ("capture_after_s", 5.0, "s", "event snapshot: time recorded after the alarm"),
+    ("speed_process_var", 20.0, "(km/h)^2/s", "how fast the true speed may wander (Kalman Q)"),
+    ("wheel_speed_var", 0.25, "(km/h)^2", "wheel speed noise (Kalman R)"),
+    ("gnss_speed_var", 0.5, "(km/h)^2", "GNSS speed noise at HDOP 1 (Kalman R)"),
+    ("soc_bms_tau_s", 600.0, "s", "time constant pulling the coulomb count to the BMS's SoC"),
+    ("rest_current_a", 0.5, "A", "below this the pack rests (OCV is meaningful)"),
+    ("rest_time_s", 30.0, "s", "rest needed before the OCV corrects the SoC"),
+    ("soc_ocv_tau_s", 60.0, "s", "time constant pulling the SoC to the OCV at rest"),
+    ("soh_min_swing_pct", 50.0, "%", "SoC swing a capacity observation needs"),
+    ("consumption_km", 2.0, "km", "distance constant of the Wh/km running average"),
+    ("moving_kmh", 2.0, "km/h", "above this the vehicle moves (regen, theft, interlock)"),
+    ("wheel_check_min_kmh", 8.0, "km/h", "wheel and GNSS speed are compared above this"),
+    ("temp_rise_window_s", 5.0, "s", "span the rate of temperature rise is measured over"),
+    ("full_soc_pct", 99.0, "%", "charging at or above this SoC is over-charge"),
+)
+(P_TICK, P_CELLS, P_DESIGN_AH, P_NOMINAL_V, P_RESERVE, P_STALE_PERIODS, P_STALE_MIN,
+ P_HEALTH_PERIODS, P_HEALTH_MIN, P_CAPTURE_BEFORE, P_CAPTURE_AFTER, P_SPEED_Q, P_WHEEL_R,
+ P_GNSS_R, P_SOC_BMS_TAU, P_REST_A, P_REST_TIME, P_SOC_OCV_TAU, P_SOH_SWING,
+ P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC) = range(24)
+
+# Open-circuit cell voltage against SoC (%): a typical NMC 18650/21700 curve, used at
+# rest to correct the coulomb count. ``Kernel.set_ocv`` installs another pack's curve.
+OCV_CURVE = ((0.0, 3.00), (5.0, 3.30), (10.0, 3.45), (20.0, 3.56), (30.0, 3.63),
+             (40.0, 3.69), (50.0, 3.75), (60.0, 3.82), (70.0, 3.90), (80.0, 3.98),
+             (90.0, 4.07), (100.0, 4.18))
+
+# Alarm codes (stable: they travel on the wire). GB/T 32960's general alarm flags that
+# apply to an e-bike come first, in that standard's order.
+A_TEMP_DIFFERENCE = 1
+A_BATTERY_HIGH_TEMP = 2
+A_PACK_OVER_VOLTAGE = 3
+A_PACK_UNDER_VOLTAGE = 4
+A_SOC_LOW = 5
+A_CELL_OVER_VOLTAGE = 6
+A_CELL_UNDER_VOLTAGE = 7
+A_SOC_HIGH = 8
+A_SOC_JUMP = 9
+A_POOR_CONSISTENCY = 10
+A_CONTROLLER_TEMP = 11
+A_MOTOR_TEMP = 12
+A_OVER_CHARGE = 13
+A_TEMP_RISE = 14
+A_BMS_PROTECTION = 15
+A_CONTROLLER_FAULT = 16
+A_OVER_SPEED = 17
+A_THEFT = 18
+A_GNSS_LOST = 19
+A_COMM_LOST = 20
+A_WHEEL_IMPLAUSIBLE = 21
+ABOVE = 1
+BELOW = -1
+# Scale of a threshold: as given, or per cell (times the ``cells`` parameter).
+PER_VALUE = 0
+PER_CELL = 1
+# Special alarms are not a threshold on one catalogue signal: the fusion step computes
+# their value (signal id -1 below).
+SPECIAL = -1
+
+# (code, name, level, signal, direction, threshold, clear, raise delay s, clear delay s,
+#  scale, why). Levels: 1 does not affect riding, 2 limit riding, 3 stop / call for help.
+# A threshold is crossed strictly; the alarm clears once the value is back beyond
+# ``clear`` (hysteresis); each condition must hold for its delay (debounce).
+ALARMS = (
+    (A_TEMP_DIFFERENCE, "temperature_difference", 2, S_TEMP_SPREAD, ABOVE, 10.0, 7.0, 5.0, 5.0,
+     PER_VALUE, "pack sensors disagree by more than this (C): a local hot spot"),
+    (A_BATTERY_HIGH_TEMP, "battery_high_temperature", 2, S_TEMP_MAX, ABOVE, 55.0, 50.0, 5.0, 5.0,
+     PER_VALUE, "hottest pack sensor (C)"),
+    (A_PACK_OVER_VOLTAGE, "pack_over_voltage", 2, S_PACK_V, ABOVE, 4.25, 4.20, 5.0, 5.0,
+     PER_CELL, "pack voltage per series cell (V)"),
+    (A_PACK_UNDER_VOLTAGE, "pack_under_voltage", 2, S_PACK_V, BELOW, 3.0, 3.2, 5.0, 5.0,
+     PER_CELL, "pack voltage per series cell (V)"),
+    (A_SOC_LOW, "soc_low", 1, S_FUSED_SOC, BELOW, 10.0, 15.0, 5.0, 5.0,
+     PER_VALUE, "fused state of charge (%)"),
+    (A_CELL_OVER_VOLTAGE, "cell_over_voltage", 2, S_CELL_MAX, ABOVE, 4.25, 4.20, 3.0, 5.0,
+     PER_VALUE, "highest cell (V)"),
+    (A_CELL_UNDER_VOLTAGE, "cell_under_voltage", 2, S_CELL_MIN, BELOW, 2.8, 3.0, 3.0, 5.0,
+     PER_VALUE, "lowest cell (V)"),
+    (A_SOC_HIGH, "soc_high", 1, S_FUSED_SOC, ABOVE, 100.5, 99.0, 5.0, 5.0,
+     PER_VALUE, "fused state of charge past full (%): the count and the pack disagree"),
+    (A_SOC_JUMP, "soc_jump", 1, SPECIAL, ABOVE, 5.0, 1.0, 0.0, 10.0,
+     PER_VALUE, "step between two BMS SoC readings (points)"),
+    (A_POOR_CONSISTENCY, "poor_cell_consistency", 2, S_CELL_SPREAD, ABOVE, 0.15, 0.10, 5.0, 5.0,
+     PER_VALUE, "highest minus lowest cell (V)"),
+    (A_CONTROLLER_TEMP, "controller_temperature", 2, S_CTRL_TEMP, ABOVE, 75.0, 70.0, 3.0, 5.0,
+     PER_VALUE, "motor controller temperature (C)"),
+    (A_MOTOR_TEMP, "motor_temperature", 2, S_MOTOR_TEMP, ABOVE, 110.0, 100.0, 3.0, 5.0,
+     PER_VALUE, "motor temperature (C)"),
+    (A_OVER_CHARGE, "over_charge", 2, SPECIAL, ABOVE, 0.5, 0.2, 5.0, 5.0,
+     PER_VALUE, "charging current (A) into a full pack (SoC >= full_soc_pct or a cell over-voltage)"),
+    (A_TEMP_RISE, "temperature_rise", 3, S_TEMP_RISE, ABOVE, 30.0, 10.0, 1.0, 10.0,
+     PER_VALUE, "fastest pack sensor rise (C/min): thermal-runaway precursor"),
+    (A_BMS_PROTECTION, "bms_protection", 2, S_PROTECTION, ABOVE, 0.5, 0.5, 0.0, 2.0,
+     PER_VALUE, "any BMS protection bit set (the value is the bits)"),
+    (A_CONTROLLER_FAULT, "controller_fault", 2, S_FAULT, ABOVE, 0.5, 0.5, 1.0, 2.0,
+     PER_VALUE, "controller fault code not 0 (the value is the code)"),
+    (A_OVER_SPEED, "over_speed", 1, S_FUSED_SPEED, ABOVE, 27.5, 25.5, 10.0, 5.0,
+     PER_VALUE, "fused speed (km/h) above the legal 25 km/h plus the 10 % EN 15194 allows"),
+    (A_THEFT, "theft", 3, SPECIAL, ABOVE, 3.0, 1.0, 3.0, 10.0,
+     PER_VALUE, "speed while locked (km/h)"),
+    (A_GNSS_LOST, "gnss_lost", 1, SPECIAL, BELOW, 0.5, 0.5, 5.0, 3.0,
+     PER_VALUE, "1 with a fresh GNSS fix, 0 without (after a fix was seen)"),
+    (A_COMM_LOST, "communication_lost", 2, SPECIAL, ABOVE, 0.5, 0.5, 0.0, 1.0,
+     PER_VALUE, "per source: every message it sent timed out (instance = source)"),
+    (A_WHEEL_IMPLAUSIBLE, "wheel_speed_implausible", 2, SPECIAL, ABOVE, 0.35, 0.2, 5.0, 10.0,
+     PER_VALUE, "|wheel - GNSS| / max(wheel, GNSS) while moving with a GNSS fix"),
+)
+ALARM_NAMES = dict((row[0], row[1]) for row in ALARMS)
+MAX_ALARM_CODE = A_WHEEL_IMPLAUSIBLE
+NO_READING = -1000.0
+DEG = math.pi / 180.0
+M_PER_DEG = 111320.0
+
 
 def _zeros(code, n):
-    return array(code, [0] * n)
+    try:
+        return array(code, [0]) * n
+    except TypeError:  # MicroPython's array cannot be repeated
+        return array(code, [0] * n)
 
 
 def _hex_table():
@@ -75,26 +281,76 @@ def _le(buf, off, size):
     return v
 
 
-class Kernel:
-    """Latest value and per-window aggregates of every signal, fed in batches."""
 
-    def __init__(self, id_space, window):
-        if window <= 0:
-            raise ValueError("window must be > 0 s")
-        self.id_space = id_space
+
+def _learn(p, dt):
+    """Running estimate of a period from one more interval; a gap counts as at most four
+    periods, so an outage does not teach it that the signal is slow."""
+    if p == 0.0:
+        return dt
+    if dt > 4.0 * p:
+        dt = 4.0 * p
+    return p + 0.125 * (dt - p)
+
+
+def _gain(dt, tau):
+    return dt / tau if dt < tau else 1.0
+
+
+def _check_source(source):
+    if source < 0 or source >= MAX_SOURCES:
+        raise ValueError("source index must be 0-%d" % (MAX_SOURCES - 1))
+
+class Kernel:
+    """Vehicle state, windows, fused signals, alarms and event capture, fed in batches."""
+
+    def __init__(self, id_space, window, history=60.0, ring=1 << 18):
+        if window <= 0 or history <= 0:
+            raise ValueError("windows must be > 0 s")
+        if id_space < FUSION_ID_SPACE:
+            raise ValueError("id space must cover the catalogue ids the fusion uses")
+        ratio = history / window
+        if abs(ratio - round(ratio)) > 1e-9 * ratio:
+            raise ValueError("the history window must be a whole number of live windows")
+        if ring < 16 or ring & (ring - 1):
+            raise ValueError("ring size must be a power of two >= 16")
+        n = id_space
+        self.id_space = n
         self.window = float(window)
-        self.seen = _zeros("b", id_space)
-        self.w_min = _zeros("d", id_space)
-        self.w_max = _zeros("d", id_space)
-        self.w_sum = _zeros("d", id_space)
-        # The last value and its time are never reset when a window closes: they are
-        # also the signal's latest state.
-        self.w_last = _zeros("d", id_space)
-        self.w_last_time = _zeros("d", id_space)
-        self.w_count = _zeros("i", id_space)
-        self.touched = _zeros("i", id_space)
-        self.n_touched = 0
-        self.w_index = -1
+        self.history = float(history)
+        self.win_len = array("d", [float(window), float(history)])
+        self.win_index = array("q", [-1, -1])
+        self.seen = _zeros("b", n)
+        # Per-window aggregates of both sets: set k of signal s lives at k * id_space + s.
+        self.w_min = _zeros("d", 2 * n)
+        self.w_max = _zeros("d", 2 * n)
+        self.w_sum = _zeros("d", 2 * n)
+        self.w_count = _zeros("i", 2 * n)
+        self.touched = _zeros("i", 2 * n)
+        self.n_touched = _zeros("i", 2)
+        # The last value, its time and source are never reset when a window closes:
+        # they are the signal's latest state.
+        self.w_last = _zeros("d", n)
+        self.w_last_time = _zeros("d", n)
+        self.sig_src = _zeros("b", n)
+        self.sig_period = _zeros("d", n)
+        self.policy = array("b", [REPORT_WINDOW] * n)
+        self.deadband = _zeros("d", n)
+        self.reported = _zeros("b", n)
+        self.reported_value = _zeros("d", n)
+        self.source = 0
+        self.started = 0
+        self.tick_index = 0
+        self.next_tick = 0.0
+        self.next_event = -1.0e300
+        self.live_start = 0.0
+        self.src_seen = _zeros("i", MAX_SOURCES)
+        self.src_live = _zeros("i", MAX_SOURCES)
+        self.ring_mask = ring - 1
+        self.r_sid = _zeros("i", ring)
+        self.r_t = _zeros("d", ring)
+        self.r_v = _zeros("d", ring)
+        self.r_head = 0
         self.frames = 0
         self.samples = 0
         self.unknown = 0
@@ -106,12 +362,136 @@ class Kernel:
         self.error_frames = 0
         self.fd_frames = 0
         self.adapter_errors = 0
+        self.ticks = 0
+        self.snapshots = 0
         self.hexval = _hex_table()
         self.closed = []
+        self.params = array("d", [p[1] for p in PARAMS])
+        self.tick = self.params[P_TICK]
+        self.set_ocv(OCV_CURVE)
+        self.set_alarms(ALARMS)
+        self._reset_fusion()
+        self.n_slots = 0
         self.set_can_tables({}, _zeros("i", 0), _zeros("i", 0), _zeros("i", 0),
                             _zeros("b", 0), _zeros("i", 0), _zeros("i", 0), _zeros("b", 0),
                             _zeros("d", 0), _zeros("d", 0), _zeros("i", 0), _zeros("q", 0),
                             _zeros("i", 0), _zeros("q", 0))
+
+    def _reset_fusion(self):
+        self.f_last = -1.0
+        self.kf_x = 0.0
+        self.kf_p = -1.0
+        self.kf_wheel_t = -1.0
+        self.kf_gnss_t = -1.0
+        self.pos_ok = 0
+        self.pos_lat = 0.0
+        self.pos_lon = 0.0
+        self.heading = 0.0
+        self.gnss_seen = 0
+        self.trip_km = 0.0
+        self.odo_t = -1.0
+        self.odo_base = -1.0
+        self.odo_base_trip = 0.0
+        self.e_out = 0.0
+        self.e_regen = 0.0
+        self.e_charged = 0.0
+        self.cons_wh = 0.0
+        self.cons_km = 0.0
+        self.soc = -1.0
+        self.rest_since = -1.0
+        self.ah = 0.0
+        self.soh = -1.0
+        self.soh_anchor_soc = -1.0
+        self.soh_anchor_ah = 0.0
+        self.soc_bms_t = -1.0
+        self.soc_bms_prev = -1.0
+        self.soc_bms_src = 0
+        self.temp_hist = _zeros("d", N_TEMPS * TEMP_HISTORY)
+        self.temp_hist_t = _zeros("d", TEMP_HISTORY)
+        self.temp_hist_n = 0
+        self.temp_hist_next = -1.0
+        self.ext_n = 0
+        self.ext_lo = 0.0
+        self.ext_hi = 0.0
+
+    def set_params(self, values):
+        """Tunables in ``PARAMS`` order (see there for units and defaults)."""
+        if len(values) != len(PARAMS):
+            raise ValueError("expected %d parameters, got %d" % (len(PARAMS), len(values)))
+        for i in range(len(PARAMS)):
+            if not values[i] > 0.0:
+                raise ValueError("parameter %s must be > 0" % PARAMS[i][0])
+        if values[P_RISE_WINDOW] >= TEMP_HISTORY - 1 or values[P_RISE_WINDOW] < 1.0:
+            raise ValueError("temp_rise_window_s must be 1-%d s" % (TEMP_HISTORY - 2))
+        self.params = array("d", [float(v) for v in values])
+        self.tick = self.params[P_TICK]
+        self.set_alarms(self.alarm_rows)
+
+    def set_ocv(self, curve):
+        """The pack's open-circuit cell voltage curve, ``((soc %, volts), ...)`` rising."""
+        if len(curve) < 2:
+            raise ValueError("an OCV curve needs at least two points")
+        for i in range(1, len(curve)):
+            if not (curve[i][0] > curve[i - 1][0] and curve[i][1] > curve[i - 1][1]):
+                raise ValueError("OCV curve must rise in both SoC and voltage")
+        self.ocv_soc = array("d", [p[0] for p in curve])
+        self.ocv_v = array("d", [p[1] for p in curve])
+
+    def set_alarms(self, rows):
+        """Install the alarm table (``ALARMS``' shape); per-cell thresholds are scaled by
+        the ``cells`` parameter here, so a table can be given once for any pack."""
+        n = len(rows)
+        for r in rows:
+            if r[0] < 1 or r[0] > MAX_ALARM_CODE or r[2] < 1 or r[2] > 3:
+                raise ValueError("alarm %r: code or level out of range" % (r[1],))
+            if r[3] != SPECIAL and (r[3] < 0 or r[3] >= self.id_space):
+                raise ValueError("alarm %r: signal outside the id space" % (r[1],))
+            if r[4] != ABOVE and r[4] != BELOW:
+                raise ValueError("alarm %r: direction must be ABOVE or BELOW" % (r[1],))
+            if r[7] < 0.0 or r[8] < 0.0:
+                raise ValueError("alarm %r: delays must be >= 0" % (r[1],))
+            if (r[4] == ABOVE and r[6] > r[5]) or (r[4] == BELOW and r[6] < r[5]):
+                raise ValueError("alarm %r: the clear threshold must lie on the safe side" % (r[1],))
+        self.alarm_rows = rows
+        self.n_alarms = n
+        scale = self.params[P_CELLS]
+        self.a_code = array("i", [r[0] for r in rows])
+        self.a_level = array("i", [r[2] for r in rows])
+        self.a_sid = array("i", [r[3] for r in rows])
+        self.a_dir = array("i", [r[4] for r in rows])
+        self.a_thr = array("d", [r[5] * (scale if r[9] == PER_CELL else 1.0) for r in rows])
+        self.a_clr = array("d", [r[6] * (scale if r[9] == PER_CELL else 1.0) for r in rows])
+        self.a_on = array("d", [r[7] for r in rows])
+        self.a_off = array("d", [r[8] for r in rows])
+        # State: rows first, then one instance per source for communication_lost.
+        self.a_active = _zeros("b", n + MAX_SOURCES)
+        self.a_since = array("d", [-1.0] * (n + MAX_SOURCES))
+        self.a_raised_t = _zeros("d", n + MAX_SOURCES)
+        self.a_value = _zeros("d", n + MAX_SOURCES)
+        self.spec_value = _zeros("d", MAX_ALARM_CODE + 1)
+        self.spec_ok = _zeros("b", MAX_ALARM_CODE + 1)
+        self.a_row = array("i", [-1] * (MAX_ALARM_CODE + 1))
+        for a in range(n):
+            if self.a_row[rows[a][0]] >= 0:
+                raise ValueError("alarm code %d given twice" % rows[a][0])
+            self.a_row[rows[a][0]] = a
+        self.cap_pending = 0
+        self.cap_t = 0.0
+        self.cap_code = 0
+        self.cap_instance = -1
+
+    def set_policy(self, sid, mode, deadband):
+        """How signal ``sid`` is reported live: ``REPORT_WINDOW`` (a row in every live
+        window it was sampled in), ``REPORT_CHANGE`` (a change record as soon as it moves
+        more than ``deadband`` from the last one reported) or both; history windows
+        always carry every signal."""
+        if sid < 0 or sid >= self.id_space:
+            raise ValueError("signal id out of the kernel's id space")
+        if mode < 1 or mode > 3 or deadband < 0.0:
+            raise ValueError("mode must be 1-3 and the deadband >= 0")
+        self.policy[sid] = mode
+        self.deadband[sid] = deadband
+        self.reported[sid] = 0
 
     def set_can_tables(self, msg_index, msg_len, msg_first, msg_count, big_endian, shift,
                        length, signed, factor, offset, sig_id, no_value, mux_row, mux_value):
@@ -161,6 +541,297 @@ class Kernel:
         self.sig_na = array("Q", [no_value[i] if no_value[i] >= 0 else 0 for i in range(n)])
         self.sig_mux_row = mux_row
         self.sig_mux_value = array("Q", [mux_value[i] if mux_value[i] >= 0 else 0 for i in range(n)])
+        # Health slots: one per CAN message (its row), then those UART sources ask for.
+        self.n_msgs = len(msg_len)
+        self.n_slots = self.n_msgs
+        size = self.n_msgs + MAX_UART_SLOTS
+        self.m_src = _zeros("b", size)
+        self.m_seen = _zeros("b", size)
+        self.m_t = _zeros("d", size)
+        self.m_period = _zeros("d", size)
+        self.m_frames = _zeros("q", size)
+        self.m_timeouts = _zeros("i", size)
+        self.m_out = _zeros("b", size)
+        self.m_checksum = _zeros("i", size)
+        self.m_counter = _zeros("i", size)
+
+    def set_can_source(self, source):
+        """The source whose health the CAN messages count towards."""
+        _check_source(source)
+        for m in range(self.n_msgs):
+            self.m_src[m] = source
+
+    def health_slot(self, source):
+        """A new health slot for messages of a UART source (CAN messages have theirs)."""
+        _check_source(source)
+        if self.n_slots >= self.n_msgs + MAX_UART_SLOTS:
+            raise ValueError("no health slot left")
+        slot = self.n_slots
+        self.n_slots += 1
+        self.m_src[slot] = source
+        return slot
+
+    def note_frames(self, slot, times):
+        """Good frames of a UART health slot, one call per read."""
+        if slot < self.n_msgs or slot >= self.n_slots:
+            raise ValueError("not a UART health slot")
+        for i in range(len(times)):
+            self._heard(slot, times[i])
+
+    def note_errors(self, slot, checksum, counter):
+        """Frames of a health slot refused for a bad checksum or rolling counter."""
+        if slot < 0 or slot >= self.n_slots:
+            raise ValueError("no such health slot")
+        self.m_checksum[slot] += checksum
+        self.m_counter[slot] += counter
+
+    def _heard(self, slot, t):
+        if self.m_seen[slot]:
+            dt = t - self.m_t[slot]
+            if dt > 0.0:
+                self.m_period[slot] = _learn(self.m_period[slot], dt)
+                self.m_t[slot] = t
+        else:
+            self.m_seen[slot] = 1
+            self.m_t[slot] = t
+        self.m_frames[slot] += 1
+        self.m_out[slot] = 0
+
+    def feed_values(self, ids, times, values):
+        """Record already-decoded samples (NMEA, UART protocols, the agent's own)."""
+        n = len(ids)
+        for i in range(n):
+            sid = ids[i]
+            if sid < 0 or sid >= self.id_space:
+                self.unknown += 1
+                continue
+            t = times[i]
+            self._advance(t)
+            self._sample(sid, t, values[i])
+        return self._take_closed()
+
+    def close_due(self, now):
+        """Run what is due by ``now`` (fusion steps, window ends), so a quiet bus still
+        reports and a silent source is noticed."""
+        if self.started and now >= self.next_event:
+            self._due(now)
+        return self._take_closed()
+
+    def flush(self):
+        """Close the open windows whatever the time and hand over a pending capture, at
+        shutdown."""
+        for k in range(2):
+            if self.n_touched[k] > 0:
+                self._close(k, self.win_index[k] + 1)
+        if self.cap_pending:
+            self._capture()
+        return self._take_closed()
+
+    def snapshot(self, now):
+        """The ring buffer's last ``capture_before_s`` seconds up to ``now``, on request."""
+        self.snapshots += 1
+        return self._ring_slice(now, 0, -1, now - self.params[P_CAPTURE_BEFORE], now)
+
+    def latest(self):
+        """``(signal_id, value, time)`` of every signal seen so far."""
+        out = []
+        for sid in range(self.id_space):
+            if self.seen[sid]:
+                out.append((sid, self.w_last[sid], self.w_last_time[sid]))
+        return out
+
+    def state(self, now):
+        """``(signal_id, value, time, source, stale)`` of every signal seen so far; source
+        is the index the agent gave the feeding port, ``SRC_FUSION`` for derived ones."""
+        out = []
+        for sid in range(self.id_space):
+            if self.seen[sid]:
+                out.append((sid, self.w_last[sid], self.w_last_time[sid], self.sig_src[sid],
+                            not self._fresh(sid, now)))
+        return out
+
+    def alarms(self):
+        """Active alarms: ``(code, instance, level, raised_at, value)``."""
+        out = []
+        for a in range(self.n_alarms):
+            if self.a_code[a] == A_COMM_LOST:
+                for s in range(MAX_SOURCES):
+                    st = self.n_alarms + s
+                    if self.a_active[st]:
+                        out.append((A_COMM_LOST, s, self.a_level[a], self.a_raised_t[st], self.a_value[st]))
+            elif self.a_active[a]:
+                out.append((self.a_code[a], -1, self.a_level[a], self.a_raised_t[a], self.a_value[a]))
+        return out
+
+    def health(self, now):
+        """Per message slot: ``(slot, source, frames, learned period, timeouts, timed out,
+        checksum errors, counter errors, seconds since heard)``; unseen slots left out."""
+        out = []
+        for m in range(self.n_slots):
+            if self.m_seen[m]:
+                out.append((m, self.m_src[m], self.m_frames[m], self.m_period[m], self.m_timeouts[m],
+                            self.m_out[m], self.m_checksum[m], self.m_counter[m], now - self.m_t[m]))
+        return out
+
+    def counters(self):
+        """Counters for status and health reporting."""
+        return {"frames": self.frames, "samples": self.samples, "unknown": self.unknown,
+                "truncated": self.truncated, "no_value": self.no_value, "late": self.late,
+                "bad_lines": self.bad_lines, "remote_frames": self.remote_frames,
+                "error_frames": self.error_frames, "fd_frames": self.fd_frames,
+                "adapter_errors": self.adapter_errors, "ticks": self.ticks,
+                "snapshots": self.snapshots}
+
+    # Time ---------------------------------------------------------------------------
+
+    def _advance(self, t):
+        if t >= self.next_event:
+            if self.started:
+                self._due(t)
+            else:
+                self._start(t)
+        elif t < self.live_start:
+            self.late += 1
+
+    def _start(self, t):
+        self.started = 1
+        for k in range(2):
+            self.win_index[k] = int(t // self.win_len[k])
+        self.live_start = self.win_index[WIN_LIVE] * self.window
+        self._skip_to(t)
+        self._next_event()
+
+    def _skip_to(self, t):
+        # The first step after t (t // tick can round down across a step, as 1.0 // 0.1 does).
+        self.tick_index = int(t // self.tick)
+        self.next_tick = (self.tick_index + 1) * self.tick
+        if self.next_tick <= t:
+            self.tick_index += 1
+            self.next_tick = (self.tick_index + 1) * self.tick
+
+    def _due(self, t):
+        n = 0
+        while self.next_tick <= t and n < MAX_TICKS_PER_CALL:
+            self._close_until(self.next_tick)
+            self._step(self.next_tick)
+            self.tick_index += 1
+            self.next_tick = (self.tick_index + 1) * self.tick
+            n += 1
+        if self.next_tick <= t:
+            # A long silence: the steps nobody could use are skipped, the phase kept.
+            self._skip_to(t)
+        self._close_until(t)
+        self._next_event()
+
+    def _close_until(self, t):
+        for k in range(2):
+            w = int(t // self.win_len[k])
+            if w > self.win_index[k]:
+                self._close(k, w)
+        self.live_start = self.win_index[WIN_LIVE] * self.window
+
+    def _next_event(self):
+        e = self.next_tick
+        for k in range(2):
+            end = (self.win_index[k] + 1) * self.win_len[k]
+            if end < e:
+                e = end
+        self.next_event = e
+
+    # Samples and windows --------------------------------------------------------------
+
+    def _sample(self, sid, t, value):
+        self.samples += 1
+        if self.seen[sid]:
+            dt = t - self.w_last_time[sid]
+            if dt > 0.0:
+                self.sig_period[sid] = _learn(self.sig_period[sid], dt)
+        else:
+            self.seen[sid] = 1
+        self.sig_src[sid] = self.source
+        if self.w_count[sid] == 0:
+            self.touched[self.n_touched[WIN_LIVE]] = sid
+            self.n_touched[WIN_LIVE] += 1
+            self.w_min[sid] = value
+            self.w_max[sid] = value
+            self.w_sum[sid] = value
+        else:
+            if value < self.w_min[sid]:
+                self.w_min[sid] = value
+            if value > self.w_max[sid]:
+                self.w_max[sid] = value
+            self.w_sum[sid] += value
+        self.w_count[sid] += 1
+        self.w_last[sid] = value
+        self.w_last_time[sid] = t
+        r = self.r_head & self.ring_mask
+        self.r_sid[r] = sid
+        self.r_t[r] = t
+        self.r_v[r] = value
+        self.r_head += 1
+        if self.policy[sid] & REPORT_CHANGE and (
+                not self.reported[sid] or abs(value - self.reported_value[sid]) > self.deadband[sid]):
+            self.reported[sid] = 1
+            self.reported_value[sid] = value
+            self.closed.append((OUT_CHANGE, sid, t, value))
+
+    def _close(self, k, next_index):
+        c = self.n_touched[k]
+        if c > 0:
+            base = k * self.id_space
+            rows = []
+            for j in range(c):
+                i = self.touched[base + j]
+                sid = i - base
+                n = self.w_count[i]
+                if k == WIN_HISTORY or self.policy[sid] & REPORT_WINDOW:
+                    rows.append((sid, n, self.w_min[i], self.w_max[i], self.w_sum[i] / n,
+                                 self.w_last[sid], self.w_last_time[sid]))
+                if k == WIN_LIVE:
+                    self._merge(sid)
+                self.w_count[i] = 0
+            self.n_touched[k] = 0
+            if len(rows) > 0:
+                self.closed.append((OUT_WINDOW, k, self.win_index[k] * self.win_len[k], self.win_len[k], rows))
+        self.win_index[k] = next_index
+
+    def _merge(self, sid):
+        """Fold a closing live window's aggregate of ``sid`` into the open history window:
+        samples are aggregated once, history costs nothing per sample."""
+        h = self.id_space + sid
+        if self.w_count[h] == 0:
+            self.touched[self.id_space + self.n_touched[WIN_HISTORY]] = h
+            self.n_touched[WIN_HISTORY] += 1
+            self.w_min[h] = self.w_min[sid]
+            self.w_max[h] = self.w_max[sid]
+            self.w_sum[h] = self.w_sum[sid]
+        else:
+            if self.w_min[sid] < self.w_min[h]:
+                self.w_min[h] = self.w_min[sid]
+            if self.w_max[sid] > self.w_max[h]:
+                self.w_max[h] = self.w_max[sid]
+            self.w_sum[h] += self.w_sum[sid]
+        self.w_count[h] += self.w_count[sid]
+
+    def _take_closed(self):
+        out = self.closed
+        self.closed = []
+        return out
+
+    def _fresh(self, sid, t):
+        if not self.seen[sid]:
+            return False
+        limit = self.params[P_STALE_PERIODS] * self.sig_period[sid]
+        if limit < self.params[P_STALE_MIN]:
+            limit = self.params[P_STALE_MIN]
+        return t - self.w_last_time[sid] <= limit
+
+    def _put(self, sid, t, value):
+        """A derived sample: it goes where a decoded one goes, stamped as the fusion's."""
+        src = self.source
+        self.source = SRC_FUSION
+        self._sample(sid, t, value)
+        self.source = src
 
     def _message(self, key):
         h = _hash(key, self.h_mask)
@@ -405,6 +1076,7 @@ class Kernel:
             self.truncated += 1
         else:
             self.frames += 1
+            self._heard(m, t)
             self._decode(m, le, t, None)
 
     def decode_frame(self, key, data):
@@ -446,89 +1118,409 @@ class Kernel:
             return (be >> self.sig_shift[s]) & self.sig_mask[s]
         return (le >> self.sig_shift[s]) & self.sig_mask[s]
 
-    def feed_values(self, ids, times, values):
-        """Record already-decoded samples (NMEA, UART protocols)."""
-        n = len(ids)
-        for i in range(n):
-            sid = ids[i]
-            if sid < 0 or sid >= self.id_space:
-                self.unknown += 1
-                continue
-            t = times[i]
-            self._advance(t)
-            self._sample(sid, t, values[i])
-        return self._take_closed()
+    # The fusion step ------------------------------------------------------------------
 
-    def close_due(self, now):
-        """Close the open window once ``now`` is past its end, so a quiet bus still reports."""
-        if self.w_index >= 0 and now >= (self.w_index + 1) * self.window:
-            self._close(int(now // self.window))
-        return self._take_closed()
+    def _step(self, t):
+        self.ticks += 1
+        dt = t - self.f_last if self.f_last >= 0.0 else 0.0
+        if dt > 5.0 * self.tick:
+            dt = 0.0  # nothing is integrated across a gap in the data
+        self.f_last = t
+        self._health(t)
+        moving = self._speed(t, dt)
+        self._position(t, dt, moving)
+        self._battery(t, dt, moving)
+        self._pack(t)
+        self._specials(t)
+        self._alarms(t)
+        if self.cap_pending and t >= self.cap_t + self.params[P_CAPTURE_AFTER]:
+            self._capture()
 
-    def flush(self):
-        """Close the open window whatever the time, at shutdown."""
-        if self.w_index >= 0 and self.n_touched > 0:
-            self._close(self.w_index + 1)
-        return self._take_closed()
+    def _gnss_fix(self, t):
+        if not self._fresh(S_LAT, t) or not self._fresh(S_LON, t):
+            return False
+        return not (self._fresh(S_FIX, t) and self.w_last[S_FIX] < 1.0)
 
-    def latest(self):
-        """``(signal_id, value, time)`` of every signal seen so far."""
-        out = []
-        for sid in range(self.id_space):
-            if self.seen[sid]:
-                out.append((sid, self.w_last[sid], self.w_last_time[sid]))
-        return out
+    def _active(self, code):
+        a = self.a_row[code]
+        return a >= 0 and self.a_active[a] == 1
 
-    def counters(self):
-        """Counters for status and health reporting."""
-        return {"frames": self.frames, "samples": self.samples, "unknown": self.unknown,
-                "truncated": self.truncated, "no_value": self.no_value, "late": self.late,
-                "bad_lines": self.bad_lines, "remote_frames": self.remote_frames,
-                "error_frames": self.error_frames, "fd_frames": self.fd_frames,
-                "adapter_errors": self.adapter_errors}
-
-    def _advance(self, t):
-        w = int(t // self.window)
-        if self.w_index < 0:
-            self.w_index = w
-        elif w > self.w_index:
-            self._close(w)
-        elif w < self.w_index:
-            self.late += 1
-
-    def _sample(self, sid, t, value):
-        self.samples += 1
-        self.seen[sid] = 1
-        if self.w_count[sid] == 0:
-            self.touched[self.n_touched] = sid
-            self.n_touched += 1
-            self.w_min[sid] = value
-            self.w_max[sid] = value
-            self.w_sum[sid] = value
+    def _speed(self, t, dt):
+        """Wheel and GNSS speed in a one-state Kalman filter; the wheel is left out while
+        it is judged implausible. Returns -1 without any speed, else whether moving."""
+        wheel = self._fresh(S_SPEED, t) and not self._active(A_WHEEL_IMPLAUSIBLE)
+        gnss = self._fresh(S_GNSS_SPEED, t) and self._gnss_fix(t)
+        if not wheel and not gnss:
+            self.kf_p = -1.0
+            return -1
+        if self.kf_p < 0.0:
+            self.kf_x = self.w_last[S_SPEED] if wheel else self.w_last[S_GNSS_SPEED]
+            self.kf_p = self.params[P_WHEEL_R] if wheel else self.params[P_GNSS_R]
         else:
-            if value < self.w_min[sid]:
-                self.w_min[sid] = value
-            if value > self.w_max[sid]:
-                self.w_max[sid] = value
-            self.w_sum[sid] += value
-        self.w_count[sid] += 1
-        self.w_last[sid] = value
-        self.w_last_time[sid] = t
+            self.kf_p += self.params[P_SPEED_Q] * dt
+        if wheel and self.w_last_time[S_SPEED] > self.kf_wheel_t:
+            self.kf_wheel_t = self.w_last_time[S_SPEED]
+            self._kf_update(self.w_last[S_SPEED], self.params[P_WHEEL_R])
+        if gnss and self.w_last_time[S_GNSS_SPEED] > self.kf_gnss_t:
+            self.kf_gnss_t = self.w_last_time[S_GNSS_SPEED]
+            hdop = self.w_last[S_HDOP] if self._fresh(S_HDOP, t) else 1.0
+            if hdop < 1.0:
+                hdop = 1.0
+            self._kf_update(self.w_last[S_GNSS_SPEED], self.params[P_GNSS_R] * hdop * hdop)
+        if self.kf_x < 0.0:
+            self.kf_x = 0.0
+        self._put(S_FUSED_SPEED, t, self.kf_x)
+        return 1 if self.kf_x > self.params[P_MOVING] else 0
 
-    def _close(self, next_index):
-        if self.n_touched > 0:
-            rows = []
-            for k in range(self.n_touched):
-                sid = self.touched[k]
-                c = self.w_count[sid]
-                rows.append((sid, c, self.w_min[sid], self.w_max[sid], self.w_sum[sid] / c,
-                             self.w_last[sid], self.w_last_time[sid]))
-                self.w_count[sid] = 0
-            self.n_touched = 0
-            self.closed.append((self.w_index * self.window, self.window, rows))
-        self.w_index = next_index
+    def _kf_update(self, z, r):
+        k = self.kf_p / (self.kf_p + r)
+        self.kf_x += k * (z - self.kf_x)
+        self.kf_p *= 1.0 - k
 
-    def _take_closed(self):
-        out = self.closed
-        self.closed = []
-        return out
+    def _position(self, t, dt, moving):
+        """GNSS position while there is a fix; without one, dead reckoning from the fused
+        speed and the last course over ground, flagged as estimated."""
+        if self._gnss_fix(t):
+            self.gnss_seen = 1
+            self.pos_ok = 1
+            self.pos_lat = self.w_last[S_LAT]
+            self.pos_lon = self.w_last[S_LON]
+            if moving == 1 and self._fresh(S_HEADING, t):
+                self.heading = self.w_last[S_HEADING]
+            estimated = 0.0
+        elif self.pos_ok and moving >= 0:
+            d = self.kf_x / 3.6 * dt
+            h = self.heading * DEG
+            self.pos_lat += d * math.cos(h) / M_PER_DEG
+            self.pos_lon += d * math.sin(h) / (M_PER_DEG * math.cos(self.pos_lat * DEG))
+            estimated = 1.0
+        else:
+            return 0
+        self._put(S_FUSED_LAT, t, self.pos_lat)
+        self._put(S_FUSED_LON, t, self.pos_lon)
+        self._put(S_POS_ESTIMATED, t, estimated)
+        return 0
+
+    def _battery(self, t, dt, moving):
+        dd = 0.0
+        if moving >= 0:
+            dd = self.kf_x / 3600.0 * dt
+            self.trip_km += dd
+            self._put(S_FUSED_TRIP, t, self.trip_km)
+        if self.seen[S_ODOMETER] and self.w_last_time[S_ODOMETER] > self.odo_t:
+            self.odo_t = self.w_last_time[S_ODOMETER]
+            self.odo_base = self.w_last[S_ODOMETER]
+            self.odo_base_trip = self.trip_km
+        if self.odo_base >= 0.0:
+            self._put(S_FUSED_ODOMETER, t, self.odo_base + self.trip_km - self.odo_base_trip)
+        if not self._fresh(S_PACK_I, t):
+            self.rest_since = -1.0
+            return 0
+        i = self.w_last[S_PACK_I]
+        if abs(i) < self.params[P_REST_A]:
+            if self.rest_since < 0.0:
+                self.rest_since = t
+        else:
+            self.rest_since = -1.0
+        self.ah += i * dt / 3600.0
+        cap = self._capacity()
+        self._soc(t, dt, i, cap)
+        if not self._fresh(S_PACK_V, t):
+            return 0
+        p = self.w_last[S_PACK_V] * i
+        self._put(S_POWER, t, p)
+        wh = p * dt / 3600.0
+        if wh < 0.0:
+            self.e_out -= wh
+        elif moving == 1:
+            self.e_regen += wh
+        else:
+            self.e_charged += wh
+        self._put(S_ENERGY_OUT, t, self.e_out)
+        self._put(S_ENERGY_REGEN, t, self.e_regen)
+        self._put(S_ENERGY_CHARGED, t, self.e_charged)
+        if wh < 0.0 or moving == 1:
+            decay = math.exp(-dd / self.params[P_CONSUMPTION_KM])
+            self.cons_wh = self.cons_wh * decay - wh
+            self.cons_km = self.cons_km * decay + dd
+        if self.cons_km >= 0.1 * self.params[P_CONSUMPTION_KM]:
+            wh_km = self.cons_wh / self.cons_km
+            self._put(S_CONSUMPTION, t, wh_km)
+            if self.soc >= 0.0:
+                usable = self.soc - self.params[P_RESERVE]
+                if usable < 0.0:
+                    usable = 0.0
+                wh_left = usable / 100.0 * cap * self.params[P_NOMINAL_V] * self.params[P_CELLS]
+                self._put(S_FUSED_RANGE, t, wh_left / (wh_km if wh_km > 1.0 else 1.0))
+        return 0
+
+    def _capacity(self):
+        if self.seen[S_FULL_AH] and self.w_last[S_FULL_AH] > 0.0:
+            return self.w_last[S_FULL_AH]
+        if self.soh > 0.0:
+            return self.params[P_DESIGN_AH] * self.soh / 100.0
+        return self.params[P_DESIGN_AH]
+
+    def _soc(self, t, dt, i, cap):
+        """Coulomb counting, pulled towards the BMS's own SoC and, after a rest, towards
+        the SoC the open-circuit voltage says; the BMS readings also measure capacity."""
+        bms = self._fresh(S_SOC, t)
+        rested = self.rest_since >= 0.0 and t - self.rest_since >= self.params[P_REST_TIME] \
+            and self._fresh(S_PACK_V, t)
+        if bms and self.w_last_time[S_SOC] > self.soc_bms_t:
+            self._soc_reading(t, self.w_last[S_SOC], self.sig_src[S_SOC])
+        if self.soc < 0.0:
+            if bms:
+                self.soc = self.w_last[S_SOC]
+            elif rested:
+                self.soc = self._ocv_soc(self.w_last[S_PACK_V] / self.params[P_CELLS])
+            else:
+                return 0
+        else:
+            self.soc += 100.0 * i * dt / 3600.0 / cap
+            if bms:
+                self.soc += (self.w_last[S_SOC] - self.soc) * _gain(dt, self.params[P_SOC_BMS_TAU])
+            if rested:
+                ocv = self._ocv_soc(self.w_last[S_PACK_V] / self.params[P_CELLS])
+                self.soc += (ocv - self.soc) * _gain(dt, self.params[P_SOC_OCV_TAU])
+        if self.soc < 0.0:
+            self.soc = 0.0
+        elif self.soc > 110.0:
+            self.soc = 110.0
+        self._put(S_FUSED_SOC, t, self.soc)
+        if self.soh > 0.0:
+            self._put(S_FUSED_SOH, t, self.soh)
+        elif self.seen[S_FULL_AH] and self.w_last[S_FULL_AH] > 0.0:
+            self._put(S_FUSED_SOH, t, 100.0 * self.w_last[S_FULL_AH] / self.params[P_DESIGN_AH])
+        return 0
+
+    def _soc_reading(self, t, reading, src):
+        """A new BMS SoC reading: a jump from the last one of the same source is an alarm
+        value; a swing of ``soh_min_swing_pct`` since the anchor measures the capacity."""
+        self.soc_bms_t = self.w_last_time[S_SOC]
+        if src == self.soc_bms_src and self.soc_bms_prev >= 0.0:
+            self.spec_value[A_SOC_JUMP] = abs(reading - self.soc_bms_prev)
+            self.spec_ok[A_SOC_JUMP] = 1
+        self.soc_bms_src = src
+        self.soc_bms_prev = reading
+        if self.soh_anchor_soc < 0.0:
+            self.soh_anchor_soc = reading
+            self.soh_anchor_ah = self.ah
+        elif abs(reading - self.soh_anchor_soc) >= self.params[P_SOH_SWING]:
+            capacity = abs(self.ah - self.soh_anchor_ah) / (abs(reading - self.soh_anchor_soc) / 100.0)
+            observed = 100.0 * capacity / self.params[P_DESIGN_AH]
+            self.soh = observed if self.soh < 0.0 else self.soh + 0.3 * (observed - self.soh)
+            self.soh_anchor_soc = reading
+            self.soh_anchor_ah = self.ah
+
+    def _ocv_soc(self, cell_v):
+        n = len(self.ocv_v)
+        if cell_v <= self.ocv_v[0]:
+            return self.ocv_soc[0]
+        for k in range(1, n):
+            if cell_v <= self.ocv_v[k]:
+                f = (cell_v - self.ocv_v[k - 1]) / (self.ocv_v[k] - self.ocv_v[k - 1])
+                return self.ocv_soc[k - 1] + f * (self.ocv_soc[k] - self.ocv_soc[k - 1])
+        return self.ocv_soc[n - 1]
+
+    def _pack(self, t):
+        """Cell voltage and pack temperature extremes (where the BMS does not report them),
+        spreads and the fastest rise."""
+        if self._extremes(S_CELL0, N_CELLS, t) > 0:
+            self._fill_in(S_CELL_MIN, t, self.ext_lo)
+            self._fill_in(S_CELL_MAX, t, self.ext_hi)
+            if self.ext_n > 1:
+                self._put(S_CELL_SPREAD, t, self.ext_hi - self.ext_lo)
+        if self._extremes(S_TEMP0, N_TEMPS, t) > 0:
+            self._fill_in(S_TEMP_MIN, t, self.ext_lo)
+            self._fill_in(S_TEMP_MAX, t, self.ext_hi)
+            if self.ext_n > 1:
+                self._put(S_TEMP_SPREAD, t, self.ext_hi - self.ext_lo)
+        self._temp_rise(t)
+        return 0
+
+    def _extremes(self, first, count, t):
+        """Lowest and highest of the fresh signals ``first`` .. ``first + count - 1`` into
+        ``ext_lo`` and ``ext_hi``; how many were fresh."""
+        n = 0
+        for k in range(count):
+            if self._fresh(first + k, t):
+                v = self.w_last[first + k]
+                if n == 0 or v < self.ext_lo:
+                    self.ext_lo = v
+                if n == 0 or v > self.ext_hi:
+                    self.ext_hi = v
+                n += 1
+        self.ext_n = n
+        return n
+
+    def _fill_in(self, sid, t, value):
+        """A pack extreme the BMS did not report itself (a fresh one of its own wins)."""
+        if self.sig_src[sid] == SRC_FUSION or not self._fresh(sid, t):
+            self._put(sid, t, value)
+        return 0
+
+    def _temp_rise(self, t):
+        """The fastest pack sensor's rise (C/min) from the reading kept about
+        ``temp_rise_window_s`` ago (one is kept a second) to its reading now."""
+        span = int(self.params[P_RISE_WINDOW] + 0.5)
+        fastest = 0.0
+        n = 0
+        if self.temp_hist_n > span:
+            back = (self.temp_hist_n - 1 - span) % TEMP_HISTORY
+            elapsed = t - self.temp_hist_t[back]
+            for k in range(N_TEMPS):
+                then = self.temp_hist[back * N_TEMPS + k]
+                if then != NO_READING and elapsed > 0.0 and self._fresh(S_TEMP0 + k, t):
+                    rate = (self.w_last[S_TEMP0 + k] - then) * 60.0 / elapsed
+                    if n == 0 or rate > fastest:
+                        fastest = rate
+                    n += 1
+        if t >= self.temp_hist_next:
+            row = self.temp_hist_n % TEMP_HISTORY
+            self.temp_hist_t[row] = t
+            for k in range(N_TEMPS):
+                fresh = self._fresh(S_TEMP0 + k, t)
+                self.temp_hist[row * N_TEMPS + k] = self.w_last[S_TEMP0 + k] if fresh else NO_READING
+            self.temp_hist_n += 1
+            self.temp_hist_next = t + 1.0
+        if n > 0:
+            self._put(S_TEMP_RISE, t, fastest)
+        return 0
+
+    # Alarms and health ----------------------------------------------------------------
+
+    def _health(self, t):
+        """Time out messages not heard for ``health_periods`` learned periods; a source
+        is lost when every message it has sent is timed out."""
+        for s in range(MAX_SOURCES):
+            self.src_seen[s] = 0
+            self.src_live[s] = 0
+        for m in range(self.n_slots):
+            if not self.m_seen[m]:
+                continue
+            limit = self.params[P_HEALTH_PERIODS] * self.m_period[m]
+            if limit < self.params[P_HEALTH_MIN]:
+                limit = self.params[P_HEALTH_MIN]
+            if not self.m_out[m] and t - self.m_t[m] > limit:
+                self.m_out[m] = 1
+                self.m_timeouts[m] += 1
+            s = self.m_src[m]
+            self.src_seen[s] += 1
+            if not self.m_out[m]:
+                self.src_live[s] += 1
+
+    def _specials(self, t):
+        """Values of the alarms that are not a threshold on one signal."""
+        gnss = self._gnss_fix(t)
+        speed = -1.0
+        if self._fresh(S_FUSED_SPEED, t):
+            speed = self.w_last[S_FUSED_SPEED]
+        elif gnss and self._fresh(S_GNSS_SPEED, t):
+            speed = self.w_last[S_GNSS_SPEED]
+        locked = self.seen[S_LOCKED] and self.w_last[S_LOCKED] >= 0.5
+        self.spec_ok[A_THEFT] = 1 if speed >= 0.0 else 0
+        self.spec_value[A_THEFT] = speed if locked else 0.0
+        self.spec_ok[A_GNSS_LOST] = self.gnss_seen
+        self.spec_value[A_GNSS_LOST] = 1.0 if gnss else 0.0
+        self.spec_ok[A_WHEEL_IMPLAUSIBLE] = 0
+        if self.seen[S_SPEED] and gnss and self._fresh(S_GNSS_SPEED, t):
+            g = self.w_last[S_GNSS_SPEED]
+            w = self.w_last[S_SPEED] if self._fresh(S_SPEED, t) else 0.0
+            top = w if w > g else g
+            if top > self.params[P_WHEEL_CHECK_MIN]:
+                self.spec_ok[A_WHEEL_IMPLAUSIBLE] = 1
+                self.spec_value[A_WHEEL_IMPLAUSIBLE] = abs(w - g) / top
+        self.spec_ok[A_OVER_CHARGE] = 0
+        if self._fresh(S_PACK_I, t):
+            full = self._fresh(S_SOC, t) and self.w_last[S_SOC] >= self.params[P_FULL_SOC]
+            a = self.a_row[A_CELL_OVER_VOLTAGE]
+            if a >= 0 and self._fresh(S_CELL_MAX, t) and self.w_last[S_CELL_MAX] > self.a_thr[a]:
+                full = True
+            self.spec_ok[A_OVER_CHARGE] = 1
+            self.spec_value[A_OVER_CHARGE] = self.w_last[S_PACK_I] if full else 0.0
+
+    def _alarms(self, t):
+        for a in range(self.n_alarms):
+            code = self.a_code[a]
+            sid = self.a_sid[a]
+            if code == A_COMM_LOST:
+                for s in range(MAX_SOURCES):
+                    if self.src_seen[s] > 0:
+                        self._debounce(a, self.n_alarms + s, s, t, 1.0 if self.src_live[s] == 0 else 0.0)
+            elif sid == SPECIAL:
+                if self.spec_ok[code]:
+                    self._debounce(a, a, -1, t, self.spec_value[code])
+                else:
+                    self.a_since[a] = -1.0
+            elif self._fresh(sid, t):
+                self._debounce(a, a, -1, t, self.w_last[sid])
+            else:
+                self.a_since[a] = -1.0
+
+    def _debounce(self, a, st, instance, t, value):
+        """Raise once the value has been beyond the threshold for the raise delay; clear
+        once it has been back beyond the clear threshold for the clear delay."""
+        up = self.a_dir[a] == ABOVE
+        self.a_value[st] = value
+        if self.a_active[st]:
+            cross = value < self.a_clr[a] if up else value > self.a_clr[a]
+            delay = self.a_off[a]
+        else:
+            cross = value > self.a_thr[a] if up else value < self.a_thr[a]
+            delay = self.a_on[a]
+        if not cross:
+            self.a_since[st] = -1.0
+            return 0
+        if self.a_since[st] < 0.0:
+            self.a_since[st] = t
+        if t - self.a_since[st] < delay:
+            return 0
+        self.a_since[st] = -1.0
+        level = self.a_level[a]
+        if self.a_active[st]:
+            self.a_active[st] = 0
+            self.closed.append((OUT_ALARM, t, self.a_code[a], instance, level, 0, value, self.a_clr[a]))
+            return 0
+        self.a_active[st] = 1
+        self.a_raised_t[st] = t
+        self.closed.append((OUT_ALARM, t, self.a_code[a], instance, level, 1, value, self.a_thr[a]))
+        if level >= 2 and not self.cap_pending:
+            self.cap_pending = 1
+            self.cap_t = t
+            self.cap_code = self.a_code[a]
+            self.cap_instance = instance
+        return 0
+
+    # Event capture --------------------------------------------------------------------
+
+    def _capture(self):
+        self.cap_pending = 0
+        self.snapshots += 1
+        t = self.cap_t
+        self.closed.append(self._ring_slice(t, self.cap_code, self.cap_instance,
+                                            t - self.params[P_CAPTURE_BEFORE], t + self.params[P_CAPTURE_AFTER]))
+
+    def _ring_slice(self, t, code, instance, lo, hi):
+        """Samples of the ring from ``lo`` to ``hi`` in arrival order (the ring is walked
+        back from the newest until a sample is a second older than ``lo``)."""
+        ids = []
+        times = []
+        values = []
+        size = self.ring_mask + 1
+        stop = self.r_head - size if self.r_head > size else 0
+        j = self.r_head - 1
+        while j >= stop:
+            r = j & self.ring_mask
+            rt = self.r_t[r]
+            if rt < lo - 1.0:
+                break
+            if lo <= rt <= hi:
+                ids.append(self.r_sid[r])
+                times.append(rt)
+                values.append(self.r_v[r])
+            j -= 1
+        ids.reverse()
+        times.reverse()
+        values.reverse()
+        return (OUT_SNAPSHOT, t, code, instance, lo, hi, ids, times, values)

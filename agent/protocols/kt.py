@@ -28,6 +28,10 @@ SPEED = "Vehicle.Speed"
 FAULT = "Vehicle.LEV.Controller.FaultCode"
 MOTOR_TEMP = "Vehicle.Powertrain.ElectricMotor.Temperature"
 MOTOR_CURRENT = "Vehicle.LEV.Controller.MotorCurrent"
+LOCKED = "Vehicle.LEV.Locked"
+# B7 flag bit of a locked controller (the S12S firmware the simulator models sets it
+# while its display has locked it; bit 0 is assist active).
+FLAG_LOCKED = 0x10
 
 FRAMER_OPTIONS = ("direction",)
 DECODE_OPTIONS = ("circumference_mm", "power_scale")
@@ -102,6 +106,7 @@ def _controller(f: bytes, circumference_mm: float, power_scale: float) -> dict:
         FAULT: float(f[5]),
         MOTOR_CURRENT: f[8] * power_scale,
         MOTOR_TEMP: float(f[9]),
+        LOCKED: 1.0 if f[7] & FLAG_LOCKED else 0.0,
     }
 
 

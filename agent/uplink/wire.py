@@ -48,6 +48,12 @@ def strict_loads(data: bytes, what: str, max_depth: int) -> Any:
     return item
 KIND_WINDOW = "win"
 KIND_GAP = "gap"
+KIND_CHANGE = "chg"
+KIND_ALARM = "alm"
+KIND_SNAPSHOT = "snap"
+# Samples per snapshot record: a 15 s capture of a busy bus is split into records that
+# each fit a batch with room to spare.
+SNAPSHOT_PART_SAMPLES = 4000
 _UINT64 = 2**64 - 1
 
 
@@ -72,6 +78,45 @@ def window_record(start: float, length: float, rows: list[tuple[Any, ...]]) -> b
         "d": int(round(length * 1000)),
         "s": [[sid, count, vmin, vmax, mean, last] for sid, count, vmin, vmax, mean, last, _ in rows],
     })
+
+
+def _ms(t: float) -> int:
+    return int(round(t * 1000))
+
+
+def change_record(changes: list[tuple[int, float, float]]) -> bytes:
+    """Body of the on-change reports of one read: ``(signal id, time, value)`` each."""
+    return cbor2.dumps({"k": KIND_CHANGE, "c": [[sid, _ms(t), value] for sid, t, value in changes]})
+
+
+def alarm_record(t: float, code: int, name: str, instance: int, level: int, raised: bool,
+                 value: float, threshold: float) -> bytes:
+    """Body of an alarm raise or clear, with the value that did it and the threshold crossed."""
+    return cbor2.dumps({"k": KIND_ALARM, "t": _ms(t), "code": code, "name": name, "inst": instance,
+                        "lvl": level, "on": raised, "v": value, "thr": threshold})
+
+
+def snapshot_records(t: float, code: int, instance: int, start: float, end: float, ids: list[int],
+                     times: list[float], values: list[float]) -> list[bytes]:
+    """Bodies of one captured event: the samples grouped per signal (columnar), times as
+    ms deltas, split into parts of at most ``SNAPSHOT_PART_SAMPLES`` samples."""
+    n = len(ids)
+    parts = max(1, -(-n // SNAPSHOT_PART_SAMPLES))
+    out = []
+    for p in range(parts):
+        cols: dict[int, tuple[list[int], list[float]]] = {}
+        base = _ms(start)
+        for i in range(p * SNAPSHOT_PART_SAMPLES, min(n, (p + 1) * SNAPSHOT_PART_SAMPLES)):
+            col = cols.setdefault(ids[i], ([], []))
+            col[0].append(_ms(times[i]))
+            col[1].append(values[i])
+        series = []
+        for sid, (ts, vs) in cols.items():
+            deltas = [max(0, ts[0] - base)] + [max(0, b - a) for a, b in zip(ts, ts[1:], strict=False)]
+            series.append([sid, deltas, vs])
+        out.append(cbor2.dumps({"k": KIND_SNAPSHOT, "t": _ms(t), "code": code, "inst": instance,
+                                "from": base, "to": _ms(end), "part": p, "parts": parts, "s": series}))
+    return out
 
 
 def gap_record(runs: list[tuple[int, int]], why: str, t: float) -> bytes:
@@ -173,7 +218,39 @@ def _value(v: Any) -> bool:
     return isinstance(v, float) or (isinstance(v, int) and -_UINT64 - 1 <= v <= _UINT64)
 
 
+def _check_change(rec: dict[str, Any]) -> None:
+    changes = rec.get("c")
+    if not isinstance(changes, list) or not all(
+            isinstance(c, list) and len(c) == 3 and _uint(c[0]) and _uint(c[1]) and _value(c[2]) for c in changes):
+        raise DecodeError("change record needs c: [[signal id, ms, value], ...]")
+
+
+def _check_alarm(rec: dict[str, Any]) -> None:
+    if (not _uint(rec.get("t")) or not _uint(rec.get("code")) or not isinstance(rec.get("name"), str)
+            or not isinstance(rec.get("inst"), int) or isinstance(rec.get("inst"), bool)
+            or rec.get("lvl") not in (1, 2, 3) or not isinstance(rec.get("on"), bool)
+            or not _value(rec.get("v")) or not _value(rec.get("thr"))):
+        raise DecodeError("alarm record needs t, code, name, inst, lvl 1-3, on, v and thr")
+
+
+def _check_snapshot(rec: dict[str, Any]) -> None:
+    if not all(_uint(rec.get(k)) for k in ("t", "code", "from", "to", "part", "parts")) \
+            or not isinstance(rec.get("inst"), int) or not rec["part"] < rec["parts"]:
+        raise DecodeError("snapshot record needs unsigned t, code, from, to, part < parts and inst")
+    series = rec.get("s")
+    if not isinstance(series, list) or not all(
+            isinstance(c, list) and len(c) == 3 and _uint(c[0]) and isinstance(c[1], list)
+            and isinstance(c[2], list) and len(c[1]) == len(c[2]) and all(_uint(d) for d in c[1])
+            and all(_value(v) for v in c[2]) for c in series):
+        raise DecodeError("snapshot series must be [signal id, [ms deltas], [values]] of equal lengths")
+
+
 def _check_record(rec: dict[str, Any]) -> None:
+    checks = {KIND_CHANGE: _check_change, KIND_ALARM: _check_alarm, KIND_SNAPSHOT: _check_snapshot}
+    check = checks.get(str(rec.get("k")))
+    if check is not None:
+        check(rec)
+        return
     if rec.get("k") == KIND_GAP:
         runs = rec.get("runs")
         if (not _uint(rec.get("t")) or not isinstance(rec.get("why"), str) or not isinstance(runs, list)

@@ -19,6 +19,7 @@ NODE_DISPLAY = 0x03
 NODE_BATTERY = 0x04
 NODE_BROADCAST = 0x1F
 OP_WRITE = 0
+OP_WARNING = 7
 
 TEMP_NO_SENSOR = 0xFF
 
@@ -162,7 +163,8 @@ def candump_line(t, iface, can_id, data):
     return f"({us // 1000000}.{us % 1000000:06d}) {iface} {can_id & 0x1FFFFFFF:08X}#{_hex(data)}"
 
 
-ID_DRIVE_12_00 = make_id(NODE_CONTROLLER, NODE_BROADCAST, OP_WRITE, 0x12, 0x00)
+# Op 7 (warning), as the drive unit sends it in the captures (02FF1200#07).
+ID_DRIVE_12_00 = make_id(NODE_CONTROLLER, NODE_BROADCAST, OP_WARNING, 0x12, 0x00)
 
 
 def drive_unit_12_00(fault_code):

@@ -23,6 +23,7 @@ TRAILER = b"\x32\x0e"
 SPEED = "Vehicle.Speed"
 FAULT = "Vehicle.LEV.Controller.FaultCode"
 MOTOR_TEMP = "Vehicle.Powertrain.ElectricMotor.Temperature"
+LOCKED = "Vehicle.LEV.Locked"
 MOTOR_CURRENT = "Vehicle.LEV.Controller.MotorCurrent"
 
 
@@ -48,7 +49,7 @@ def controller_frame(speed_kmh, circ_mm, soc, error, assisting, locked, motor_i,
                    power, mt, 0, 0))
     b[6] = _xor(b, 1, 6) ^ _xor(b, 7, 12)
     speed = circ_mm / period * 3.6 if 0 < period < STOPPED_MS else 0.0
-    values = {SPEED: speed, FAULT: err, MOTOR_CURRENT: power * 0.25, MOTOR_TEMP: mt}
+    values = {SPEED: speed, FAULT: err, MOTOR_CURRENT: power * 0.25, MOTOR_TEMP: mt, LOCKED: 1 if locked else 0}
     return bytes(b), values
 
 
