@@ -40,7 +40,7 @@ test-compiled: setup broker
 test-pure: setup broker
 	EBIKE_AGENT_PUREPYTHON=1 $(PY) -m pytest tests
 
-bench: setup
+bench: setup broker
 	$(PY) -m devtools.bench
 
 # >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).
@@ -49,9 +49,10 @@ fuzz: setup
 	$(PY) -m pip install -q 'atheris>=2.3' || echo "atheris did not install: using the built-in mutation loop"
 	$(PY) -m devtools.fuzz $(FUZZ_ARGS)
 
-# Long runs: 200 power cuts (SIGKILL at random moments) instead of make test's 20.
+# Long runs: 200 power cuts (SIGKILL at random moments) instead of make test's 20, and 50
+# power losses (unsynced writes dropped by devtools/lossyfs.py) instead of 5.
 soak: setup broker
-	EBIKE_POWER_CUTS=200 $(PY) -m pytest tests/test_power_cut.py
+	EBIKE_POWER_CUTS=200 EBIKE_POWER_LOSSES=50 $(PY) -m pytest tests/test_power_cut.py tests/test_power_loss.py
 
 lint: setup
 	$(PY) -m ruff check agent firmware_sim devtools tests setup.py

@@ -11,6 +11,21 @@ Writes every round to bench-results.json.
    same file (in-process, start-up not counted).
 3. Outbox: records/s appended to the SQLite outbox in group commits.
 4. UART framers: frames/s on a clean stream and with 10 % garbage bytes.
+5. Recorded traffic (devtools/ride.py): frames/s of the kernel, compiled and pure, on
+   commute rides the simulator records in process once per run, fed the agent's way:
+   SLCAN text into ``feed_slcan``, NMEA and the polled JBD BMS decoded (untimed, at
+   recording) into ``feed_values``, ``close_due`` every 0.1 s; outputs collected.
+   ``kernel_frames_per_s``: the ride on a saturated 1 Mbit/s bus (padded to 8,400 CAN
+   frames/s like ``ebike-sim --can-fill``, SLCAN read 2 KiB at a time), the load the
+   goal is stated against. ``kernel_frames_per_s_commute``: the same ride at the bus's
+   own 64 CAN frames/s, one read per 10 ms; there the fusion step (10 Hz) and window ends
+   (1 Hz), which cost per second and not per frame, dominate. Each pass on a fresh
+   kernel (built untimed); the compiled one 10 times a round, its mean taken.
+   Frames = CAN frames + NMEA sentences + JBD answers.
+6. Uplink (devtools/bench_uplink.py): draining a 24 h backlog, and the first live window
+   after the broker comes back.
+7. The agent: CPU (% of one core, user + sys) and RSS of the whole ``ebike-agent run``
+   process on a saturated 1 Mbit/s CAN bus (``ebike-sim --can-fill``), see bench_agent.py.
 """
 
 from __future__ import annotations
@@ -26,18 +41,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.dbc.compile import compile_dbc, frame_key, load_cantools, profile_path
+from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, load_cantools, profile_path
 from agent.fusion.kernel import KERNELS
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
+from devtools import bench_uplink, ride
+from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
+from devtools.broker import BrokerMissing
 
 READ_BYTES = 4096
 BATCH = 64
+# A read of the SLCAN adapter: about 8 ms of a saturated 1 Mbit/s bus as SLCAN text
+# (27-byte lines); a tty read returns at most 4 KiB.
+SLCAN_READ_BYTES = 2048
+COMMUTE_CAN_FPS = 64    # the simulated Bafang bus's own frames: 31/00 at 50 Hz, four at 4 Hz... (scenario.py)
+COMPILED_PASSES = 10    # ~15 ms a pass compiled; the pure kernel takes ~1 s for one
+KERNEL_FPS_GOAL = 5_000_000
+KERNEL_SPEEDUP_GOAL = 30.0
+
+
+def _kernel(kind: str, dbc: CompiledDbc) -> Any:
+    """A kernel of build ``kind`` with the DBC's tables: the one place the bench builds one."""
+    k = KERNELS[kind](dbc.id_space, 1.0)
+    k.set_can_tables(*dbc.kernel_tables())
+    return k
 
 
 def _frames(db: Any, n: int, seed: int) -> list[tuple[int, int, bytes, bool]]:
@@ -57,8 +89,7 @@ def _packed_run(kind: str, path: str, frames: list[tuple[int, int, bytes, bool]]
     reads = [buf[i:i + READ_BYTES] for i in range(0, len(buf), READ_BYTES)]
 
     def run() -> None:
-        k = KERNELS[kind](dbc.id_space, 1.0)
-        k.set_can_tables(*dbc.kernel_tables())
+        k = _kernel(kind, dbc)
         for r in reads:
             k.feed_packed(r, 1.0)
         assert k.frames == len(frames)
@@ -74,8 +105,7 @@ def _split_run(kind: str, path: str, frames: list[tuple[int, int, bytes, bool]])
     batches = [(keys[i:i + BATCH], datas[i:i + BATCH], times[i:i + BATCH]) for i in range(0, len(frames), BATCH)]
 
     def run() -> None:
-        k = KERNELS[kind](dbc.id_space, 1.0)
-        k.set_can_tables(*dbc.kernel_tables())
+        k = _kernel(kind, dbc)
         for b in batches:
             k.feed_frames(*b)
 
@@ -94,14 +124,15 @@ def _cantools_run(path: str, frames: list[tuple[int, int, bytes, bool]]) -> Call
     return run
 
 
-def _rounds(contenders: dict[str, Callable[[], None]], rounds: int, items: int) -> dict[str, list[float]]:
-    """Items/s per contender per round, interleaved so drift hits all alike."""
+def _rounds(contenders: Mapping[str, Callable[[], float | None]], rounds: int, items: int) -> dict[str, list[float]]:
+    """Items/s per contender per round, interleaved so drift hits all alike. A contender
+    that has set-up to leave out returns the seconds it timed itself; None = the whole call."""
     out: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, run in contenders.items():
             t0 = time.perf_counter()
-            run()
-            out[name].append(items / (time.perf_counter() - t0))
+            took = run()
+            out[name].append(items / (took if took is not None else time.perf_counter() - t0))
     return out
 
 
@@ -149,6 +180,48 @@ def _replay_python_can(log: Path, path: str) -> Callable[[], None]:
     return run
 
 
+def _traffic_run(kind: str, rec: ride.Recorder, passes: int) -> Callable[[], float]:
+    """Times the kernel calls of a recorded ride (devtools/ride.py ``replay``: outputs
+    collected as the agent collects them), ``passes`` times on a fresh kernel each (built
+    untimed; a fast build gets several so a round outlasts the machine's hiccups); the mean
+    seconds of one pass."""
+    def one() -> float:
+        k, slots = ride.new_kernel(KERNELS[kind])
+        t0 = time.perf_counter()
+        ride.replay(k, slots, rec.calls)
+        took = time.perf_counter() - t0
+        if k.frames != rec.can_frames:
+            raise AssertionError(f"{kind} kernel decoded {k.frames} of {rec.can_frames} CAN frames")
+        return took
+
+    return lambda: sum(one() for _ in range(passes)) / passes
+
+
+def _recorded_ride(title: str, rec: ride.Recorder, rounds: int) -> dict[str, Any]:
+    """Frames/s of each kernel build on one recorded ride."""
+    runs: dict[str, Callable[[], float | None]] = {}
+    if "c" in KERNELS:
+        runs["compiled kernel"] = _traffic_run("c", rec, COMPILED_PASSES)
+    runs["pure kernel"] = _traffic_run("py", rec, 1)
+    uart = ride.frames(rec) - rec.can_frames
+    return _table(f"{title}: {rec.can_frames:,} CAN frames + {uart:,} NMEA/JBD frames (frames/s)",
+                  _rounds(runs, rounds, ride.frames(rec)), "pure kernel", "frames/s")
+
+
+def _agent(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
+    """The agent process figures (bench_agent.py); ``{"error": ...}`` if it failed, so the
+    other figures are still written."""
+    print(f"\nagent on a saturated CAN bus ({fill:,} frames/s sent), {seconds:g} s after {warmup:g} s "
+          f"of warm-up...", flush=True)
+    try:
+        agent = agent_figures(seconds, fill, warmup)
+    except (AgentBenchError, BrokerMissing) as e:
+        print(f"error: no agent figures: {e}", file=sys.stderr)
+        agent = {"error": str(e)}
+    agent["can_frames_per_s_sent"] = fill
+    return agent
+
+
 WINDOW_BODY = wire.window_record(1.7e9, 1.0, [(sid, 10, 1.0, 2.0, 1.5, 2.0, 0.0) for sid in range(1, 9)])
 
 
@@ -178,10 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--framer-seconds", type=float, default=0.3, help="per framer, case and round")
     p.add_argument("--outbox-records", type=int, default=200_000)
     p.add_argument("--group", type=int, default=1000, help="records per outbox group commit")
+    p.add_argument("--traffic-seconds", type=float, default=1800.0, help="sim seconds of the recorded commute")
+    p.add_argument("--saturated-seconds", type=float, default=60.0,
+                   help="sim seconds of the recorded commute on a saturated bus")
+    p.add_argument("--can-fill", type=int, default=8400, help="CAN frames/s the agent is fed (1 Mbit/s bus)")
+    p.add_argument("--agent-warmup", type=float, default=8.0, help="s of decoding before the agent is measured")
+    p.add_argument("--agent-seconds", type=float, default=24.0, help="steady interval the agent is measured over")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     if args.rounds < 5:
         p.error("--rounds must be >= 5 (medians of fewer are not worth quoting)")
+    if args.agent_seconds < 20:
+        p.error("--agent-seconds must be >= 20 (a CPU share over less is not steady)")
     path = profile_path("bafang")
     frames = _frames(load_cantools(path), args.frames, seed=1)
     print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians")
@@ -217,22 +298,60 @@ def main(argv: list[str] | None = None) -> int:
     for name, fig in framers.items():
         print(f"  {name:32s} {fig['clean_frames_per_s']:12,.0f} {fig['garbage10_frames_per_s']:14,.0f}")
 
+    saturated = ride.record("commute", args.saturated_seconds, seed=1, can_fill=args.can_fill - COMMUTE_CAN_FPS,
+                            can_read_bytes=SLCAN_READ_BYTES)
+    saturated_results = _recorded_ride(f"recorded commute on a saturated bus ({args.can_fill:,} CAN frames/s, "
+                                       f"SLCAN reads of {SLCAN_READ_BYTES} B), {args.saturated_seconds:g} s",
+                                       saturated, args.rounds)
+    commute = ride.record("commute", args.traffic_seconds, seed=1)
+    traffic_results = _recorded_ride(f"recorded commute ({COMMUTE_CAN_FPS} CAN frames/s, a read per 10 ms), "
+                                     f"{args.traffic_seconds:g} s", commute, args.rounds)
+    uplink = bench_uplink.measure(3)  # a round is a 24 h backlog: medians of three
+    agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
+
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
+    kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
     summary = {
         "decode_speedup_vs_cantools": decode_results[best]["ratio"],
         "replay_speedup_vs_python_can": replay_results["ebike-agent decode --stats"]["ratio"],
         "outbox_append_records_per_s": outbox_results["outbox append (group commit)"]["median"],
+        "kernel_frames_per_s": saturated_results[kernel]["median"],
+        "kernel_speedup_vs_pure": saturated_results[kernel]["ratio"] if "c" in KERNELS else None,
+        "kernel_frames_per_s_commute": traffic_results[kernel]["median"],
+        "kernel_speedup_vs_pure_commute": traffic_results[kernel]["ratio"] if "c" in KERNELS else None,
+        **uplink,
+        "agent_cpu_pct_saturated_can": agent.get("cpu_pct"),
+        "agent_rss_mb": agent.get("rss_mb"),
+        "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
     print(f"outbox_append_records_per_s: {summary['outbox_append_records_per_s']:,.0f}")
+    print(f"kernel_frames_per_s: {summary['kernel_frames_per_s']:,.0f} (goal >= {KERNEL_FPS_GOAL:,}; {kernel}, "
+          f"saturated bus)")
+    print(f"kernel_frames_per_s_commute: {summary['kernel_frames_per_s_commute']:,.0f} (the fusion step and "
+          f"window ends cost per second, not per frame: at {COMMUTE_CAN_FPS} CAN frames/s they dominate)")
+    if summary["kernel_speedup_vs_pure"] is not None:
+        print(f"kernel_speedup_vs_pure: {summary['kernel_speedup_vs_pure']:.1f}x saturated, "
+              f"{summary['kernel_speedup_vs_pure_commute']:.1f}x commute (goal >= {KERNEL_SPEEDUP_GOAL:g}x)")
+    for name, value in uplink.items():
+        print(f"{name}: {value:.2f}")
+    if "error" not in agent:
+        print(f"agent_cpu_pct_saturated_can: {agent['cpu_pct']:.1f} % of one core (goal <= {CPU_GOAL_PCT:g} %; "
+              f"kernel {agent['kernel']}, over {agent['interval_s']:.1f} s; the simulator feeding it: "
+              f"{agent['sim_cpu_pct']:.1f} %)")
+        print(f"  CAN frames/s received: {agent['can_frames_per_s']:,.0f} of {args.can_fill:,} sent "
+              f"(+ {agent['uart_frames_per_s']:.1f} NMEA/JBD frames/s; status says "
+              f"{agent['status_frames_per_s']:,.0f} frames/s; bad SLCAN lines {agent['bad_lines']})")
+        print(f"agent_rss_mb: {agent['rss_mb']:.1f} (goal <= {RSS_GOAL_MB:g})")
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
-        "framers": framers,
+        "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
+        "uplink": uplink, "agent": agent,
     }, indent=1))
     print(f"written to {args.out}")
-    return 0
+    return 1 if "error" in agent else 0
 
 
 if __name__ == "__main__":

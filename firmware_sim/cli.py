@@ -18,12 +18,16 @@ from typing import IO, Any, NoReturn
 from firmware_sim import scenario
 from firmware_sim.encoders.bafang import candump_line
 from firmware_sim.encoders.nmea import SIM_EPOCH_ISO, SIM_EPOCH_UNIX
-from firmware_sim.link import IoLoop, LinkError, PtyPort, SlcanAdapter, UartBus
+from firmware_sim.link import SLCAN_BITRATES, IoLoop, LinkError, PtyPort, SlcanAdapter, UartBus
 from firmware_sim.manifest import Manifest
 
 BUS_BITRATE = 250000
 CAN_IFACE = "can0"
 TALKER = "GN"
+# --can-fill pads with the Bafang messages that carry no rolling counter (31/00 does), so
+# repeating them at any rate leaves every frame valid for a receiver that checks counters.
+FILL_KINDS = ("32/01", "32/00", "34/01", "34/00", "32/03")
+FILL_CAN = tuple(m for m in scenario.COMMUTE_CAN if m[0] in FILL_KINDS)
 
 
 class UsageError(Exception):
@@ -80,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "same path (a replugged SLCAN adapter starts closed); "
                         f"{', '.join(scenario.PORT_BUSES)}; default the first with a pty "
                         "in that order")
+    p.add_argument("--can-bitrate", type=int, default=BUS_BITRATE, metavar="BPS",
+                   choices=sorted(SLCAN_BITRATES.values()),
+                   help=f"bit rate of the simulated CAN bus; the host must open the SLCAN adapter "
+                        f"at the same (Sn); default {BUS_BITRATE} (Bafang's)")
+    p.add_argument("--can-fill", type=int, metavar="FRAMES_PER_S",
+                   help="load the CAN bus: pad it up to FRAMES_PER_S frames per sim second (the "
+                        "scenario's own included) with extra " + ", ".join(FILL_KINDS) + " frames "
+                        "(Bafang messages without a rolling counter), spread evenly over each "
+                        "second, encoded from the current state, never hit by noisy-line; the "
+                        "manifest marks them \"fill\": true. The load must fit in --can-bitrate "
+                        "(frames counted without stuff bits): about 8,400 frames/s saturate a "
+                        "1000000 bit/s bus")
     p.add_argument("--out", metavar="PATH", help="also write the CAN traffic as a candump -L log")
     p.add_argument("--manifest", metavar="FILE", help="JSON Lines record of what was delivered")
     p.add_argument("--linger", type=float, default=2.0, metavar="S",
@@ -117,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(--jbd, --daly, --ninebot, --kt, --surron)")
     if args.fault_at is not None and not 0.0 <= args.fault_at < args.duration:
         raise UsageError("--fault-at must be >= 0 and below --duration")
+    if args.can_fill is not None:
+        _check_fill(args)
     with_port = port_buses(args)
     if "unplug" in args.scenario.split("+"):
         if args.unplug_bus is None:
@@ -130,6 +148,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.unplug_bus is not None:
         raise UsageError("--unplug-bus needs the unplug scenario")
     return args
+
+
+def frame_bits(data_len: int) -> int:
+    """Bits an extended (29-bit) data frame holds the bus for, interframe space included
+    and stuff bits not: the least it can take, so the bus check errs on the generous side."""
+    return 67 + 8 * data_len
+
+
+def can_load(name: str) -> tuple[int, float, float]:
+    """For scenario ``name``: its own CAN frames per second, their bits per second, and
+    the mean bits of one fill frame (the fill messages are sent in turn)."""
+    ride = scenario.Ride(name)
+    state = {"counter": 0}
+    own = 0
+    bits = 0.0
+    for _kind, period, _offset, enc in ride.can:
+        rate = scenario.STEPS_PER_S / period
+        own += round(rate)
+        bits += rate * frame_bits(len(enc(ride.vehicle, state)[1]))
+    fill_bits = [frame_bits(len(enc(ride.vehicle, state)[1])) for _kind, _period, _offset, enc in FILL_CAN]
+    return own, bits, sum(fill_bits) / len(fill_bits)
+
+
+def _check_fill(args: argparse.Namespace) -> None:
+    """--can-fill needs a CAN sink, more than the scenario sends itself, and room on the bus."""
+    if not (args.slcan or args.out):
+        raise UsageError("--can-fill needs --slcan or --out")
+    own, bits, fill_bits = can_load(args.scenario)
+    if args.can_fill <= own:
+        raise UsageError(f"--can-fill must be above the {own} frames/s the scenario sends itself")
+    need = bits + (args.can_fill - own) * fill_bits
+    if need > args.can_bitrate:
+        most = own + int((args.can_bitrate - bits) / fill_bits)
+        raise UsageError(f"--can-fill {args.can_fill} needs {need:,.0f} bit/s, more than the "
+                         f"{args.can_bitrate} bit/s bus carries (at most {most} frames/s; see --can-bitrate)")
 
 
 def port_buses(args: argparse.Namespace) -> list[str]:
@@ -155,6 +208,8 @@ class Sim:
         self.adapter_closed = 0
         self.unplugged: dict[str, int] = {}     # bus -> frames produced while unplugged
         self.stop_reason: str | None = None
+        self.fill_per_s = 0 if args.can_fill is None else args.can_fill - can_load(args.scenario)[0]
+        self._fill_next = 0                     # index into FILL_CAN of the next fill frame
         self.t = 0.0
         self._wall0 = 0.0
         self._ticks = 0
@@ -165,12 +220,12 @@ class Sim:
         lines = []
         buses: dict[str, Any] = {}
         if a.slcan or a.out:
-            buses["can"] = {"bitrate": BUS_BITRATE, "iface": CAN_IFACE,
+            buses["can"] = {"bitrate": a.can_bitrate, "iface": CAN_IFACE,
                             "slcan": None, "file": a.out}
         if a.slcan:
             port = PtyPort(a.slcan)
             self.ports.append(port)
-            self.slcan = SlcanAdapter(port, BUS_BITRATE)
+            self.slcan = SlcanAdapter(port, a.can_bitrate)
             self.io.add(port, self.slcan.feed)
             buses["can"]["slcan"] = {"path": a.slcan, "tty": port.tty_name}
             lines.append(f"slcan {a.slcan} {port.tty_name}")
@@ -196,7 +251,7 @@ class Sim:
             self.manifest.write({
                 "type": "header", "scenario": a.scenario, "seed": a.seed, "speed": a.speed,
                 "duration": a.duration, "noise_rate": a.noise_rate, "fault_at": a.fault_at,
-                "unplug_bus": a.unplug_bus, "sim_epoch": SIM_EPOCH_ISO,
+                "unplug_bus": a.unplug_bus, "can_fill": a.can_fill, "sim_epoch": SIM_EPOCH_ISO,
                 "sim_epoch_unix": SIM_EPOCH_UNIX, "buses": buses,
             })
         return lines
@@ -264,7 +319,7 @@ class Sim:
             rec.update(wall=time.time(), error=str(exc))    # stays unplugged
             return rec
         if bus == "can":
-            self.slcan = SlcanAdapter(port, BUS_BITRATE)    # a new adapter starts closed
+            self.slcan = SlcanAdapter(port, a.can_bitrate)  # a new adapter starts closed
             self.slcan.on_tx = self._can_tx
             self.io.add(port, self.slcan.feed)
         else:
@@ -282,14 +337,17 @@ class Sim:
         return bus in self.unplugged and self._port(bus).closed
 
     def frame(self, bus: str, t: float, payload: tuple[int, bytes] | bytes, kind: str,
-              values: dict[str, Any]) -> None:
-        """Deliver one frame to every sink of ``bus`` and account for it."""
+              values: dict[str, Any], fill: bool = False) -> None:
+        """Deliver one frame to every sink of ``bus`` and account for it; ``fill`` marks
+        a --can-fill frame in the manifest."""
         if bus == "can" and isinstance(payload, tuple):
             can_id, data = payload[0], payload[1]
             edit = payload[2] if len(payload) > 2 else None
             wire: dict[str, Any] = {"id": f"{can_id:08X}", "data": data.hex()}
             if edit is not None and self.slcan is not None:
                 wire["corrupted"] = True
+            if fill:
+                wire["fill"] = True
             record = self._recorder("can", t, kind, values, **wire)
             if self.out is not None:
                 self.out.write(candump_line(SIM_EPOCH_UNIX + t, CAN_IFACE, can_id, data) + "\n")
@@ -347,7 +405,8 @@ class Sim:
             self.manifest.write(rec)
 
     def tick(self, t: float) -> bool:
-        """Pace sim time against the wall clock and service the ports; False = stop."""
+        """Pace sim time against the wall clock, service the ports and send this step's
+        fill frames; False = stop."""
         self.t = t
         self._ticks += 1
         if self._ticks == 1:
@@ -358,15 +417,33 @@ class Sim:
         if speed <= 0:
             if self._ticks % 16 == 0:
                 self.io.poll(0.0)
-            return self.stop_reason is None
-        target = self._wall0 + t / speed
-        remaining = target - time.monotonic()
-        if remaining <= 0 and self._ticks % 16 == 0:
-            self.io.poll(0.0)
-        while remaining > 0 and self.stop_reason is None:
-            self.io.poll(remaining)
+        else:
+            target = self._wall0 + t / speed
             remaining = target - time.monotonic()
+            if remaining <= 0 and self._ticks % 16 == 0:
+                self.io.poll(0.0)
+            while remaining > 0 and self.stop_reason is None:
+                self.io.poll(remaining)
+                remaining = target - time.monotonic()
+        if self.fill_per_s and self.stop_reason is None:
+            self._fill(t)
         return self.stop_reason is None
+
+    def _fill(self, t: float) -> None:
+        """This step's share of --can-fill: step n sends the frames that bring the count
+        to floor((n + 1) x rate / steps per s), so every sim second carries exactly the rate;
+        the fill messages take turns across steps."""
+        assert self.ride is not None
+        n = int(t * scenario.STEPS_PER_S + 0.5)
+        rate, steps = self.fill_per_s, scenario.STEPS_PER_S
+        count = (n + 1) * rate // steps - n * rate // steps
+        if not count:
+            return
+        encoded = [(kind, enc(self.ride.vehicle, {})) for kind, _period, _offset, enc in FILL_CAN]
+        for _ in range(count):
+            kind, (can_id, data, values) = encoded[self._fill_next]
+            self._fill_next = (self._fill_next + 1) % len(encoded)
+            self.frame("can", t, (can_id, data), kind, values, fill=True)
 
     # Phases around the ride --------------------------------------------------
 

@@ -356,6 +356,70 @@ def test_cli_candump_file_and_manifest(tmp_path):
     assert sum(r["type"] == "truth" for r in recs) == 5
 
 
+# --can-fill -------------------------------------------------------------------------
+
+FILL = ["--can-bitrate", "1000000", "--can-fill", "8400"]
+
+
+def _ride_manifest(tmp_path: Path, name: str, *extra: str) -> list[dict]:
+    """A 3 s ride flat out into a candump file, with its manifest."""
+    from firmware_sim.cli import main
+    man = tmp_path / f"{name}.jsonl"
+    assert main(["--out", str(tmp_path / f"{name}.log"), "--manifest", str(man), "--speed", "0",
+                 "--duration", "3", "--seed", "4", *extra]) == 0
+    return _manifest(man)
+
+
+def test_can_fill_delivers_its_rate_every_sim_second(tmp_path):
+    from agent.cli.decode import CanDecoder
+    from agent.dbc.compile import compile_dbc, profile_path
+    recs = _ride_manifest(tmp_path, "fill", *FILL)
+    assert recs[0]["can_fill"] == 8400 and recs[0]["buses"]["can"]["bitrate"] == 1000000
+    frames = [r for r in recs if r["type"] == "frame"]
+    assert recs[-1]["frames"]["can"] == len(frames) == 3 * 8400
+    per_second: dict[int, int] = {}
+    for r in frames:
+        per_second[int(r["t"])] = per_second.get(int(r["t"]), 0) + 1
+    assert per_second == {0: 8400, 1: 8400, 2: 8400}
+    # Spread over the steps, not bunched: 8336 fill frames/s are 83 or 84 in every 10 ms step.
+    per_step: dict[float, int] = {}
+    for r in frames:
+        if r.get("fill"):
+            per_step[r["t"]] = per_step.get(r["t"], 0) + 1
+    assert len(per_step) == 300 and set(per_step.values()) == {83, 84}
+
+    # The scenario's own frames and the truth are those of the same ride without fill.
+    plain = _ride_manifest(tmp_path, "plain")
+    own = [r for r in frames if not r.get("fill")]
+    assert [(r["t"], r["id"], r["data"]) for r in own] == \
+        [(r["t"], r["id"], r["data"]) for r in plain if r["type"] == "frame"]
+    assert [r for r in recs if r["type"] == "truth"] == [r for r in plain if r["type"] == "truth"]
+
+    # The fill: messages the Bafang DBC knows, in turn, each decoding to its recorded values.
+    fill = [r for r in frames if r.get("fill")]
+    assert [r["kind"] for r in fill[:6]] == ["32/01", "32/00", "34/01", "34/00", "32/03", "32/01"]
+    decoder = CanDecoder(compile_dbc(profile_path("bafang")))
+    for r in fill[::97]:
+        got = decoder.decode(int(r["id"], 16) | 0x80000000, bytes.fromhex(r["data"]))["signals"]
+        assert got == pytest.approx(r["values"], abs=1e-9), r
+    log = (tmp_path / "fill.log").read_text().splitlines()
+    assert [x.split(" ")[2] for x in log] == [f"{r['id']}#{r['data'].upper()}" for r in frames]
+
+
+def test_can_fill_must_fit_the_bus(capsys):
+    from firmware_sim.cli import main
+    assert main(["--out", "/dev/null", "--can-fill", "8400"]) == 2
+    assert "more than the 250000 bit/s bus carries (at most 2122 frames/s" in capsys.readouterr().err
+    assert main(["--out", "/dev/null", "--can-bitrate", "1000000", "--can-fill", "8500"]) == 2
+    assert "(at most 8467 frames/s" in capsys.readouterr().err
+    assert main(["--out", "/dev/null", "--can-fill", "64"]) == 2
+    assert "above the 64 frames/s the scenario sends itself" in capsys.readouterr().err
+    assert main(["--jbd", "/nonexistent/x", "--can-fill", "1000"]) == 2
+    assert "--can-fill needs --slcan or --out" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "--can-fill FRAMES_PER_S" in capsys.readouterr().out
+
+
 # Through real ptys -----------------------------------------------------------------
 
 
@@ -497,6 +561,34 @@ def test_timestamps_and_overflow_are_recorded(tmp_path):
         stamp = int(line[-4:], 16)
         assert stamp == round(r["t"] * 1000) % 60000
         assert line[:-4].decode() == f"T{r['id']}{len(r['data']) // 2}{r['data'].upper()}"
+
+
+@pytest.mark.e2e
+def test_can_fill_through_the_slcan_pty(tmp_path):
+    """At --speed 1 the fill reaches the host like any frame, once it opened the adapter at
+    the bus's 1 Mbit/s (S8): every second of sim time produces 8400 frames, and the host
+    reads exactly those the manifest says were delivered, in order."""
+    can, man = tmp_path / "can", tmp_path / "m.jsonl"
+    proc = start_sim(["--slcan", str(can), *FILL, "--speed", "1", "--duration", "1",
+                      "--manifest", str(man), "--wait-open", "15", "--linger", "1.0"])
+    try:
+        wait_ready(proc)
+        fd = open_raw(can)
+        assert _command(fd, b"S8\r", 1) == b"\r"
+        assert _command(fd, b"O\r", 1) == b"\r"
+        got = _read_all({"can": fd}, proc, 20.0)["can"]
+        assert proc.wait(10) == 0, proc.stderr.read()
+    finally:
+        reap(proc)
+    os.close(fd)
+    recs = _manifest(man)
+    assert recs[0]["buses"]["can"]["bitrate"] == 1000000
+    end = recs[-1]
+    assert end["type"] == "end" and end["adapter_closed"] == {"can": 0}
+    assert end["frames"]["can"] + end["dropped"]["can"] == 8400
+    frames = [r for r in recs if r["type"] == "frame"]
+    assert len(frames) == end["frames"]["can"]
+    assert got == b"".join(f"T{r['id']}{len(r['data']) // 2}{r['data'].upper()}\r".encode() for r in frames)
 
 
 def _ride_over(man: Path, last_truth_t: float) -> bool:
