@@ -79,7 +79,7 @@ class OutboxConfig:
 class WindowsConfig:
     live: float = 1.0
     history: float = 60.0
-    ring_samples: int = 1 << 18
+    ring_samples: int = 1 << 17
 
 
 # An alarm row as the kernel takes it (see ALARMS in agent/fusion/_kernel_py.py).
@@ -230,8 +230,10 @@ def _power_of_two(v: int) -> str | None:
 _WINDOWS: Schema = (
     ("live", float, 1.0, _positive),
     ("history", float, 60.0, _positive),
-    # Samples the event-capture ring holds: enough for capture_before_s at the bus's rate.
-    ("ring_samples", int, 1 << 18, _power_of_two),
+    # Samples the event-capture ring holds: at least (capture_before_s + capture_after_s) x
+    # the samples per second of the vehicle's buses, or snapshots come out truncated
+    # (counted: status fusion.snapshots_truncated). 2^17 (2.6 MB) is 15 s at 8,700 samples/s.
+    ("ring_samples", int, 1 << 17, _power_of_two),
 )
 _FUSION: Schema = tuple((name, float, default, _positive) for name, default, _unit, _why in PARAMS)
 _ALARM_KEYS = ("enabled", "level", "threshold", "clear", "delay", "clear_delay")

@@ -20,7 +20,7 @@ from typing import Any
 from agent import __version__
 from agent.config import CAN_KINDS, Config, SourceConfig
 from agent.control.server import ControlServer
-from agent.dbc.compile import CompiledDbc, compile_dbc, profile_path
+from agent.dbc.compile import CompiledDbc, compile_isolated, profile_path
 from agent.errors import ConfigError, DecodeError, SourceUnavailableError
 from agent.fusion._kernel_py import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, WIN_LIVE
 from agent.fusion.kernel import BUILD, Kernel
@@ -40,6 +40,12 @@ MAX_TEXT_LINE = 4096
 QUIET_LINE = 0.2
 TICK = 0.1
 DRAIN_TIMEOUT = 5.0
+# While data streams in, a turn of the loop lasts at least this long: each read then
+# brings a few ms of frames for one kernel call, instead of a turn per burst of bytes
+# (the loop's own cost, not the decoding, is what a saturated bus makes expensive).
+# Well inside what a tty buffers (4 KiB is 18 ms of a saturated bus as SLCAN text;
+# 10 ms of a 115200-baud UART is 115 bytes).
+MIN_BUSY_TURN = 0.01
 
 
 def dbc_for(protocol: str) -> str:
@@ -199,7 +205,7 @@ def _one_dbc(cfg: Config) -> CompiledDbc | None:
     paths = {dbc_for(s.protocol) for s in cfg.sources if s.kind in CAN_KINDS}
     if len(paths) > 1:
         raise ConfigError(cfg.path, "sources", "all CAN sources must use the same DBC for now")
-    return compile_dbc(paths.pop()) if paths else None
+    return compile_isolated(paths.pop()) if paths else None
 
 
 def send_batches(outbox: Outbox, uplink: Uplink, device_id: str, max_records: int,
@@ -238,6 +244,7 @@ class Runtime:
         self.control = ControlServer(cfg.control_socket, self.status)
         self.pending: list[tuple[int, float, bytes]] = []
         self.urgent = False
+        self.busy = False
         self.last_commit = time.monotonic()
         self.records = 0
         self.leased_since_connect = 0
@@ -257,7 +264,12 @@ class Runtime:
         log.info("agent %s up: kernel %s, %d sources", self.cfg.device_id, BUILD, len(self.sources))
         try:
             while not self.stopping and not until():
+                started = time.monotonic()
+                self.busy = False
                 self.step(TICK)
+                rest = MIN_BUSY_TURN - (time.monotonic() - started)
+                if self.busy and rest > 0:
+                    time.sleep(rest)
         finally:
             self.shutdown()
 
@@ -293,6 +305,7 @@ class Runtime:
         if not src.is_open:
             self.selector.unregister(fd)
         if data:
+            self.busy = True
             now = time.time()
             handler = self.handlers[i]
             self.kernel.source = i

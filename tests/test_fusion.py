@@ -269,6 +269,18 @@ def test_event_snapshot_spans_before_and_after_the_alarm(kernel_cls: Any) -> Non
     assert window_after, "the snapshot is handed over once its after-part has passed"
 
 
+def test_a_ring_too_small_for_the_load_gives_a_counted_truncated_snapshot(kernel_cls: Any) -> None:
+    k = kernel_cls(ID_SPACE, 1.0, 60.0, 1024)
+    out = []
+    for i in range(4000):
+        t = 100.0 + i * 0.01
+        out += k.feed_values([VOLTAGE, kp.S_FAULT], [t, t], [40.0, 33.0 if t >= 130.0 else 0.0])
+    snaps = [o for o in out if o[0] == kp.OUT_SNAPSHOT]
+    assert len(snaps) == 1 and k.counters()["snapshots_truncated"] == 1
+    _, t, _, _, lo, hi, ids, times, _ = snaps[0]
+    assert min(times) > lo + 1.0 and len(ids) <= 1024
+
+
 def test_reporting_on_change_beyond_a_deadband(kernel_cls: Any) -> None:
     k = kernel_cls(ID_SPACE, 1.0)
     k.set_policy(VOLTAGE, kp.REPORT_CHANGE, 0.5)

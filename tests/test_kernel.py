@@ -13,7 +13,8 @@ from typing import Any
 import cantools
 import pytest
 
-from agent.dbc.compile import compile_dbc, frame_key, load_cantools, profile_path
+from agent.dbc.compile import compile_dbc, compile_isolated, frame_key, load_cantools, profile_path
+from agent.errors import ConfigError
 from agent.fusion import kernel as kernel_module
 from agent.fusion._kernel_py import OUT_WINDOW, WIN_HISTORY, WIN_LIVE
 from agent.fusion.kernel import KERNELS
@@ -149,6 +150,23 @@ def test_unknown_short_and_no_value_frames_are_counted(kernel_cls: Any) -> None:
     latest = {sid: v for sid, v, _ in k.latest()}
     assert latest[SPEED] == 24.12
     assert signal_id("Vehicle.Powertrain.ElectricMotor.Temperature") not in latest
+
+
+def test_a_child_process_compiles_the_same_tables(tmp_path: Path) -> None:
+    """The agent compiles its DBC in a child process (cantools never loads in the agent):
+    the same tables, and a bad file refused the same way."""
+    for path in (KINDS_DBC, profile_path("bafang")):
+        ours = compile_isolated(path)
+        assert ours.path == path and ours.to_json() == compiled(path).to_json()
+        assert ours.kernel_tables() == compiled(path).kernel_tables()
+    bad = tmp_path / "bad.dbc"
+    bad.write_text('VERSION ""\nBO_ 100 M: 8 X\n SG_ S : 0|8@1+ (1,0) [0|1] "" X\n\n'
+                   'BA_ "SignalName" SG_ 100 S "No.Such";\n')
+    with pytest.raises(ConfigError) as direct:
+        compile_dbc(str(bad))
+    with pytest.raises(ConfigError) as child:
+        compile_isolated(str(bad))
+    assert (child.value.path, child.value.key, child.value.reason) == (str(bad), direct.value.key, direct.value.reason)
 
 
 def test_decode_frame_rejects_short_and_ignores_unknown(kernel_cls: Any) -> None:

@@ -1,19 +1,21 @@
 """Compile a DBC file once, at start-up, into the flat tables the fusion kernel reads.
 
-cantools parses the DBC (it is the one module that imports cantools); the hot loop
+cantools parses the DBC (this is the one module that imports cantools); the hot loop
 then never touches a cantools object: per frame it does one dict lookup for the
-message and, per signal, a shift, a mask, a multiply and an add.
+message and, per signal, a shift, a mask, a multiply and an add. The agent compiles in
+a child process (``compile_isolated``, ``python -m agent.dbc.compile PATH``), so the
+~15 MB cantools and its parser take stay out of a process that runs for months.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from array import array
 from importlib import resources
 from typing import Any
-
-import cantools
-import cantools.database
 
 from agent.errors import ConfigError
 from agent.signals import BY_ID, BY_NAME, ID_SPACE
@@ -28,6 +30,9 @@ NAME_ATTRIBUTE = "SignalName"
 NO_VALUE_ATTRIBUTE = "NoValueRaw"
 
 PROFILES = ("bafang",)
+# The CompiledDbc arrays, in the order they are written to JSON.
+_ARRAYS = ("msg_len", "msg_first", "msg_count", "sig_big_endian", "sig_shift", "sig_length", "sig_signed",
+           "sig_factor", "sig_offset", "sig_id", "sig_no_value", "sig_mux_row", "sig_mux_value")
 
 
 class CompiledDbc:
@@ -73,6 +78,26 @@ class CompiledDbc:
         """Name for an id this DBC produces (catalogue or ``<message>.<signal>``)."""
         return self.local_names.get(sig_id) or BY_ID[sig_id].name
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the path, as JSON types (floats round-trip exactly)."""
+        out: dict[str, Any] = {name: list(getattr(self, name)) for name in _ARRAYS}
+        out.update(msg_index=sorted(self.msg_index.items()), msg_names=self.msg_names, sig_names=self.sig_names,
+                   sig_dbc_names=self.sig_dbc_names, local_names=sorted(self.local_names.items()))
+        return out
+
+    @classmethod
+    def from_json(cls, path: str, data: dict[str, Any]) -> CompiledDbc:
+        out = cls(path)
+        for name in _ARRAYS:
+            getattr(out, name).extend(data[name])
+        out.msg_index = {int(k): int(v) for k, v in data["msg_index"]}
+        out.msg_names = list(data["msg_names"])
+        out.sig_names = list(data["sig_names"])
+        out.sig_dbc_names = list(data["sig_dbc_names"])
+        out.local_names = {int(k): str(v) for k, v in data["local_names"]}
+        out.local_ids = {v: k for k, v in out.local_names.items()}
+        return out
+
 
 def frame_key(can_id: int, extended: bool) -> int:
     """The kernel's message key: the id with bit 31 set for 29-bit frames, as in DBC files."""
@@ -97,11 +122,18 @@ def _attribute(signal: Any, name: str) -> Any:
     return attrs[name].value if name in attrs else None
 
 
+def _cantools() -> Any:
+    """cantools, imported on first use: the agent's own process never needs it."""
+    import cantools.database
+
+    return cantools
+
+
 def compile_dbc(path: str) -> CompiledDbc:
     """Parse ``path`` with cantools and flatten it; a bad file is a ConfigError naming it."""
     try:
         db = load_cantools(path)
-    except (OSError, cantools.database.errors.Error, ValueError) as e:
+    except (OSError, _cantools().database.errors.Error, ValueError) as e:
         raise ConfigError(path, "dbc", f"cannot load DBC: {e}") from e
     out = CompiledDbc(path)
     for msg in db.messages:
@@ -168,4 +200,36 @@ def profile_path(name: str) -> str:
 
 def load_cantools(path: str) -> Any:
     """The cantools database itself (also for the differential tests and the benchmark)."""
-    return cantools.database.load_file(path, database_format="dbc", strict=True)
+    return _cantools().database.load_file(path, database_format="dbc", strict=True)
+
+
+def compile_isolated(path: str) -> CompiledDbc:
+    """``compile_dbc`` in a child process: the same tables (and the same ConfigError for
+    a bad file), without cantools in this process."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "agent.dbc.compile", path], capture_output=True, text=True,
+                              timeout=300)
+        result = json.loads(proc.stdout) if proc.stdout else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        raise ConfigError(path, "dbc", f"the DBC compiler did not run: {e}") from e
+    if proc.returncode != 0:
+        if "reason" in result:
+            raise ConfigError(path, result["key"], result["reason"])
+        raise ConfigError(path, "dbc", f"the DBC compiler failed: {proc.stderr.strip()[-500:]}")
+    return CompiledDbc.from_json(path, result)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m agent.dbc.compile PATH``: the tables as JSON on stdout; a ConfigError
+    as ``{"key", "reason"}`` and exit status 1."""
+    try:
+        out = compile_dbc(argv[0])
+    except ConfigError as e:
+        print(json.dumps({"key": e.key, "reason": e.reason}))
+        return 1
+    print(json.dumps(out.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

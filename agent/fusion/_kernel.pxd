@@ -84,6 +84,7 @@ cdef class Kernel:
     cdef long long r_head
     cdef public long long ticks
     cdef public long long snapshots
+    cdef public long long snapshots_truncated
     cdef double[::1] params
     cdef public double tick
     cdef double[::1] ocv_soc

@@ -304,7 +304,7 @@ def _check_source(source):
 class Kernel:
     """Vehicle state, windows, fused signals, alarms and event capture, fed in batches."""
 
-    def __init__(self, id_space, window, history=60.0, ring=1 << 18):
+    def __init__(self, id_space, window, history=60.0, ring=1 << 17):
         if window <= 0 or history <= 0:
             raise ValueError("windows must be > 0 s")
         if id_space < FUSION_ID_SPACE:
@@ -364,6 +364,7 @@ class Kernel:
         self.adapter_errors = 0
         self.ticks = 0
         self.snapshots = 0
+        self.snapshots_truncated = 0
         self.hexval = _hex_table()
         self.closed = []
         self.params = array("d", [p[1] for p in PARAMS])
@@ -680,7 +681,7 @@ class Kernel:
                 "bad_lines": self.bad_lines, "remote_frames": self.remote_frames,
                 "error_frames": self.error_frames, "fd_frames": self.fd_frames,
                 "adapter_errors": self.adapter_errors, "ticks": self.ticks,
-                "snapshots": self.snapshots}
+                "snapshots": self.snapshots, "snapshots_truncated": self.snapshots_truncated}
 
     # Time ---------------------------------------------------------------------------
 
@@ -1520,6 +1521,9 @@ class Kernel:
                 times.append(rt)
                 values.append(self.r_v[r])
             j -= 1
+        if j < stop and self.r_head > size:
+            # The ring had already dropped the start of the span: too small for this load.
+            self.snapshots_truncated += 1
         ids.reverse()
         times.reverse()
         values.reverse()

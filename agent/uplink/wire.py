@@ -8,6 +8,7 @@ CDDL is checked against.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from typing import Any
@@ -169,6 +170,7 @@ def decode_ack(payload: bytes) -> list[tuple[int, int]]:
 RECORD_OVERHEAD = 10
 
 
+@functools.lru_cache(maxsize=8)
 def batch_overhead(device_id: str) -> int:
     return 1 + 1 + len(cbor2.dumps(device_id)) + 5
 
