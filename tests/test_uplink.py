@@ -427,18 +427,20 @@ def test_mqtt_311_only_by_choice_and_with_a_warning(tmp_path: Path, mosquitto: M
 
 
 def test_reconnect_waits_double_with_jitter_up_to_two_minutes(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """1 s to 120 s, each wait drawn from the upper half of a doubling cap, so a fleet
-    cut off together does not come back in lockstep."""
+    """1 s to 120 s, each wait drawn from the upper half of a cap that doubles every 4
+    failures (a short outage is retried about every second), so a fleet cut off together
+    does not come back in lockstep."""
     links = [Link(tmp_path, mosquitto) for _ in range(2)]
     try:
-        seqs = [[link.uplink.next_reconnect_delay() for _ in range(12)] for link in links]
+        seqs = [[link.uplink.next_reconnect_delay() for _ in range(36)] for link in links]
         for delays in seqs:
             cap = 1.0
-            for d in delays:
+            for n, d in enumerate(delays, start=1):
                 assert max(1.0, cap / 2) <= d <= cap
-                cap = min(120.0, cap * 2)
-            assert delays[-1] >= 60.0
-        assert seqs[0][2:] != seqs[1][2:], "two devices drew the same waits"
+                if n % 4 == 0:
+                    cap = min(120.0, cap * 2)
+            assert delays[:4] == [1.0] * 4 and delays[-1] >= 60.0
+        assert seqs[0][8:] != seqs[1][8:], "two devices drew the same waits"
         link = links[0]
         link.uplink.start()
         pump("a connection", link, None, lambda: link.uplink.connected, 10)

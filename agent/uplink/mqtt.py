@@ -32,6 +32,7 @@ AWAITING_FACTOR = 4
 PACKET_OVERHEAD = 32  # MQTT 5 PUBLISH fixed header, packet id and property length
 RECONNECT_MIN = 1
 RECONNECT_MAX = 120
+RETRIES_PER_STEP = 4
 
 
 def _client(client_id: str, cfg: BrokerConfig) -> mqtt.Client:
@@ -89,10 +90,13 @@ class Uplink:
         self.client.on_message = self._on_message
         self.client.on_connect_fail = self._on_connect_fail
         # Reconnect backoff with jitter, so a fleet does not come back in lockstep after a
-        # broker restart: the cap doubles from RECONNECT_MIN to RECONNECT_MAX, each wait is
-        # drawn from [cap/2, cap].
+        # broker restart: each wait is drawn from [cap/2, cap] (at least RECONNECT_MIN); the
+        # cap doubles every RETRIES_PER_STEP failures from RECONNECT_MIN to RECONNECT_MAX.
+        # A short outage (a broker restart, a tunnel) is thus noticed within about a
+        # second of its end; a long one still backs off to two minutes.
         self.jitter = random.Random()
         self.backoff_cap = float(RECONNECT_MIN)
+        self.failures = 0
         self.reconnect_delays: collections.deque[float] = collections.deque(maxlen=16)
 
     def start(self) -> None:
@@ -106,6 +110,7 @@ class Uplink:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
         if not _failed(rc):
             self.backoff_cap = float(RECONNECT_MIN)
+            self.failures = 0
             self.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
             if self.cfg.ack == "cloud":
                 client.subscribe(self.topic_ack, qos=1)
@@ -121,9 +126,11 @@ class Uplink:
 
     def next_reconnect_delay(self) -> float:
         """Set paho's next wait (it runs right after these callbacks) to a jittered share
-        of the doubling cap."""
+        of the cap, which doubles every RETRIES_PER_STEP failures."""
         delay = max(float(RECONNECT_MIN), self.jitter.uniform(self.backoff_cap / 2, self.backoff_cap))
-        self.backoff_cap = min(float(RECONNECT_MAX), self.backoff_cap * 2)
+        self.failures += 1
+        if self.failures % RETRIES_PER_STEP == 0:
+            self.backoff_cap = min(float(RECONNECT_MAX), self.backoff_cap * 2)
         self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
         self.reconnect_delays.append(delay)
         return delay
