@@ -42,6 +42,8 @@ EXTRAS = {
         "micropython-unix-stubs>=1.28",
         # The power-loss test's FUSE filesystem (devtools/lossyfs.py); builds against libfuse3-dev.
         "pyfuse3>=3.3,<4",
+        # make bench: the Sparkplug-B-style protobuf the wire figure is measured against.
+        "protobuf>=4.21,<8",
     ],
     # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
     "can": ["python-can>=4.3,<5"],
@@ -83,7 +85,7 @@ def _extensions() -> list[Extension]:
             raise SystemExit("ebike-agent build: EBIKE_AGENT_BUILD_EXT=1 but Cython is not installed") from e
         _say("Cython is not installed; the pure-Python kernel will be used")
         return []
-    ext = Extension(KERNEL, ["agent/fusion/_kernel_py.py"], extra_compile_args=["-O3"])
+    ext = Extension(KERNEL, ["agent/fusion/_kernel_py.py"], extra_compile_args=["-O3", "-ffp-contract=off"])
     return list(cythonize([ext], compiler_directives={"language_level": "3", "boundscheck": False,
                                                       "wraparound": False, "cdivision": True,
                                                       "initializedcheck": False}, quiet=True))

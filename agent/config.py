@@ -66,6 +66,7 @@ class BrokerConfig:
     max_batch_bytes: int = 262144
     max_bytes_per_s: int = 0
     protocol: str = "5"
+    deflate: bool = True
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ _BROKER: Schema = (
     ("max_bytes_per_s", int, 0, _non_negative),  # 0 = no cap
     # MQTT 3.1.1 only by explicit choice: a broker refusing a publish still answers success.
     ("protocol", str, "5", _one_of(("5", "3.1.1"))),
+    # Batches deflated (docs/wire.cddl batch-deflated): a tenth of the bytes on a metered link.
+    ("deflate", bool, True, None),
 )
 _OUTBOX: Schema = (
     ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),

@@ -209,7 +209,7 @@ def _one_dbc(cfg: Config) -> CompiledDbc | None:
 
 
 def send_batches(outbox: Outbox, uplink: Uplink, device_id: str, max_records: int,
-                 newest_live_first: bool = False) -> None:
+                 newest_live_first: bool = False, deflate: bool = False) -> None:
     """Fill the uplink's window with batches leased from the outbox, each sized to what the
     broker takes; rows of a batch paho refuses go back to the outbox."""
     first = newest_live_first
@@ -220,7 +220,7 @@ def send_batches(outbox: Outbox, uplink: Uplink, device_id: str, max_records: in
         if not batch:
             return
         seqs = [seq for seq, _ in batch]
-        if not uplink.publish(seqs, wire.encode_batch(device_id, batch)):
+        if not uplink.publish(seqs, wire.encode_batch(device_id, batch, deflate)):
             outbox.release(seqs)
             return
 
@@ -359,7 +359,8 @@ class Runtime:
         # The first batch after each (re)connect: alarms and the vehicle as it is now.
         fresh = self.uplink.connects != self.leased_since_connect
         self.leased_since_connect = self.uplink.connects
-        send_batches(self.outbox, self.uplink, self.cfg.device_id, self.cfg.broker.max_batch_records, fresh)
+        send_batches(self.outbox, self.uplink, self.cfg.device_id, self.cfg.broker.max_batch_records, fresh,
+                     self.cfg.broker.deflate)
 
     def _rate(self) -> None:
         mono = time.monotonic()

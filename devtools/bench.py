@@ -23,7 +23,8 @@ Writes every round to bench-results.json.
    kernel (built untimed); the compiled one 10 times a round, its mean taken.
    Frames = CAN frames + NMEA sentences + JBD answers.
 6. Uplink (devtools/bench_uplink.py): draining a 24 h backlog, and the first live window
-   after the broker comes back.
+   after the broker comes back; bytes per sample-signal of the wire format against
+   ThingsBoard JSON and Sparkplug B protobuf (devtools/bench_wire.py).
 7. The agent: CPU (% of one core, user + sys) and RSS of the whole ``ebike-agent run``
    process on a saturated 1 Mbit/s CAN bus (``ebike-sim --can-fill``), see bench_agent.py.
 """
@@ -49,7 +50,7 @@ from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, load_cantools
 from agent.fusion.kernel import KERNELS
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
-from devtools import bench_uplink, ride
+from devtools import bench_uplink, bench_wire, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.broker import BrokerMissing
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     traffic_results = _recorded_ride(f"recorded commute ({COMMUTE_CAN_FPS} CAN frames/s, a read per 10 ms), "
                                      f"{args.traffic_seconds:g} s", commute, args.rounds)
     uplink = bench_uplink.measure(3)  # a round is a 24 h backlog: medians of three
+    wire_figures = bench_wire.measure()
     agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
 
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_frames_per_s_commute": traffic_results[kernel]["median"],
         "kernel_speedup_vs_pure_commute": traffic_results[kernel]["ratio"] if "c" in KERNELS else None,
         **uplink,
+        "wire_bytes_per_sample_signal": wire_figures["wire_bytes_per_sample_signal"],
+        "wire_smaller_than_json": wire_figures["wire_smaller_than_json"],
+        "wire_smaller_than_protobuf": wire_figures["wire_smaller_than_protobuf"],
         "agent_cpu_pct_saturated_can": agent.get("cpu_pct"),
         "agent_rss_mb": agent.get("rss_mb"),
         "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
@@ -336,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['kernel_speedup_vs_pure_commute']:.1f}x commute (goal >= {KERNEL_SPEEDUP_GOAL:g}x)")
     for name, value in uplink.items():
         print(f"{name}: {value:.2f}")
+    print(f"wire_bytes_per_sample_signal: {wire_figures['wire_bytes_per_sample_signal']:.3f} (goal <= 0.5; "
+          f"{wire_figures['wire_signals']:.0f} signals at 10 Hz, 30 min; ThingsBoard JSON "
+          f"{wire_figures['json_bytes_per_sample_signal']:.1f} = {wire_figures['wire_smaller_than_json']:.0f}x, "
+          f"Sparkplug B protobuf {wire_figures['protobuf_bytes_per_sample_signal']:.1f} = "
+          f"{wire_figures['wire_smaller_than_protobuf']:.0f}x; goal >= 30x both)")
     if "error" not in agent:
         print(f"agent_cpu_pct_saturated_can: {agent['cpu_pct']:.1f} % of one core (goal <= {CPU_GOAL_PCT:g} %; "
               f"kernel {agent['kernel']}, over {agent['interval_s']:.1f} s; the simulator feeding it: "
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
-        "uplink": uplink, "agent": agent,
+        "uplink": uplink, "wire": wire_figures, "agent": agent,
     }, indent=1))
     print(f"written to {args.out}")
     return 1 if "error" in agent else 0

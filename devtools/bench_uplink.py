@@ -100,7 +100,7 @@ class Vehicle:
         self.outbox.release(failed)
         fresh = self.uplink.connects != self.seen_connects
         self.seen_connects = self.uplink.connects
-        send_batches(self.outbox, self.uplink, self.device, self.cfg.max_batch_records, fresh)
+        send_batches(self.outbox, self.uplink, self.device, self.cfg.max_batch_records, fresh, self.cfg.deflate)
 
     def run_until(self, what: str, done: Callable[[], bool], timeout: float,
                   also: Callable[[], object] = lambda: None) -> float:

@@ -84,6 +84,11 @@ def test_broker_sigkill_loses_nothing_and_live_data_goes_first(tmp_path: Path, m
         at_kill = committed(outbox)[0]
         wait_for("a backlog to build up while the broker is down", lambda: committed(outbox)[0] >= at_kill + 20, 30)
 
+        # The consumer may still be storing what it had read before the crash: only once
+        # that has settled does "the first record after the restart" mean anything.
+        settled = [len(arrivals(cloud_db))]
+        wait_for("the consumer to store what it had read before the crash",
+                 lambda: settled.append(len(arrivals(cloud_db))) or settled[-1] == settled[-2], 30, interval=1.0)
         agent.send_signal(signal.SIGSTOP)
         try:
             seen_before = len(arrivals(cloud_db))

@@ -15,6 +15,7 @@ import cbor2
 import pytest
 
 from agent.signals import signal_id
+from agent.uplink import wire
 from agent.uplink.mqtt import Subscriber
 from devtools.broker import Mosquitto
 from tests.conftest import WIRE_CDDL, WireSchema
@@ -169,8 +170,9 @@ def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> N
         schema.validate_cbor(payload)
     seen: set[int] = set()
     for payload in payloads:
-        version, device, records = cbor2.loads(payload)
-        assert (version, device) == (1, DEVICE)
+        assert cbor2.loads(payload)[0] == wire.VERSION_DEFLATE, "batches are deflated by default"
+        device, records = wire.decode_batch(payload)
+        assert device == DEVICE
         seen.update(seq for seq, _ in records)
     assert seen == set(range(1, committed + 1))
 

@@ -594,7 +594,7 @@ def test_python_can_virtual_bus_in_process(tmp_path: Path, mosquitto: Mosquitto)
     records = dict(rec for p in payloads for rec in wire.decode_batch(p)[1])  # seq -> record, QoS 1 may repeat
     assert sorted(records) == list(range(1, committed + 1))
     live = [rec for rec in records.values() if rec["k"] == "win" and rec["d"] < HISTORY_MS]
-    speed_rows = [row for rec in live for row in rec["s"] if row[0] == signal_id(SPEED)]
+    speed_rows = [wire.window_values(row) for rec in live for row in rec["s"] if row[0] == signal_id(SPEED)]
     assert sum(row[1] for row in speed_rows) == len(speeds)
     assert min(row[2] for row in speed_rows) == pytest.approx(25.0, abs=EXACT)
     assert max(row[3] for row in speed_rows) == pytest.approx(26.0, abs=EXACT)

@@ -3,6 +3,7 @@ with size=, so ENOSPC comes from the kernel), filled to the brim by another file
 keeps taking records by dropping the oldest, lowest-priority ones (history first, alarms
 last), tells the cloud with a gap record, keeps acknowledging, and gets its ballast
 back when the disk has room again. Its quota never exceeds 90 % of the free space.
+The agent process itself rides on through a full disk and says so in its status.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.store.outbox import FREE_SHARE, LANE_ALARM, LANE_HISTORY, LANE_LIVE, Outbox
+from devtools.broker import Mosquitto
+from tests.helpers import spawn, stop, wait_for
+from tests.test_e2e import agent_config, start_consumer_and_sim
+from tests.test_e2e_sources import status_now
 
 SIZE = 4 << 20
 
@@ -128,3 +133,35 @@ def test_a_full_disk_drops_by_policy_and_never_crashes(small_disk: Path, watched
         assert reopened.db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         reopened.close()
+
+
+@pytest.mark.e2e
+def test_the_agent_rides_on_through_a_full_disk_and_says_so(small_disk: Path, tmp_path: Path,
+                                                             mosquitto: Mosquitto) -> None:
+    """The agent process with its outbox on the small disk: filled mid-ride, the agent keeps
+    running, its status says the disk is full, and once there is room again it commits and
+    delivers again, every number it ever committed either delivered or announced."""
+    config = agent_config(tmp_path, mosquitto)
+    config.write_text(config.read_text().replace('path = "outbox.sqlite"', f'path = "{small_disk / "outbox.sqlite"}"'))
+    consumer, sim = start_consumer_and_sim(tmp_path, mosquitto, "disk-full-ingest",
+                                           ["--speed", "10", "--duration", "600", "--seed", "4"])
+    agent = spawn(["agent", "run", "--config", str(config)], tmp_path / "agent.log")
+    try:
+        sock = tmp_path / "control.sock"
+        wait_for("records committed", lambda: (status_now(sock) or {}).get("records_committed", 0) >= 5, 30)
+        filler = small_disk / "filler"
+        fill(filler)
+        st = wait_for("the status to say the disk is full",
+                      lambda: (s := status_now(sock)) and s["outbox"]["disk_full"] >= 1 and s, 30)
+        assert agent.poll() is None and st["outbox"]["disk_full_now"] is True
+        filler.unlink()
+        before = st["records_committed"]
+        wait_for("commits again once there is room",
+                 lambda: (status_now(sock) or {}).get("records_committed", 0) > before + 5, 30)
+        assert stop(agent) == 0, (tmp_path / "agent.log").read_text()
+        agent = None
+    finally:
+        for proc in (agent, sim, consumer):
+            if proc is not None:
+                stop(proc)
+    assert "Traceback" not in (tmp_path / "agent.log").read_text()

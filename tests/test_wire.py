@@ -8,6 +8,7 @@ reference for the fleet backend, so it must accept exactly what docs/wire.cddl d
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def record(t: int = 0, d: int = 1000, s: list[Any] | None = None, **extra: Any) 
        recs=st.lists(windows, max_size=12))
 def test_round_trip(device: str, first_seq: int, recs: list[tuple[float, float, list[Any]]]) -> None:
     """What the agent encodes, the cloud decodes to the same numbers: ids, counts,
-    negative and huge values, floats bit for bit."""
+    negative and huge values; min, max and last bit for bit, the mean too where the row
+    stays in floats and to the float error of a sum in fixed point."""
     batch = [(first_seq + i, wire.window_record(start, length, r)) for i, (start, length, r) in enumerate(recs)]
     got_device, got = wire.decode_batch(wire.encode_batch(device, batch))
     assert got_device == device
@@ -55,11 +57,35 @@ def test_round_trip(device: str, first_seq: int, recs: list[tuple[float, float, 
         assert rec["t"] == round(start * 1000) and rec["d"] == round(length * 1000)
         assert len(rec["s"]) == len(r)
         for got_row, want in zip(rec["s"], r, strict=True):
-            assert got_row[:2] == list(want[:2])
-            for a, b in zip(got_row[2:], want[2:6], strict=True):
-                assert type(a) is type(b) and a == b
-                if isinstance(a, float):
-                    assert math.copysign(1, a) == math.copysign(1, b)
+            if len(got_row) == 6:
+                assert got_row == list(want[:6])
+                assert all(type(a) is type(b) for a, b in zip(got_row, want[:6], strict=True))
+                assert all(math.copysign(1, a) == math.copysign(1, b) for a, b in zip(got_row, want[:6], strict=True)
+                           if isinstance(a, float))
+                continue
+            sid, count, vmin, vmax, mean, last = wire.window_values(got_row)
+            assert (sid, count) == want[:2]
+            for a, b in ((vmin, want[2]), (vmax, want[3]), (last, want[5])):
+                assert a == b and math.copysign(1, a) == math.copysign(1, b)
+            assert mean == pytest.approx(want[4], rel=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(step=st.sampled_from([1e-3, 0.01, 0.1, 1.0, 10.0]), base=st.integers(-10**6, 10**6),
+       spread=st.lists(st.integers(0, 5000), min_size=1, max_size=60))
+def test_readings_of_a_resolution_go_fixed_point(step: float, base: int, spread: list[int]) -> None:
+    """Readings a sensor of resolution ``step`` gives (as the decoders compute them) are
+    sent as small integers, min/max/last exact, the mean to 1e-12."""
+    scale = round(1 / step) if step < 1 else None
+    values = [(base + d) / scale if scale else (base + d) * step for d in spread]
+    row = (7, len(values), min(values), max(values), sum(values) / len(values), values[-1], 0.0)
+    body = wire.window_record(1.7e9, 1.0, [row])
+    got = cbor2.loads(body)["s"][0]
+    assert len(got) == 7 and 10.0 ** got[2] >= step / 1.0001
+    sid, count, vmin, vmax, mean, last = wire.window_values(got)
+    assert (vmin, vmax, last, count) == (row[2], row[3], row[5], len(values))
+    assert mean == pytest.approx(row[4], rel=1e-12, abs=1e-12)
+    assert len(cbor2.dumps(got)) < len(cbor2.dumps(list(row[:6]))), "fixed point is the smaller row"
 
 
 @pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 65535, 65536])
@@ -110,7 +136,9 @@ BAD_BATCHES = {
     "d-missing": batch([1, {"k": "win", "t": 0, "s": []}]),
     "s-map": batch([1, record(s={})]),
     "row-short": batch([1, record(s=[[1, 2, 3, 4, 5]])]),
-    "row-long": batch([1, record(s=[[1, 2, 3, 4, 5, 6, 7]])]),
+    "row-long": batch([1, record(s=[[1, 2, 3, 4, 5, 6, 7, 8]])]),
+    "fixed-row-e-float": batch([1, record(s=[[1, 2, 0.5, 4, 5, 6, 0]])]),
+    "fixed-row-dmax-negative": batch([1, record(s=[[1, 2, 0, 4, -5, 0, 0]])]),
     "row-not-list": batch([1, record(s=[7])]),
     "row-sig-float": batch([1, record(s=[[1.0, 2, 3, 4, 5, 6]])]),
     "row-sig-negative": batch([1, record(s=[[-1, 2, 3, 4, 5, 6]])]),
@@ -229,3 +257,32 @@ def test_ingest_tells_announced_drops_from_lost_records(tmp_path: Path) -> None:
         assert report["gaps"] == {"bike-7": [[6, 6], [8, 8]]}
     finally:
         store.close()
+
+
+def test_deflated_batch_round_trips_and_is_smaller() -> None:
+    rows = [(sid, 10, 20.0 + sid / 100, 21.5, 20.75, 21.0, 0.0) for sid in range(1, 41)]
+    batch = [(i + 1, wire.window_record(1.7e9 + i, 1.0, rows)) for i in range(200)]
+    plain, packed = wire.encode_batch("bike-1", batch), wire.encode_batch("bike-1", batch, deflate=True)
+    assert cbor2.loads(packed)[0] == wire.VERSION_DEFLATE and len(packed) * 10 < len(plain)
+    assert wire.decode_batch(packed) == wire.decode_batch(plain)
+
+
+@pytest.mark.parametrize("records", [b"\x00\x01garbage", zlib.compress(cbor2.dumps([]))[2:-6] + b"",
+                                     b"\x03\x00" + b"tail"], ids=["not-deflate", "cut-short", "trailing"])
+def test_deflated_batch_that_does_not_inflate_is_refused(records: bytes) -> None:
+    with pytest.raises(DecodeError, match="deflate"):
+        wire.decode_batch(cbor2.dumps([wire.VERSION_DEFLATE, "bike-1", records]))
+
+
+def test_deflated_batch_may_not_inflate_beyond_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_INFLATED", 1000)
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = z.compress(cbor2.dumps([[1, {"k": "gap", "t": 0, "why": "x" * 5000, "runs": []}]])) + z.flush()
+    with pytest.raises(DecodeError, match="beyond 1000 bytes"):
+        wire.decode_batch(cbor2.dumps([wire.VERSION_DEFLATE, "bike-1", bomb]))
+
+
+def test_fixed_point_rows_must_be_a_windows_own_aggregates() -> None:
+    for row in ([1, 2, -2, 100, 5, 4, 6], [1, 2, -2, 100, 5, 11, 0], [1, 0, -2, 100, 0, 0, 0], [1, 1, 10, 0, 0, 0, 0]):
+        with pytest.raises(DecodeError, match="fixed point"):
+            wire.decode_batch(cbor2.dumps([1, "bike-1", [[1, record(s=[row])]]]))

@@ -12,7 +12,7 @@ import sqlite3
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes
+from agent.uplink.wire import KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes, window_values
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class Ingest:
 
     def __init__(self, path: str) -> None:
         try:
-            self.db = sqlite3.connect(path)
+            # Consumers of one shared subscription open one database together: wait for
+            # each other's schema set-up instead of failing on a lock.
+            self.db = sqlite3.connect(path, timeout=30.0)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(_SCHEMA)
         except sqlite3.Error as e:
@@ -97,8 +99,8 @@ class Ingest:
                      for first, last in rec["runs"]])
                 self.db.executemany(
                     "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(device, seq, rec["t"], rec["d"], *row) for seq, rec in fresh.items() if rec["k"] == KIND_WINDOW
-                     for row in rec["s"]])
+                    [(device, seq, rec["t"], rec["d"], *window_values(row)) for seq, rec in fresh.items()
+                     if rec["k"] == KIND_WINDOW for row in rec["s"]])
         except (sqlite3.Error, OverflowError) as e:
             # Decodes but cannot be stored (a signal twice in one window, a uint beyond
             # int64): the whole batch is rolled back and counted; the consumer goes on.

@@ -26,7 +26,7 @@ cdef int A_CELL_OVER_VOLTAGE, A_CELL_UNDER_VOLTAGE, A_SOC_HIGH, A_SOC_JUMP, A_PO
 cdef int A_CONTROLLER_TEMP, A_MOTOR_TEMP, A_OVER_CHARGE, A_TEMP_RISE, A_BMS_PROTECTION
 cdef int A_CONTROLLER_FAULT, A_OVER_SPEED, A_THEFT, A_GNSS_LOST, A_COMM_LOST, A_WHEEL_IMPLAUSIBLE
 cdef int ABOVE, BELOW, PER_VALUE, PER_CELL, SPECIAL, MAX_ALARM_CODE
-cdef double NO_READING, DEG, M_PER_DEG
+cdef double NO_READING, DEG, M_PER_DEG, _QUANTISE_LIMIT
 
 
 cdef long long _hash(long long key, long long mask) noexcept
@@ -45,6 +45,9 @@ cdef double _learn(double p, double dt) noexcept
 cdef double _gain(double dt, double tau) noexcept
 
 cdef int _check_source(int source) except -1
+
+@cython.locals(k=double)
+cdef double _quantise(double x, double scale) noexcept
 
 
 @cython.final
@@ -67,6 +70,7 @@ cdef class Kernel:
     cdef double[::1] sig_period
     cdef signed char[::1] policy
     cdef double[::1] deadband
+    cdef double[::1] q_scale
     cdef signed char[::1] reported
     cdef double[::1] reported_value
     cdef public int source

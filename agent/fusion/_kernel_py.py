@@ -107,6 +107,17 @@ N_TEMPS = 16
 # The highest catalogue id the fusion step touches: the kernel's id space must cover it.
 FUSION_ID_SPACE = S_TEMP0 + N_TEMPS
 
+# Decimals the derived signals are rounded to when the fusion step writes them: as
+# fine as anyone can use, and on a decimal grid, so the wire format sends them as small
+# integers (agent/uplink/wire.py) rather than as floats.
+DERIVED_DECIMALS = ((S_FUSED_SPEED, 2), (S_FUSED_LAT, 7), (S_FUSED_LON, 7), (S_POS_ESTIMATED, 0),
+                    (S_FUSED_ODOMETER, 3), (S_FUSED_TRIP, 3), (S_POWER, 1), (S_ENERGY_OUT, 2),
+                    (S_ENERGY_REGEN, 2), (S_ENERGY_CHARGED, 2), (S_CONSUMPTION, 2), (S_FUSED_RANGE, 2),
+                    (S_FUSED_SOC, 2), (S_FUSED_SOH, 2), (S_CELL_SPREAD, 3), (S_TEMP_SPREAD, 2),
+                    (S_TEMP_RISE, 2))
+# Beyond this a value is left as it is (its steps would not fit a double's mantissa).
+_QUANTISE_LIMIT = 4.0e15
+
 # Tunables: (name, default, unit, why). ``Kernel.set_params`` takes the values in this
 # order; agent/config.py reads overrides from the [fusion] table.
 PARAMS = (
@@ -297,6 +308,17 @@ def _gain(dt, tau):
     return dt / tau if dt < tau else 1.0
 
 
+def _quantise(x, scale):
+    """``x`` rounded half away from zero to whole 1/``scale`` steps, computed as k / scale:
+    the very double a reading of that resolution decodes to."""
+    k = x * scale
+    if k >= _QUANTISE_LIMIT or k <= -_QUANTISE_LIMIT or k != k:
+        return x
+    if k >= 0.0:
+        return float(int(k + 0.5)) / scale
+    return -float(int(-k + 0.5)) / scale
+
+
 def _check_source(source):
     if source < 0 or source >= MAX_SOURCES:
         raise ValueError("source index must be 0-%d" % (MAX_SOURCES - 1))
@@ -335,6 +357,9 @@ class Kernel:
         self.sig_src = _zeros("b", n)
         self.sig_period = _zeros("d", n)
         self.policy = array("b", [REPORT_WINDOW] * n)
+        self.q_scale = _zeros("d", n)
+        for sid, decimals in DERIVED_DECIMALS:
+            self.q_scale[sid] = 10.0 ** decimals
         self.deadband = _zeros("d", n)
         self.reported = _zeros("b", n)
         self.reported_value = _zeros("d", n)
@@ -831,6 +856,8 @@ class Kernel:
         """A derived sample: it goes where a decoded one goes, stamped as the fusion's."""
         src = self.source
         self.source = SRC_FUSION
+        if self.q_scale[sid] > 0.0:
+            value = _quantise(value, self.q_scale[sid])
         self._sample(sid, t, value)
         self.source = src
 

@@ -166,7 +166,12 @@ class Uplink:
         return sum(n for _, n in self.sent_bytes) < self.cfg.max_bytes_per_s
 
     def publish(self, seqs: list[int], payload: bytes) -> bool:
-        """Queue one batch; False if paho would not take it (the rows stay leased-free)."""
+        """Queue one batch; False if paho would not take it (the rows stay leased-free).
+        Nothing is handed to paho while it is not connected: it would keep the message
+        and send it first on the next connect, ahead of the newest live data."""
+        if not self.client.is_connected():
+            self.last_error = "not connected"
+            return False
         info = self.client.publish(self.topic_telemetry, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.last_error = mqtt.error_string(info.rc)

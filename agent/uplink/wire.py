@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import struct
+import zlib
 from typing import Any
 
 import cbor2
@@ -18,6 +20,11 @@ import cbor2
 from agent.errors import DecodeError
 
 VERSION = 1
+# The same batch with its records deflated (RFC 1951, raw): [2, device, bstr].
+VERSION_DEFLATE = 2
+# A deflated batch may inflate to at most this: a hostile payload cannot make the
+# consumer allocate more.
+MAX_INFLATED = 64 * 1024 * 1024
 # cbor2's own errors, plus what its decoder lets through on hostile input.
 DECODE_ERRORS = (cbor2.CBORError, ValueError, TypeError, EOFError, OverflowError, RecursionError,
                  UnicodeDecodeError)
@@ -71,13 +78,74 @@ def _head(major: int, n: int) -> bytes:
     return bytes([major << 5 | 27]) + struct.pack(">Q", n)
 
 
+# Fixed point: the grids a window row may use (10^e), and the size of its integers.
+MIN_EXPONENT = -9
+MAX_EXPONENT = 9
+_INT_LIMIT = 2**53
+# A window's sum is a float accumulation: it is on a grid when a whole number of steps
+# is this close to it, relatively (a sum of thousands of readings errs by about 1e-15).
+_SUM_TOLERANCE = 1e-9
+
+
+def _steps(x: float, e: int) -> float:
+    return x * 10.0 ** -e if e < 0 else x / 10.0 ** e
+
+
+def _unscaled(k: int, e: int) -> float:
+    # Dividing by 10^-e (exact for -e <= 22) gives the double nearest k x 10^e: the very
+    # double a reading of that resolution was decoded to.
+    return k / 10.0 ** -e if e < 0 else k * 10.0 ** e
+
+
+def _exact(x: float, e: int) -> int | None:
+    """``x`` as a whole number of 10^e steps, if it is one to the bit."""
+    if x == 0 and math.copysign(1.0, x) < 0:
+        return None  # -0.0: the sign survives only as a float
+    steps = _steps(x, e)
+    if not abs(steps) < _INT_LIMIT:
+        return None
+    k = round(steps)
+    return k if _unscaled(k, e) == x else None
+
+
+def _window_row(sid: int, count: int, vmin: float, vmax: float, mean: float, last: float) -> list[Any]:
+    """One signal of a window in whole steps of 10^e, e the coarsest grid its readings
+    lie on: ``[sig, count, e, min, max - min, sum - count x min, last - min]``, min, max
+    and last exact to the bit, the mean (sum / count) to the float error of the sum.
+    Values on no decimal grid (computed ones, or not finite) stay floats:
+    ``[sig, count, min, max, mean, last]``."""
+    total = mean * count
+    if count >= 1 and all(math.isfinite(v) for v in (vmin, vmax, mean, last)):
+        for e in range(MAX_EXPONENT, MIN_EXPONENT - 1, -1):
+            lo, hi, end = _exact(vmin, e), _exact(vmax, e), _exact(last, e)
+            steps = _steps(total, e)
+            if lo is None or hi is None or end is None or not abs(steps) < _INT_LIMIT \
+                    or abs(_unscaled(round(steps), e) - total) > _SUM_TOLERANCE * abs(total):
+                continue
+            dsum = round(steps) - count * lo
+            if not 0 <= end - lo <= hi - lo or not 0 <= dsum <= count * (hi - lo) or dsum >= 2**63:
+                break  # not a window's own aggregates (min <= last <= max, the sum between), or too big
+            return [sid, count, e, lo, hi - lo, dsum, end - lo]
+    return [sid, count, vmin, vmax, mean, last]
+
+
+def window_values(row: list[Any]) -> tuple[int, int, float, float, float, float]:
+    """``(signal id, count, min, max, mean, last)`` of a decoded window row, either form."""
+    if len(row) == 6:
+        return row[0], row[1], float(row[2]), float(row[3]), float(row[4]), float(row[5])
+    sid, count, e, lo, dmax, dsum, dlast = row
+    return (sid, count, _unscaled(lo, e), _unscaled(lo + dmax, e), _unscaled(count * lo + dsum, e) / count,
+            _unscaled(lo + dlast, e))
+
+
 def window_record(start: float, length: float, rows: list[tuple[Any, ...]]) -> bytes:
-    """Body of a closed-window record: start and length in ms, one row per signal."""
+    """Body of a closed-window record: start and length in ms, one row per signal, in
+    fixed point where the readings allow (see ``_window_row``)."""
     return cbor2.dumps({
         "k": KIND_WINDOW,
         "t": int(round(start * 1000)),
         "d": int(round(length * 1000)),
-        "s": [[sid, count, vmin, vmax, mean, last] for sid, count, vmin, vmax, mean, last, _ in rows],
+        "s": [_window_row(sid, count, vmin, vmax, mean, last) for sid, count, vmin, vmax, mean, last, _ in rows],
     })
 
 
@@ -175,14 +243,36 @@ def batch_overhead(device_id: str) -> int:
     return 1 + 1 + len(cbor2.dumps(device_id)) + 5
 
 
-def encode_batch(device_id: str, records: list[tuple[int, bytes]]) -> bytes:
-    """``[version, device, [[seq, record], ...]]`` from already-encoded record bodies."""
-    parts = [_head(4, 3), cbor2.dumps(VERSION), cbor2.dumps(device_id), _head(4, len(records))]
+def encode_batch(device_id: str, records: list[tuple[int, bytes]], deflate: bool = False) -> bytes:
+    """``[1, device, [[seq, record], ...]]`` from already-encoded record bodies; with
+    ``deflate``, ``[2, device, bstr]``, the bstr the records array deflated."""
+    parts = [_head(4, len(records))]
     for seq, body in records:
         parts.append(_head(4, 2))
         parts.append(cbor2.dumps(seq))
         parts.append(body)
-    return b"".join(parts)
+    array = b"".join(parts)
+    if not deflate:
+        return _head(4, 3) + cbor2.dumps(VERSION) + cbor2.dumps(device_id) + array
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = z.compress(array) + z.flush()
+    return _head(4, 3) + cbor2.dumps(VERSION_DEFLATE) + cbor2.dumps(device_id) + cbor2.dumps(packed)
+
+
+def _inflate(data: bytes) -> Any:
+    """The records array of a deflated batch; DecodeError if it is not a whole deflate
+    stream, inflates beyond MAX_INFLATED or is not CBOR."""
+    d = zlib.decompressobj(-15)
+    try:
+        raw = d.decompress(data, MAX_INFLATED)
+    except zlib.error as e:
+        raise DecodeError(f"deflated records are not a deflate stream: {e}") from e
+    if d.unconsumed_tail or not d.eof or d.unused_data:
+        raise DecodeError(f"deflated records are cut short, have trailing bytes or inflate beyond {MAX_INFLATED} bytes")
+    try:
+        return cbor2.loads(raw)
+    except (cbor2.CBORDecodeError, ValueError, EOFError) as e:
+        raise DecodeError(f"deflated records are not CBOR: {e}") from e
 
 
 def decode_batch(payload: bytes) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
@@ -194,8 +284,12 @@ def decode_batch(payload: bytes) -> tuple[str, list[tuple[int, dict[str, Any]]]]
     if not isinstance(batch, list) or len(batch) != 3:
         raise DecodeError("batch must be [version, device, records]")
     version, device, records = batch
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or version not in (VERSION, VERSION_DEFLATE):
         raise DecodeError(f"unsupported batch version {version!r}")
+    if version == VERSION_DEFLATE:
+        if not isinstance(records, bytes):
+            raise DecodeError("a deflated batch carries its records as a byte string")
+        records = _inflate(records)
     if not isinstance(device, str) or not isinstance(records, list):
         raise DecodeError("batch device must be text and records an array")
     out = []
@@ -265,6 +359,20 @@ def _check_record(rec: dict[str, Any]) -> None:
     if not _uint(rec.get("t")) or not _uint(rec.get("d")) or not isinstance(rec.get("s"), list):
         raise DecodeError("window record needs unsigned integer t, d and a list s")
     for row in rec["s"]:
-        if (not isinstance(row, list) or len(row) != 6 or not _uint(row[0]) or not _uint(row[1])
-                or not all(_value(v) for v in row[2:])):
-            raise DecodeError("window row must be [signal id, count, min, max, mean, last]")
+        if not _window_row_ok(row):
+            raise DecodeError("window row must be [signal id, count, e, min, max - min, sum - count x min, "
+                              "last - min] (fixed point) or [signal id, count, min, max, mean, last]")
+
+
+def _int64(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
+
+
+def _window_row_ok(row: Any) -> bool:
+    if not isinstance(row, list) or len(row) not in (6, 7) or not _uint(row[0]) or not _uint(row[1]):
+        return False
+    if len(row) == 6:
+        return all(_value(v) for v in row[2:])
+    count, e, dmax, dsum, dlast = row[1], row[2], row[4], row[5], row[6]
+    return (all(_int64(v) for v in row[2:]) and count >= 1 and MIN_EXPONENT <= e <= MAX_EXPONENT
+            and 0 <= dlast <= dmax and 0 <= dsum <= count * dmax)
