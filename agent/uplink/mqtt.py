@@ -118,6 +118,12 @@ class Uplink:
         self.events.put(("connect", rc, None))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        # What was in flight goes back to the outbox (poll) and is sent again in its turn;
+        # paho would also send it again, first, on reconnect: ahead of the newest live data
+        # and twice. paho has no public way to drop it.
+        with client._out_message_mutex:
+            client._out_messages.clear()
+            client._inflight_messages = 0
         self.next_reconnect_delay()
         self.events.put(("disconnect", rc, None))
 
