@@ -281,6 +281,18 @@ def test_a_ring_too_small_for_the_load_gives_a_counted_truncated_snapshot(kernel
     assert min(times) > lo + 1.0 and len(ids) <= 1024
 
 
+def test_snapshot_on_request_holds_the_last_seconds(kernel_cls: Any) -> None:
+    k = kernel_cls(ID_SPACE, 1.0)
+    for i in range(300):
+        k.feed_values([VOLTAGE], [100.0 + i * 0.1], [40.0 + i])
+    out = k.snapshot(129.9)
+    assert out[:6] == (kp.OUT_SNAPSHOT, 129.9, 0, -1, 129.9 - 10.0, 129.9)
+    ids, times, values = out[6:]
+    assert set(ids) == {VOLTAGE} and len(times) == 101 and values[-1] == 339.0  # both ends included
+    assert min(times) >= 119.9 - 1e-9 and max(times) == 129.9
+    assert k.counters()["snapshots"] == 1
+
+
 def test_reporting_on_change_beyond_a_deadband(kernel_cls: Any) -> None:
     k = kernel_cls(ID_SPACE, 1.0)
     k.set_policy(VOLTAGE, kp.REPORT_CHANGE, 0.5)
