@@ -378,6 +378,35 @@ def test_two_consumers_share_the_subscription(tmp_path: Path, mosquitto: Mosquit
         cloud.close()
 
 
+def test_consumers_starting_together_all_open_one_new_database(tmp_path: Path) -> None:
+    """SQLite refuses, at once and without waiting, one of two connections that set up a
+    new file at the same moment; consumers of a shared subscription start together, so
+    each must still open it. 100 rounds of 3 processes released at one instant; without
+    the retry, this failed in each of 3 runs out of 3."""
+    import os
+
+    failed = []
+    for n in range(100):
+        path = str(tmp_path / f"cloud{n}.sqlite")
+        start = time.time() + 0.02
+        pids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    while time.time() < start:
+                        pass
+                    Ingest(path).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        failed += [n for code in codes if code]
+    assert not failed, f"a consumer could not open the database in rounds {failed}"
+
+
 def test_batches_fit_the_brokers_maximum_packet_size(tmp_path: Path, parts: list[Link | Cloud]) -> None:
     """MQTT 5 CONNACK says how big a packet the broker takes; batches are built to fit."""
     workdir = tmp_path / "small-packets"

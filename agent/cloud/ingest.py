@@ -8,7 +8,9 @@ shows gaps, which must never appear unless the device announced a drop.
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
+import time
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
@@ -41,6 +43,29 @@ def _subtract(span: tuple[int, int], covers: list[tuple[int, int]]) -> list[tupl
     return parts
 
 
+OPEN_TIMEOUT_S = 30.0
+
+
+def _open(path: str) -> sqlite3.Connection:
+    """Open and set up the consumers' database. Consumers of one shared subscription
+    start together, and SQLite answers "database is locked" at once, without waiting,
+    to one of two connections that switch a new file to WAL or create its tables at the
+    same moment; so the set-up is retried, jittered, for ``OPEN_TIMEOUT_S`` at most."""
+    deadline = time.monotonic() + OPEN_TIMEOUT_S
+    while True:
+        db = sqlite3.connect(path, timeout=OPEN_TIMEOUT_S)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            if e.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                    or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0.01, 0.1))
+
+
 def ack_for(topic: str, seqs: list[int]) -> tuple[str, bytes]:
     """The device's ack topic (beside the telemetry topic it published on) and payload."""
     return topic.rsplit("/", 1)[0] + "/ack", encode_ack(seqs)
@@ -51,11 +76,7 @@ class Ingest:
 
     def __init__(self, path: str) -> None:
         try:
-            # Consumers of one shared subscription open one database together: wait for
-            # each other's schema set-up instead of failing on a lock.
-            self.db = sqlite3.connect(path, timeout=30.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(_SCHEMA)
+            self.db = _open(path)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {path}: {e}") from e
         self.batches = 0
