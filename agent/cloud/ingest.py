@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS window_signals (
     device TEXT NOT NULL, seq INTEGER NOT NULL, t_ms INTEGER NOT NULL, dur_ms INTEGER NOT NULL,
     signal INTEGER NOT NULL, count INTEGER NOT NULL, min REAL, max REAL, mean REAL, last REAL,
     PRIMARY KEY (device, seq, signal)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS announced_gaps (
     device TEXT NOT NULL, seq INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, why TEXT NOT NULL
 );
