@@ -6,6 +6,11 @@ framer accepts that form only when the plain form fails and the quirk form check
 both can pass only if the 3 bytes repeat the checksum and trailer, and then the data
 bytes are the same either way, so the decode is never in doubt. ``framer(quirk=False)``
 turns it off.
+
+The one write the agent makes is MOS control (register E1, ``mos_control_request``):
+it opens the charge and/or discharge FET on a signed cloud command. The BMS acknowledges
+with ``DD E1 00 00 00 00 77``, which ``understood`` accepts and ``decode`` maps to no
+signals, so an acknowledged command is not counted as a frame the agent cannot read.
 """
 
 import struct
@@ -25,6 +30,9 @@ QUIRK_BYTES = 3
 REG_BASIC = 0x03
 REG_CELLS = 0x04
 REG_NAME = 0x05
+REG_MOS = 0xE1
+MOS_CHARGE_OFF = 0x01
+MOS_DISCHARGE_OFF = 0x02
 
 MAX_CELLS = 32
 MAX_TEMPS = 16
@@ -127,6 +135,13 @@ def write_request(reg: int, data: bytes) -> bytes:
     return bytes((START, WRITE)) + body + bytes((c >> 8, c & 0xFF, END))
 
 
+def mos_control_request(charge_off: bool, discharge_off: bool) -> bytes:
+    """MOS control write ``DD 5A E1 02 00 XX chkH chkL 77``: a set bit of XX turns that FET
+    off (bit 0 charge, bit 1 discharge), a clear one back on."""
+    bits = (MOS_CHARGE_OFF if charge_off else 0) | (MOS_DISCHARGE_OFF if discharge_off else 0)
+    return write_request(REG_MOS, bytes((0, bits)))
+
+
 POLL_REQUESTS = (request(REG_BASIC), request(REG_CELLS))
 
 
@@ -192,7 +207,8 @@ def _cells(data: bytes) -> dict:
 
 def decode(frame) -> dict:
     """Catalogue signals of one response; {} for error replies and registers without
-    signals (05, hardware name) or unknown ones. DecodeError if malformed."""
+    signals (05 hardware name, E1 the MOS-control acknowledgement) or unknown ones.
+    DecodeError if malformed."""
     data = _data(frame)
     if frame[2] == STATUS_ERROR:
         return {}
@@ -204,5 +220,6 @@ def decode(frame) -> dict:
 
 
 def understood(frame) -> bool:
-    """Registers this module knows (03, 04, 05), and error replies to them."""
-    return len(frame) > 1 and frame[1] in (REG_BASIC, REG_CELLS, REG_NAME)
+    """Registers this module knows (03, 04, 05, the E1 write acknowledgement), and error
+    replies to them."""
+    return len(frame) > 1 and frame[1] in (REG_BASIC, REG_CELLS, REG_NAME, REG_MOS)

@@ -8,6 +8,12 @@ other 12 bytes XOR 02.
 Best effort (PROTOCOLS.md is unsure): B8 "power" is read as about 4 x current in A,
 so ``power_scale`` (default 0.25) turns it into a motor current; B9 is read as the
 motor temperature in C with no offset.
+
+``display_frame`` builds the display's frame for the agent to send on the controller's
+wire (lock/unlock on a signed cloud command). B1 low nibble is the assist level, bit 7
+the light; B4 bit 7 locks the controller (the S12S firmware the simulator models). B0,
+B2 and B3 carry the display's settings (P5, wheel size and speed limit, P1): they are a
+stock LCD3's here, which a controller configured otherwise would take as new settings.
 """
 
 from agent.errors import DecodeError
@@ -20,6 +26,10 @@ CONTROLLER_LEN = 12
 DISPLAY_LEN = 13
 DISPLAY_TRAILER = b"\x32\x0e"
 DISPLAY_XOR = 0x02
+DISPLAY_SETTINGS = (0x16, 0x1A, 0xF5)  # B0, B2, B3 of a stock LCD3
+ASSIST_MASK = 0x0F
+LIGHT_BIT = 0x80
+LOCK_BIT = 0x80  # in B4
 STOPPED_PERIOD_MS = 6000
 DEFAULT_CIRCUMFERENCE_MM = 2200
 DEFAULT_POWER_SCALE = 0.25
@@ -52,6 +62,21 @@ def controller_check(buf, s: int = 0) -> int:
 def display_check(buf, s: int = 0) -> int:
     """The B5 value a display frame at ``s`` must carry."""
     return _xor(buf, s, s + 5) ^ _xor(buf, s + 6, s + DISPLAY_LEN) ^ DISPLAY_XOR
+
+
+def display_frame(assist: int, locked: bool, light: bool = False) -> bytes:
+    """A display -> controller frame asking for assist level ``assist`` (0-15), the
+    light on or off, and the controller locked (no assistance) or unlocked."""
+    if not 0 <= assist <= ASSIST_MASK:
+        raise ValueError("assist level must be 0-%d, not %r" % (ASSIST_MASK, assist))
+    b = bytearray(DISPLAY_LEN)
+    b[0], b[2], b[3] = DISPLAY_SETTINGS
+    b[1] = assist | (LIGHT_BIT if light else 0)
+    b[4] = LOCK_BIT if locked else 0
+    b[11] = DISPLAY_TRAILER[0]
+    b[12] = DISPLAY_TRAILER[1]
+    b[5] = display_check(b)
+    return bytes(b)
 
 
 class _ControllerSpec:

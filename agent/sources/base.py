@@ -17,6 +17,12 @@ Sources do not decode. ``read()`` returns bytes in the format the class declares
                can_id with the EFF/RTR/ERR flags as SocketCAN sets them, dlc, 3 pad
                bytes, 8 data bytes zero-padded (socketcan, python-can)
 
+Sources that carry CAN also transmit: ``send_frame(can_id, data, extended)`` puts one
+data frame on the bus (a signed cloud command acting on the vehicle). A ``packed``
+source's ``write`` takes the same records it reads, so the base class packs and writes;
+SLCAN writes the Lawicel line instead; sources that cannot transmit (a candump log, a
+UART) raise SourceError.
+
 A source whose readiness is a time rather than a device (the candump replay) also
 answers ``next_due()``: the monotonic time its next data is due, so the runtime can
 shorten its select timeout; every other source answers None.
@@ -30,7 +36,7 @@ import time
 from typing import Any, ClassVar
 
 from agent.config import SourceConfig
-from agent.errors import SourceUnavailableError
+from agent.errors import SourceError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,23 @@ CAN_RTR_FLAG = 0x40000000
 CAN_ERR_FLAG = 0x20000000
 CAN_EFF_MASK = 0x1FFFFFFF
 CAN_SFF_MASK = 0x7FF
+CAN_MAX_DLEN = 8
+
+
+def check_can_frame(can_id: int, data: bytes, extended: bool) -> None:
+    """Refuse, before anything reaches the bus, an id that does not fit 29 bits (11 for a
+    standard frame) or more than 8 data bytes: the caller's mistake, a ValueError."""
+    mask = CAN_EFF_MASK if extended else CAN_SFF_MASK
+    if not 0 <= can_id <= mask:
+        raise ValueError(f"CAN id {can_id:#x} does not fit {'29' if extended else '11'} bits")
+    if len(data) > CAN_MAX_DLEN:
+        raise ValueError(f"a CAN frame carries at most {CAN_MAX_DLEN} data bytes, not {len(data)}")
+
+
+def pack_can_frame(can_id: int, data: bytes, extended: bool = True) -> bytes:
+    """One data frame as a 16-byte ``struct can_frame`` record (the ``packed`` format)."""
+    check_can_frame(can_id, data, extended)
+    return PACKED_FRAME.pack(can_id | CAN_EFF_FLAG if extended else can_id, len(data), bytes(data))
 
 
 class Source:
@@ -81,6 +104,13 @@ class Source:
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def send_frame(self, can_id: int, data: bytes, extended: bool = True) -> None:
+        """Transmit one CAN data frame; ValueError for a frame CAN cannot carry,
+        SourceError where this source cannot transmit, SourceUnavailableError if closed."""
+        if self.frame_format != "packed":
+            raise SourceError(f"source {self.name!r} ({self.cfg.kind}) does not carry CAN frames")
+        self.write(pack_can_frame(can_id, data, extended))
 
     def next_due(self) -> float | None:
         """The monotonic time data is next due, for sources paced by a clock; else None."""

@@ -113,6 +113,11 @@ class CandumpSource(Source):
         self._armed = False
         self._pending = None
 
+    def send_frame(self, can_id: int, data: bytes, extended: bool = True) -> None:
+        """A log replay has no bus to transmit on: always SourceError."""
+        raise SourceError(f"source {self.name!r} replays the candump log {self.cfg.port}: it cannot transmit "
+                          "CAN frames (use an slcan, socketcan or python-can source)")
+
     def next_due(self) -> float | None:
         """When the next line is due (monotonic); arms the fd if that is now. None when closed."""
         if not self.is_open:

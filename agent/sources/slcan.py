@@ -1,7 +1,9 @@
 """SLCAN (Lawicel ASCII) USB-CAN adapters: the open handshake and the frame parser.
 
 Frames arrive as ``tIIIL<data>`` / ``TIIIIIIIIL<data>`` (and ``r``/``R`` remote frames),
-each ending in CR, optionally followed by 4 hex digits of adapter milliseconds.
+each ending in CR, optionally followed by 4 hex digits of adapter milliseconds. The
+host transmits with the same lines (``send_frame``); the adapter answers ``z``/``Z`` CR,
+or BEL if it refuses, in the stream the parser reads (and counts BELs in ``errors``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import re
 
 from agent.errors import SourceUnavailableError
+from agent.sources.base import check_can_frame
 from agent.sources.uart import UartSource
 
 log = logging.getLogger(__name__)
@@ -115,3 +118,9 @@ class SlcanSource(UartSource):
             return
         what = "refused (BEL)" if b"\x07" in reply else f"no reply within {REPLY_TIMEOUT} s"
         raise SourceUnavailableError(f"SLCAN adapter on {self.cfg.port}: {cmd.decode()} {what}")
+
+    def send_frame(self, can_id: int, data: bytes, extended: bool = True) -> None:
+        """Transmit one data frame as ``TIIIIIIIIL<data>`` CR (``tIIIL<data>`` CR standard)."""
+        check_can_frame(can_id, data, extended)
+        head = f"T{can_id:08X}" if extended else f"t{can_id:03X}"
+        self.write(f"{head}{len(data)}{bytes(data).hex().upper()}\r".encode("ascii"))
