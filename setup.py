@@ -28,6 +28,9 @@ INSTALL_REQUIRES = [
     "cantools>=39,<46",
     # Ed25519 for signed commands (agent/uplink/commands.py); wheels for 32-bit Raspberry Pi OS too.
     "cryptography>=42,<51",
+    # Writes the configuration file back after a remote set_config / set_reporting
+    # (tomllib only reads); small, pure Python, kept by the tomli author.
+    "tomli-w>=1.0,<2",
 ]
 EXTRAS = {
     "dev": [

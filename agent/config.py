@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import tomli_w
 
 from agent.errors import ConfigError
 from agent.fusion._kernel_py import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
@@ -67,6 +69,7 @@ class BrokerConfig:
     max_bytes_per_s: int = 0
     protocol: str = "5"
     deflate: bool = True
+    session_expiry: int = 86400
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,24 @@ class WindowsConfig:
     live: float = 1.0
     history: float = 60.0
     ring_samples: int = 1 << 17
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    """Signed cloud commands: which fleet keys to trust and when a command may act."""
+
+    keys: tuple[tuple[str, str], ...] = ()  # (key id, PEM text); none = commands are off
+    revoked: tuple[str, ...] = ()
+    clock_skew: float = 60.0
+    stationary_s: float = 3.0
+    stationary_kmh: float = 1.0
+    config_trial_s: float = 60.0
+    max_pending: int = 32
+    kt_assist_level: int = 3
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
 
 
 # An alarm row as the kernel takes it (see ALARMS in agent/fusion/_kernel_py.py).
@@ -102,6 +123,7 @@ class Config:
     fusion: tuple[float, ...] = tuple(p[1] for p in PARAMS)
     alarms: tuple[AlarmRow, ...] = ALARMS
     reporting: tuple[tuple[int, int, float], ...] = ()
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
     @property
     def topic_prefix(self) -> str:
@@ -220,6 +242,9 @@ _BROKER: Schema = (
     ("protocol", str, "5", _one_of(("5", "3.1.1"))),
     # Batches deflated (docs/wire.cddl batch-deflated): a tenth of the bytes on a metered link.
     ("deflate", bool, True, None),
+    # With [commands]: how long the broker keeps the session (commands sent while the
+    # vehicle is offline) after it goes; each command still expires on its own.
+    ("session_expiry", int, 86400, _positive),
 )
 _OUTBOX: Schema = (
     ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),
@@ -244,8 +269,24 @@ _REPORTING: Schema = (
     ("mode", str, REQUIRED, _one_of(tuple(REPORT_MODES))),
     ("deadband", float, 0.0, _non_negative),
 )
+_COMMANDS: Schema = (
+    # Key id -> PEM file of a fleet public key (Ed25519); several, so keys can rotate.
+    ("keys", dict, {}, None),
+    ("revoked", list, [], None),
+    ("clock_skew", float, 60.0, _non_negative),
+    # The interlock: lock, and a speed limit below the current speed, wait until the
+    # vehicle has been below stationary_kmh for stationary_s.
+    ("stationary_s", float, 3.0, _non_negative),
+    ("stationary_kmh", float, 1.0, _positive),
+    # set_config: the new configuration must be healthy within this, or it is rolled back.
+    ("config_trial_s", float, 60.0, _positive),
+    ("max_pending", int, 32, _positive),
+    # A KT display frame carries an assist level with the lock bit: the level to send
+    # (the LCD3 starts at 3).
+    ("kt_assist_level", int, 3, _one_of(tuple(range(10)))),
+)
 _TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows", "fusion", "alarms",
-             "reporting")
+             "reporting", "commands")
 
 
 def _alarms(path: str, raw: Any) -> tuple[AlarmRow, ...]:
@@ -285,6 +326,39 @@ def _reporting(path: str, raw: Any) -> tuple[tuple[int, int, float], ...]:
         got = _table(path, f"reporting.{name}", table, _REPORTING)
         out.append((BY_NAME[name].id, REPORT_MODES[got["mode"]], got["deadband"]))
     return tuple(out)
+
+
+def _commands(path: str, raw: Any) -> CommandsConfig:
+    """[commands]: the trusted keys are read (and checked to be Ed25519) here, so a bad
+    key file refuses the start instead of every command later."""
+    from agent.uplink.commands import load_public_key  # imported here: that module imports this one
+
+    got = _table(path, "commands", raw, _COMMANDS)
+    keys = []
+    for kid, key_path in got["keys"].items():
+        where = f"commands.keys.{kid}"
+        if not isinstance(key_path, str) or not key_path:
+            raise ConfigError(path, where, "must be the path of a PEM public key file")
+        if not 0 < len(kid.encode()) <= 64:
+            raise ConfigError(path, where, "a key id is 1 to 64 UTF-8 bytes")
+        full = _resolve(path, key_path)
+        try:
+            with open(full, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ConfigError(path, where, f"cannot read {full}: {e.strerror or e}") from e
+        try:
+            load_public_key(pem)
+        except ValueError as e:
+            raise ConfigError(path, where, f"{full}: {e}") from e
+        keys.append((kid, pem.decode("ascii", "replace")))
+    revoked = got["revoked"]
+    if not all(isinstance(kid, str) and kid for kid in revoked):
+        raise ConfigError(path, "commands.revoked", "must be a list of key ids")
+    return CommandsConfig(keys=tuple(keys), revoked=tuple(revoked), clock_skew=got["clock_skew"],
+                          stationary_s=got["stationary_s"], stationary_kmh=got["stationary_kmh"],
+                          config_trial_s=got["config_trial_s"], max_pending=got["max_pending"],
+                          kt_assist_level=got["kt_assist_level"])
 
 
 def _table(path: str, where: str, raw: Any, schema: Schema) -> dict[str, Any]:
@@ -366,6 +440,7 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         fusion=fusion,
         alarms=_alarms(path, data.get("alarms", {})),
         reporting=_reporting(path, data.get("reporting", {})),
+        commands=_commands(path, data.get("commands", {})),
     )
 
 
@@ -409,14 +484,84 @@ def _source(path: str, where: str, raw: Any) -> SourceConfig:
 
 def load(path: str) -> Config:
     """Read and validate ``path``; every failure is a ConfigError naming file and key."""
+    return parse(path, read_raw(path))
+
+
+def read_raw(path: str) -> dict[str, Any]:
+    """The TOML document of ``path``, not yet validated."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(path, "-", f"cannot read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "-", f"not valid TOML: {e}") from e
-    return parse(path, data)
+
+
+def merged(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``patch`` merged in: tables key by key, any other value (arrays
+    too) replaced."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+PREVIOUS_SUFFIX = ".previous"
+
+
+def render_config(path: str, data: Mapping[str, Any]) -> bytes:
+    """``data`` validated as the configuration at ``path``, as TOML text. Comments of
+    the file it will replace are not kept."""
+    parse(path, dict(data))
+    try:
+        return tomli_w.dumps(dict(data)).encode()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(path, "-", f"cannot be written as TOML: {e}") from e
+
+
+def install_config(path: str, text: bytes) -> None:
+    """Put ``text`` at ``path`` atomically (written beside it, fsynced, renamed over
+    it), the file it replaces kept as ``<path>.previous`` for a rollback."""
+    _replace_durably(path, text, keep=path + PREVIOUS_SUFFIX)
+
+
+def roll_back(path: str) -> None:
+    """Put ``<path>.previous`` back in place of ``path`` (atomically)."""
+    try:
+        with open(path + PREVIOUS_SUFFIX, "rb") as f:
+            old = f.read()
+    except OSError as e:
+        raise ConfigError(path + PREVIOUS_SUFFIX, "-", f"cannot read: {e.strerror or e}") from e
+    _replace_durably(path, old)
+
+
+def _replace_durably(path: str, data: bytes, keep: str = "") -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if keep:
+            with open(path, "rb") as f:
+                old = f.read()
+            _write_synced(keep, old)
+        _write_synced(path + ".new", data)
+        os.replace(path + ".new", path)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ConfigError(path, "-", f"cannot write: {e.strerror or e}") from e
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _resolve(path: str, value: str) -> str:

@@ -8,6 +8,8 @@ ack = "broker", the broker) has acknowledged them.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
 import selectors
@@ -18,19 +20,31 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
-from agent.config import CAN_KINDS, Config, SourceConfig
+from agent import config as config_file
+from agent.config import CAN_KINDS, REPORT_MODES, Config, SourceConfig
+from agent.control import trial
+from agent.control.executor import Executor, Outcome
 from agent.control.server import ControlServer
 from agent.dbc.compile import CompiledDbc, compile_isolated, profile_path
-from agent.errors import ConfigError, DecodeError, SourceUnavailableError
-from agent.fusion._kernel_py import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, WIN_LIVE
+from agent.errors import ConfigError, DecodeError, SourceError, SourceUnavailableError
+from agent.fusion._kernel_py import (
+    ALARM_NAMES,
+    OUT_ALARM,
+    OUT_CHANGE,
+    OUT_SNAPSHOT,
+    OUT_WINDOW,
+    S_FUSED_SPEED,
+    WIN_LIVE,
+)
 from agent.fusion.kernel import BUILD, Kernel
-from agent.protocols import protocol
+from agent.protocols import bafang, jbd, kt, protocol
 from agent.signals import BY_NAME, ID_SPACE
 from agent.sources import make_source
 from agent.sources.base import Source
 from agent.sources.candump import line_time
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, Outbox
 from agent.uplink import wire
+from agent.uplink.commands import Command, ReplayCache
 from agent.uplink.mqtt import Uplink
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,34 @@ DRAIN_TIMEOUT = 5.0
 # Well inside what a tty buffers (4 KiB is 18 ms of a saturated bus as SLCAN text;
 # 10 ms of a 115200-baud UART is 115 bytes).
 MIN_BUSY_TURN = 0.01
+# Commands verified per turn of the loop (each costs a signature check and an fsync).
+COMMANDS_PER_TURN = 16
+# How often the interlock looks at the vehicle's speed while commands wait.
+STILL_CHECK = 0.1
+# Log lines a diagnostics bundle carries.
+RECENT_LOG_LINES = 200
+SECRET_KEYS = ("password",)
+
+
+class RecentLog(logging.Handler):
+    """The agent's last log lines, for the diagnostics bundle."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record)[:500])
+
+
+def redacted(data: Any) -> Any:
+    """A configuration document with its secrets replaced, for diagnostics."""
+    if isinstance(data, dict):
+        return {k: "<redacted>" if k in SECRET_KEYS and v else redacted(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
 
 
 def dbc_for(protocol: str) -> str:
@@ -236,7 +278,7 @@ class Runtime:
         self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
-                             birth=self._state(True), death=self._state(False))
+                             birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled)
         self.sources = [make_source(s) for s in cfg.sources]
         self.handlers = [_handler(c, s, i, self.kernel)
                          for i, (c, s) in enumerate(zip(cfg.sources, self.sources, strict=True))]
@@ -251,6 +293,20 @@ class Runtime:
         self.stopping = False
         self.rate_mark = (time.monotonic(), 0)
         self.frame_rate = 0.0
+        self.restart = False
+        self.recent_log = RecentLog(RECENT_LOG_LINES)
+        logging.getLogger().addHandler(self.recent_log)
+        self.still_since: float | None = None
+        self.still_checked = 0.0
+        self.trial: tuple[Command, float] | None = None
+        self.replay: ReplayCache | None = None
+        self.executor: Executor | None = None
+        if cfg.commands.enabled:
+            # The replay cache and the command journal live in the outbox's file.
+            self.replay = ReplayCache(cfg.outbox.path)
+            self.executor = Executor(cfg.commands, cfg.device_id, self.replay, self, self._result)
+            for cmd in self.executor.resume(time.time()):
+                self._resume_trial(cmd)
 
     def _state(self, online: bool) -> bytes:
         return wire.state_message(online, self.boot_id, __version__, BUILD)
@@ -297,6 +353,7 @@ class Runtime:
         self._records(self.kernel.close_due(now), now)
         self._commit(force=self.urgent)
         self._send()
+        self._commands(time.time())
         self._rate()
 
     def _read(self, i: int, fd: int) -> None:
@@ -362,6 +419,191 @@ class Runtime:
         send_batches(self.outbox, self.uplink, self.cfg.device_id, self.cfg.broker.max_batch_records, fresh,
                      self.cfg.broker.deflate)
 
+    # -- commands ------------------------------------------------------------------
+
+    def _commands(self, now: float) -> None:
+        """Commands received, what waits on the interlock, and a configuration on trial."""
+        if self.executor is None:
+            return
+        for envelope, token in self.uplink.take_commands(COMMANDS_PER_TURN):
+            self.executor.receive(envelope, now)
+            self.uplink.command_done(token)
+        if self.executor.pending:
+            self.executor.step(now)
+        if self.trial is not None:
+            self._judge_trial(now)
+        if self.urgent:
+            self._commit(force=True)
+
+    def _result(self, message: bytes, now: float) -> None:
+        """A command result: on ``cmd/result`` at once, and into the outbox (alarm lane,
+        committed this turn) so it reaches the cloud even if that publish does not."""
+        self.pending.append((LANE_ALARM, now, wire.result_record(now, message)))
+        self.urgent = True
+        self.uplink.publish_result(message)
+
+    def speed_kmh(self, now: float) -> float | None:
+        for sid, value, _t, _src, stale in self.kernel.state(now):
+            if sid == S_FUSED_SPEED:
+                return None if stale else float(value)
+        return None
+
+    def stationary_for(self, now: float) -> float:
+        """Seconds below ``stationary_kmh``; an unknown or stale speed counts as moving
+        (a lock must never be applied on a guess)."""
+        if now - self.still_checked >= STILL_CHECK:
+            self.still_checked = now
+            speed = self.speed_kmh(now)
+            if speed is None or speed >= self.cfg.commands.stationary_kmh:
+                self.still_since = None
+            elif self.still_since is None:
+                self.still_since = now
+        return 0.0 if self.still_since is None else now - self.still_since
+
+    def act(self, cmd: Command, now: float) -> Outcome | None:
+        """Run a verified command; None when it goes on across a restart (set_config)."""
+        if cmd.name == "ping":
+            return Outcome("executed", "pong")
+        if cmd.name in ("lock", "unlock"):
+            return self._lock(cmd.name == "lock")
+        if cmd.name == "set_speed_limit":
+            return self._speed_limit(cmd.args["kmh"])
+        if cmd.name == "set_reporting":
+            return self._set_reporting(cmd.args["signals"])
+        if cmd.name == "snapshot":
+            out = self.kernel.snapshot(now)
+            self._records([out], now)
+            return Outcome("executed", f"{len(out[6])} samples from {out[4]:.3f} to {out[5]:.3f}")
+        if cmd.name == "diagnostics":
+            return Outcome("executed", "", self._diagnostics())
+        if cmd.name == "restart_agent":
+            self.restart = True
+            self.stopping = True
+            return Outcome("executed", "restarting")
+        if cmd.name == "set_config":
+            return self._set_config(cmd)
+        return Outcome("failed", f"no action for {cmd.name!r}")
+
+    def _write_to(self, protocols: tuple[str, ...], what: str,
+                  send: Callable[[Source], None]) -> Outcome:
+        """Send to every source speaking one of ``protocols``; failed unless all took it."""
+        # A candump log is a replay of some bus, not this vehicle's: never a target.
+        targets = [(c, s) for c, s in zip(self.cfg.sources, self.sources, strict=True)
+                   if c.protocol in protocols and c.kind != "candump"]
+        if not targets:
+            return Outcome("failed", f"no source can {what} this vehicle (needs {' or '.join(protocols)})")
+        done, errors = [], []
+        for c, src in targets:
+            try:
+                send(src)
+                done.append(c.name)
+            except (SourceError, ValueError) as e:
+                errors.append(f"{c.name}: {e}")
+        if errors:
+            return Outcome("failed", "; ".join(errors) + (f" (sent on {', '.join(done)})" if done else ""))
+        return Outcome("executed", f"sent on {', '.join(done)}")
+
+    def _lock(self, locked: bool) -> Outcome:
+        """KT controllers take the display's lock bit; a JBD pack opens its discharge switch."""
+        level = self.cfg.commands.kt_assist_level
+
+        def send(src: Source) -> None:
+            if src.cfg.protocol == "jbd":
+                src.write(jbd.mos_control_request(charge_off=False, discharge_off=locked))
+            else:
+                src.write(kt.display_frame(level, locked=locked))
+
+        return self._write_to(("kt-lcd3", "jbd"), "lock" if locked else "unlock", send)
+
+    def _speed_limit(self, kmh: float) -> Outcome:
+        can_id, data = bafang.speed_limit_write(kmh)
+        return self._write_to(("bafang-can",), "limit the speed of", lambda src: src.send_frame(can_id, data))
+
+    def _set_reporting(self, signals: dict[str, dict[str, Any]]) -> Outcome:
+        """Kept in the configuration file first (so it survives a restart), then applied."""
+        try:
+            text = config_file.render_config(self.cfg.path, config_file.merged(config_file.read_raw(self.cfg.path),
+                                                                               {"reporting": signals}))
+            config_file.install_config(self.cfg.path, text)
+        except ConfigError as e:
+            return Outcome("failed", str(e))
+        for name, policy in signals.items():
+            self.kernel.set_policy(BY_NAME[name].id, REPORT_MODES[policy["mode"]], policy["deadband"])
+        return Outcome("executed", f"{len(signals)} signals")
+
+    def _diagnostics(self) -> dict[str, Any]:
+        try:
+            settings: Any = redacted(config_file.read_raw(self.cfg.path))
+        except ConfigError as e:
+            settings = str(e)
+        return {"status": self.status(), "config": settings, "log": list(self.recent_log.lines)}
+
+    def _set_config(self, cmd: Command) -> Outcome | None:
+        """Validate the patched file, mark the trial, put the file in place, restart: the
+        agent that comes up judges the trial (``_resume_trial``)."""
+        path = self.cfg.path
+        try:
+            text = config_file.render_config(path, config_file.merged(config_file.read_raw(path), cmd.args["patch"]))
+            trial.begin(path, cmd.id, hashlib.sha256(text).hexdigest())
+            config_file.install_config(path, text)
+        except ConfigError as e:
+            trial.end(path)
+            return Outcome("failed", f"not applied: {e}")
+        log.warning("command %s: new configuration in place; restarting on trial for %g s", cmd.id,
+                    self.cfg.commands.config_trial_s)
+        self.restart = True
+        self.stopping = True
+        return None
+
+    def _resume_trial(self, cmd: Command) -> None:
+        """A set_config was running when the agent (re)started: this start is its trial,
+        unless the marker says it never got its file in place or could not start."""
+        assert self.executor is not None
+        now = time.time()
+        marker = trial.read(self.cfg.path)
+        if marker is not None and marker["id"] == cmd.id and marker["failed"]:
+            trial.end(self.cfg.path)
+            self.executor.finish(cmd, Outcome("failed", f"rolled back: {marker['failed']}"), now)
+        elif marker is None or marker["id"] != cmd.id or marker["sha256"] != trial.file_hash(self.cfg.path):
+            trial.end(self.cfg.path)
+            self.executor.finish(cmd, Outcome("failed", "interrupted before the new configuration was in place"), now)
+        else:
+            self.trial = (cmd, now + self.cfg.commands.config_trial_s)
+
+    def _judge_trial(self, now: float) -> None:
+        """Healthy within config_trial_s: executed. Otherwise the previous file goes back
+        and the agent restarts on it."""
+        assert self.trial is not None and self.executor is not None
+        cmd, deadline = self.trial
+        why = self.unhealthy(now)
+        if not why:
+            self.trial = None
+            trial.end(self.cfg.path)
+            self.executor.finish(cmd, Outcome("executed", "healthy on the new configuration"), now)
+        elif now >= deadline:
+            self.trial = None
+            log.error("command %s: new configuration not healthy after %g s (%s): rolling back", cmd.id,
+                      self.cfg.commands.config_trial_s, why)
+            config_file.roll_back(self.cfg.path)
+            trial.end(self.cfg.path)
+            self.executor.finish(cmd, Outcome("failed", f"rolled back: {why} within "
+                                                        f"{self.cfg.commands.config_trial_s:g} s"), now)
+            self.restart = True
+            self.stopping = True
+
+    def unhealthy(self, now: float) -> str:
+        """Why the agent is not doing its job, or '': connected, and every source open and
+        heard from (and not timed out)."""
+        if not self.uplink.connected:
+            return "not connected to the broker"
+        heard = {src for _slot, src, frames, _p, _n, out, _c, _k, _age in self.kernel.health(now) if frames and not out}
+        for i, (c, src) in enumerate(zip(self.cfg.sources, self.sources, strict=True)):
+            if not src.is_open:
+                return f"source {c.name} is not open"
+            if i not in heard:
+                return f"no data from source {c.name}"
+        return ""
+
     def _rate(self) -> None:
         mono = time.monotonic()
         mark_t, mark_frames = self.rate_mark
@@ -385,7 +627,10 @@ class Runtime:
             src.close()
         self.control.close()
         self.outbox.close()
-        log.info("agent stopped: %d records committed", self.records)
+        if self.replay is not None:
+            self.replay.close()
+        log.info("agent stopped: %d records committed%s", self.records, "; restarting" if self.restart else "")
+        logging.getLogger().removeHandler(self.recent_log)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -404,4 +649,7 @@ class Runtime:
             "sources": [dict(s.status(), protocol=c.protocol, decode=h.status())
                         for c, s, h in zip(self.cfg.sources, self.sources, self.handlers, strict=True)],
             "outbox": self.outbox.stats(), "uplink": self.uplink.status(),
+            "commands": None if self.executor is None else dict(
+                self.executor.status(), speed_kmh=self.speed_kmh(now), stationary_s=self.stationary_for(now),
+                config_trial=self.trial[0].id if self.trial else None),
         }

@@ -80,7 +80,7 @@ class WireSchema:
         self.bodies = {kind: pycddl.Schema(f"root = {rule}\n" + open_rows)
                        for kind, rule in (("win", "window-record"), ("gap", "gap-record"),
                                           ("chg", "change-record"), ("alm", "alarm-record"),
-                                          ("snap", "snapshot-record"))}
+                                          ("snap", "snapshot-record"), ("res", "result-record"))}
 
     def validate_cbor(self, payload: bytes) -> None:
         try:

@@ -71,12 +71,14 @@ def test_round_trip(verifier: c.Verifier, cache: c.ReplayCache) -> None:
     ("set_speed_limit", {"kmh": 5}), ("set_speed_limit", {"kmh": 25.0}),
     ("set_speed_limit", {"kmh": 45, "allow_above_legal": True}),
     ("set_speed_limit", {"kmh": 12.5, "allow_above_legal": False}),
+    ("set_reporting", {"signals": {"Vehicle.Speed": {"mode": "change", "deadband": 0.5}}}),
+    ("set_config", {"patch": {"windows": {"live": 2.0}}}),
 ])
 def test_every_known_command_verifies(verifier: c.Verifier, name: str, args: dict[str, Any]) -> None:
     assert verifier.verify(sign(name, args), NOW).name == name
 
 
-def _resign_with(envelope: bytes, **changes: Any) -> bytes:
+def resign_with(envelope: bytes, **changes: Any) -> bytes:
     """The same command with payload fields changed and the ORIGINAL signature kept."""
     tag = cbor2.loads(envelope)
     protected, unprotected, payload, signature = tag.value
@@ -102,25 +104,34 @@ ATTACKS: list[tuple[str, bytes, float, str | None]] = [
     ("malformed", _replace(GOOD, 1, {4: b"fleet-a"}), NOW, "attack"),              # unprotected header
     ("malformed", _replace(GOOD, 3, b"\x00" * 63), NOW, "attack"),                 # short signature
     ("malformed", _replace(GOOD, 0, cbor2.dumps({1: -7, 4: b"fleet-a"})), NOW, "attack"),  # ES256
-    ("malformed", _resign_with(GOOD, kid="fleet-b"), NOW, "attack"),               # kid mismatch
-    ("malformed", _resign_with(GOOD, exp=NOW - 1), NOW, "attack"),                 # exp before iat
-    ("malformed", _resign_with(GOOD, iat=-5), NOW, "attack"),
-    ("malformed", _resign_with(GOOD, id="x" * 65), NOW, None),
-    ("malformed", _resign_with(GOOD, extra=1), NOW, "attack"),
-    ("malformed", _resign_with(GOOD, args=[1]), NOW, "attack"),
+    ("malformed", resign_with(GOOD, kid="fleet-b"), NOW, "attack"),               # kid mismatch
+    ("malformed", resign_with(GOOD, exp=NOW - 1), NOW, "attack"),                 # exp before iat
+    ("malformed", resign_with(GOOD, iat=-5), NOW, "attack"),
+    ("malformed", resign_with(GOOD, id="x" * 65), NOW, None),
+    ("malformed", resign_with(GOOD, extra=1), NOW, "attack"),
+    ("malformed", resign_with(GOOD, args=[1]), NOW, "attack"),
     ("unknown_key", sign(key=KEY_STRANGER, kid="stranger", cid="k"), NOW, "k"),
     ("revoked_key", sign(key=KEY_OLD, kid="fleet-old", cid="r"), NOW, "r"),
     ("revoked_key", sign(key=KEY_STRANGER, kid="fleet-gone", cid="r2"), NOW, "r2"),
     ("bad_signature", sign(key=KEY_STRANGER, kid="fleet-a", cid="s"), NOW, "s"),    # forged with another key
-    ("bad_signature", _resign_with(sign("set_speed_limit", {"kmh": 20}, cid="t"), args={"kmh": 45}), NOW, "t"),
-    ("bad_signature", _resign_with(GOOD, dev="bike-0002"), NOW, "attack"),
+    ("bad_signature", resign_with(sign("set_speed_limit", {"kmh": 20}, cid="t"), args={"kmh": 45}), NOW, "t"),
+    ("bad_signature", resign_with(GOOD, dev="bike-0002"), NOW, "attack"),
     ("bad_signature", _replace(GOOD, 3, bytes(64)), NOW, "attack"),
     ("wrong_device", sign(device="bike-0002", cid="d"), NOW, "d"),
     ("expired", sign(exp=NOW + 10, cid="e"), NOW + 10 + SKEW + 1, "e"),
     ("not_yet_valid", sign(iat=NOW + 100, exp=NOW + 400, cid="f"), NOW + 100 - SKEW - 1, "f"),
-    ("unknown_command", sign("set_config", {"patch": {}}, cid="u1"), NOW, "u1"),
-    ("unknown_command", sign("set_reporting", {}, cid="u2"), NOW, "u2"),
     ("unknown_command", sign("self_destruct", cid="u3"), NOW, "u3"),
+    ("bad_arguments", sign("set_config", {"patch": {}}, cid="c1"), NOW, "c1"),
+    ("bad_arguments", sign("set_config", {"patch": {"device_id": "bike-0002"}}, cid="c2"), NOW, "c2"),
+    ("bad_arguments", sign("set_config", {"patch": {"outbox": {"path": "/tmp/x"}}}, cid="c3"), NOW, "c3"),
+    ("bad_arguments", sign("set_config", {"patch": [1]}, cid="c4"), NOW, "c4"),
+    ("bad_arguments", sign("set_reporting", {}, cid="r1"), NOW, "r1"),
+    ("bad_arguments", sign("set_reporting", {"signals": {"Vehicle.Nothing": {"mode": "change"}}}, cid="r3"),
+     NOW, "r3"),
+    ("bad_arguments", sign("set_reporting", {"signals": {"Vehicle.Speed": {"mode": "often"}}}, cid="r4"),
+     NOW, "r4"),
+    ("bad_arguments", sign("set_reporting", {"signals": {"Vehicle.Speed": {"mode": "change", "deadband": -1}}},
+                           cid="r5"), NOW, "r5"),
     ("bad_arguments", sign("lock", {"now": True}, cid="a1"), NOW, "a1"),
     ("bad_arguments", sign("set_speed_limit", {"kmh": 30}, cid="a2"), NOW, "a2"),
     ("bad_arguments", sign("set_speed_limit", {"kmh": 4.9}, cid="a3"), NOW, "a3"),
@@ -272,13 +283,17 @@ def test_signed_envelopes_match_the_cddl() -> None:
     protected_rule = pycddl.Schema("root = command-protected\n" + WIRE_CDDL)
     payload_rule = pycddl.Schema("root = command-payload\n" + WIRE_CDDL)
     for name, args in [("lock", {}), ("set_speed_limit", {"kmh": 20}),
-                       ("set_speed_limit", {"kmh": 30.5, "allow_above_legal": True})]:
+                       ("set_speed_limit", {"kmh": 30.5, "allow_above_legal": True}),
+                       ("set_reporting", {"signals": {"Vehicle.Speed": {"mode": "both", "deadband": 0.5}}}),
+                       ("set_config", {"patch": {"windows": {"live": 2.0}, "sources": [{"name": "x"}]}})]:
         tag = cbor2.loads(sign(name, args))
         assert tag.tag == 18 and len(tag.value) == 4 and tag.value[1] == {} and len(tag.value[3]) == 64
         protected_rule.validate_cbor(tag.value[0])
         payload_rule.validate_cbor(tag.value[2])
     with pytest.raises(pycddl.ValidationError):
         payload_rule.validate_cbor(cbor2.loads(sign("set_config", {})).value[2])
+    with pytest.raises(pycddl.ValidationError):
+        payload_rule.validate_cbor(cbor2.loads(sign("self_destruct", {})).value[2])
 
 
 def _mutate(rng: random.Random, seed: bytes) -> bytes:
@@ -308,7 +323,7 @@ def test_fuzz_the_envelope_parser(tmp_path: Path) -> None:
     rng = random.Random(7)
     seeds = [sign(n, a, cid=f"seed-{i}") for i, (n, a) in enumerate(
         [("lock", {}), ("set_speed_limit", {"kmh": 20.5, "allow_above_legal": False}), ("ping", {})])]
-    seeds += [_resign_with(seeds[0], args={"a": [1, {"b": b"x"}], "c": -1.5}),
+    seeds += [resign_with(seeds[0], args={"a": [1, {"b": b"x"}], "c": -1.5}),
               bytes(cbor2.dumps([[[[[[[[[[[]]]]]]]]]]])), bytes(cbor2.dumps(cbor2.CBORTag(18, [b"", {}, b"", b""])))]
     seed_set = set(seeds)
     deadline = time.monotonic() + 9.0

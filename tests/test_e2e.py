@@ -29,12 +29,13 @@ RIDE_S = 120
 SPEEDUP = 20
 
 
-def agent_config(tmp: Path, broker: Mosquitto) -> Path:
+def agent_config(tmp: Path, broker: Mosquitto, device: str = DEVICE, sources: str = "", extra: str = "") -> Path:
     """GNSS first: the ride starts when the SLCAN channel opens, and pyserial flushes a
-    port's input on open, so a receiver opened later would lose its first sentences."""
+    port's input on open, so a receiver opened later would lose its first sentences.
+    ``sources``: more [[sources]] tables; ``extra``: more tables after [outbox]."""
     path = tmp / "agent.toml"
     path.write_text(f"""
-device_id = "{DEVICE}"
+device_id = "{device}"
 control_socket = "control.sock"
 
 [[sources]]
@@ -50,7 +51,7 @@ kind = "slcan"
 port = "{tmp / 'can'}"
 protocol = "bafang-can"
 bitrate = 250000
-
+{sources}
 [broker]
 host = "{broker.host}"
 port = {broker.port}
@@ -58,7 +59,7 @@ port = {broker.port}
 [outbox]
 path = "outbox.sqlite"
 commit_interval = 0.5
-""")
+{extra}""")
     return path
 
 

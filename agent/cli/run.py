@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
 from agent import config
+from agent.control import trial
+from agent.errors import AgentError
 from agent.runtime import Runtime
 
 DEFAULT_CONFIG = "/etc/ebike-agent/agent.toml"
+log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
-    Runtime(config.load(args.config)).run()
+    try:
+        runtime = Runtime(config.load(args.config))
+    except AgentError as e:
+        # A remote configuration that cannot even start is put back here: nothing else
+        # would, and the vehicle would be left without its agent.
+        if trial.read(args.config) is None:
+            raise
+        log.error("the configuration on trial does not start (%s): rolling back to the previous one", e)
+        config.roll_back(args.config)
+        trial.fail(args.config, f"the agent did not start: {e}")
+        _restart()
+    runtime.run()
+    if runtime.restart:
+        _restart()
     return 0
+
+
+def _restart() -> None:
+    """The same command line again, in this process (a supervisor sees no exit)."""
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

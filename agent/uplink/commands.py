@@ -30,7 +30,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.config import REPORT_MODES
 from agent.errors import CommandRejected, ConfigError, StoreError
+from agent.signals import BY_NAME
 from agent.uplink import wire
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,7 @@ class Command:
 
 
 # ---------------------------------------------------------------------------------------
-# Argument schemas. set_reporting and set_config are not implemented yet: until they are,
-# they are unknown commands and rejected as such.
+# Argument schemas: each normalises the arguments or raises ValueError saying why.
 
 def _no_arguments(args: Mapping[str, Any]) -> dict[str, Any]:
     if args:
@@ -96,6 +97,54 @@ def _set_speed_limit(args: Mapping[str, Any]) -> dict[str, Any]:
     return {"kmh": float(kmh), "allow_above_legal": above}
 
 
+MAX_REPORTING = 64
+# A patch must not move what the command state itself hangs on: the device's identity
+# (topics, the verifier's target) and the outbox (the replay cache and the journal).
+FROZEN_CONFIG_KEYS = (("device_id",), ("outbox", "path"))
+
+
+def _set_reporting(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"signals": {"<signal>": {"mode": ..., "deadband": ...}}}``: the [reporting]
+    table of the configuration, for some signals."""
+    extra = set(args) - {"signals"}
+    if extra:
+        raise ValueError(f"unknown arguments {sorted(extra)}")
+    signals = args.get("signals")
+    if not isinstance(signals, Mapping) or not 0 < len(signals) <= MAX_REPORTING:
+        raise ValueError(f"signals must be a map of 1 to {MAX_REPORTING} signals")
+    out = {}
+    for name, policy in signals.items():
+        if name not in BY_NAME:
+            raise ValueError(f"unknown signal {name!r}")
+        if not isinstance(policy, Mapping) or set(policy) - {"mode", "deadband"} or "mode" not in policy:
+            raise ValueError(f"{name}: a policy is {{mode, deadband}}")
+        if policy["mode"] not in REPORT_MODES:
+            raise ValueError(f"{name}: mode must be one of {', '.join(REPORT_MODES)}")
+        deadband = policy.get("deadband", 0.0)
+        if not _number(deadband) or deadband < 0:
+            raise ValueError(f"{name}: deadband must be a number >= 0")
+        out[name] = {"mode": policy["mode"], "deadband": float(deadband)}
+    return {"signals": out}
+
+
+def _set_config(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"patch": {...}}``: tables merge key by key into the configuration file, any
+    other value (arrays too) replaces. Checked in full against the schema when it runs."""
+    extra = set(args) - {"patch"}
+    if extra:
+        raise ValueError(f"unknown arguments {sorted(extra)}")
+    patch = args.get("patch")
+    if not isinstance(patch, Mapping) or not patch:
+        raise ValueError("patch must be a non-empty map")
+    for keys in FROZEN_CONFIG_KEYS:
+        node: Any = patch
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is not None:
+            raise ValueError(f"{'.'.join(keys)} cannot be changed remotely")
+    return {"patch": dict(patch)}
+
+
 SCHEMAS = {
     "ping": _no_arguments,
     "lock": _no_arguments,
@@ -104,7 +153,11 @@ SCHEMAS = {
     "snapshot": _no_arguments,
     "diagnostics": _no_arguments,
     "restart_agent": _no_arguments,
+    "set_reporting": _set_reporting,
+    "set_config": _set_config,
 }
+# Commands that change how the vehicle behaves: they wait for it to stand still.
+INTERLOCKED = ("lock",)
 
 
 def check_arguments(name: str, args: Mapping[str, Any], command_id: str | None = None) -> dict[str, Any]:
@@ -283,12 +336,28 @@ def _check_body(body: Mapping[Any, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------
 
-class ReplayCache:
-    """Ids of accepted commands, in a table of the outbox's SQLite file.
+OPEN_STATES = ("accepted", "deferred", "running")
 
-    An id is committed (synchronous=FULL, so it is on disk) before its command may run,
-    and kept until the command could no longer pass the verifier's validity check; a
-    restart or a power cut therefore cannot make a command run twice.
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A command's durable state: what it is, and how far it got."""
+
+    command: Command
+    state: str
+    reason: str
+    times: dict[str, float]
+
+
+class ReplayCache:
+    """Ids of accepted commands, and the journal of what became of each, in tables of
+    the outbox's SQLite file.
+
+    An id is committed (synchronous=FULL, so it is on disk), with its journal entry,
+    before its command may run, and kept until the command could no longer pass the
+    verifier's validity check; a restart or a power cut therefore cannot make a command
+    run twice. A command is marked ``running`` durably before it acts: one that finds
+    itself ``running`` after a restart was cut off, and is not run again.
     """
 
     def __init__(self, path: str) -> None:
@@ -300,6 +369,8 @@ class ReplayCache:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("CREATE TABLE IF NOT EXISTS command_ids (id TEXT PRIMARY KEY, expires REAL NOT NULL)")
             self.db.execute("CREATE INDEX IF NOT EXISTS command_ids_expires ON command_ids (expires)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS command_journal (id TEXT PRIMARY KEY, body BLOB NOT NULL, "
+                            "state TEXT NOT NULL, reason TEXT NOT NULL, times BLOB NOT NULL, expires REAL NOT NULL)")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the replay cache in {path}: {e}") from e
 
@@ -309,16 +380,25 @@ class ReplayCache:
         except sqlite3.Error as e:
             raise StoreError(f"replay cache {self.path}: lookup failed: {e}") from e
 
-    def remember(self, command_id: str, expires: float, now: float | None = None) -> bool:
-        """Record the id durably; False if it was already there. With ``now``, ids that
-        expired before it are pruned in the same transaction (one fsync for both)."""
+    def remember(self, command_id: str, expires: float, now: float | None = None,
+                 command: Command | None = None, received: float | None = None) -> bool:
+        """Record the id durably, and with ``command`` its journal entry (``accepted``);
+        False if the id was already there. With ``now``, ids and entries that expired
+        before it are pruned in the same transaction (one fsync for all)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 if now is not None:
                     self.db.execute("DELETE FROM command_ids WHERE expires < ?", (now,))
+                    self.db.execute("DELETE FROM command_journal WHERE expires < ? AND state NOT IN (?, ?, ?)",
+                                    (now, *OPEN_STATES))
                 cur = self.db.execute("INSERT OR IGNORE INTO command_ids (id, expires) VALUES (?, ?)",
                                       (command_id, expires))
+                if command is not None and cur.rowcount == 1:
+                    t = received if received is not None else (now or 0.0)
+                    self.db.execute("INSERT OR REPLACE INTO command_journal VALUES (?, ?, ?, ?, ?, ?)",
+                                    (command_id, _command_body(command), "accepted", "",
+                                     wire.dumps({"received": t, "accepted": t}), expires))
             except sqlite3.Error:
                 self.db.execute("ROLLBACK")
                 raise
@@ -326,6 +406,38 @@ class ReplayCache:
         except sqlite3.Error as e:
             raise StoreError(f"replay cache {self.path}: cannot record {command_id!r}: {e}") from e
         return cur.rowcount == 1
+
+    def set_state(self, command_id: str, state: str, reason: str, t: float) -> dict[str, float]:
+        """Move a journal entry on, durably (a commit with fsync); its times so far."""
+        if state not in OPEN_STATES + STATUSES:
+            raise ValueError(f"unknown command state {state!r}")
+        try:
+            row = self.db.execute("SELECT times FROM command_journal WHERE id=?", (command_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"replay cache {self.path}: no journal entry for {command_id!r}")
+            times = dict(wire.strict_loads(row[0], "journal times", 2))
+            if state in STATUSES:  # "running" is not reported: no result says it
+                times[state] = t
+            self.db.execute("UPDATE command_journal SET state=?, reason=?, times=? WHERE id=?",
+                            (state, reason, wire.dumps(times), command_id))
+        except sqlite3.Error as e:
+            raise StoreError(f"replay cache {self.path}: cannot update {command_id!r}: {e}") from e
+        return times
+
+    def open_entries(self) -> list[JournalEntry]:
+        """Entries not yet finished (accepted, deferred, or running when the agent stopped),
+        oldest first."""
+        try:
+            rows = self.db.execute("SELECT body, state, reason, times FROM command_journal WHERE state IN (?, ?, ?) "
+                                   "ORDER BY rowid", OPEN_STATES).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"replay cache {self.path}: cannot read the journal: {e}") from e
+        return [JournalEntry(_command_from(body), state, reason, dict(wire.strict_loads(times, "journal times", 2)))
+                for body, state, reason, times in rows]
+
+    def state_of(self, command_id: str) -> str | None:
+        row = self.db.execute("SELECT state FROM command_journal WHERE id=?", (command_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def prune(self, now: float) -> int:
         """Forget ids whose commands expired before ``now``; how many were forgotten."""
@@ -341,6 +453,15 @@ class ReplayCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _command_body(cmd: Command) -> bytes:
+    return wire.dumps([cmd.id, cmd.device, cmd.name, cmd.args, cmd.issued_at, cmd.expires_at, cmd.kid])
+
+
+def _command_from(body: bytes) -> Command:
+    cid, device, name, args, iat, exp, kid = wire.strict_loads(body, "journal entry", _MAX_DEPTH + 4)
+    return Command(cid, device, name, dict(args), iat, exp, kid)
 
 
 class Verifier:
@@ -400,17 +521,20 @@ class Verifier:
         if self.replay.seen(cid):
             raise CommandRejected("replayed", cid)
         args = check_arguments(body["cmd"], body["args"], cid)
+        cmd = Command(cid, body["dev"], body["cmd"], args, body["iat"], body["exp"], env.kid)
         # Kept as long as the command would pass the expiry check above.
-        if not self.replay.remember(cid, body["exp"] + self.clock_skew, now=now):
+        if not self.replay.remember(cid, body["exp"] + self.clock_skew, now=now, command=cmd, received=now):
             raise CommandRejected("replayed", cid)
-        return Command(cid, body["dev"], body["cmd"], args, body["iat"], body["exp"], env.kid)
+        return cmd
 
 
 # ---------------------------------------------------------------------------------------
 
-def result_message(command_id: str | None, status: str, reason: str, times: Mapping[str, float]) -> bytes:
+def result_message(command_id: str | None, status: str, reason: str, times: Mapping[str, float],
+                   data: Mapping[str, Any] | None = None) -> bytes:
     """The ``cmd/result`` payload (docs/wire.cddl, ``command-result``): times are Unix
-    seconds by event (``received`` or a status), sent as milliseconds."""
+    seconds by event (``received`` or a status), sent as milliseconds; ``data`` what a
+    command hands back (the diagnostics bundle)."""
     if status not in STATUSES:
         raise ValueError(f"unknown command status {status!r}")
     unknown = set(times) - set(TIME_KEYS)
@@ -418,7 +542,10 @@ def result_message(command_id: str | None, status: str, reason: str, times: Mapp
         raise ValueError(f"unknown result times {sorted(unknown)}")
     if any(not 0 <= v < 2**53 for v in times.values()):
         raise ValueError("result times are Unix seconds, not negative")
-    return wire.dumps({
+    msg: dict[str, Any] = {
         "v": VERSION, "id": command_id, "status": status, "reason": reason,
         "t": {k: int(round(v * 1000)) for k, v in times.items()},
-    })
+    }
+    if data is not None:
+        msg["data"] = dict(data)
+    return wire.dumps(msg)

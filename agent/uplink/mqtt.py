@@ -33,14 +33,16 @@ PACKET_OVERHEAD = 32  # MQTT 5 PUBLISH fixed header, packet id and property leng
 RECONNECT_MIN = 1
 RECONNECT_MAX = 120
 RETRIES_PER_STEP = 4
+# Results kept for the next connect while offline (the outbox keeps every one anyway).
+MAX_QUEUED_RESULTS = 256
 
 
-def _client(client_id: str, cfg: BrokerConfig) -> mqtt.Client:
+def _client(client_id: str, cfg: BrokerConfig, manual_ack: bool = False) -> mqtt.Client:
     if cfg.protocol == "3.1.1":
         log.warning("MQTT 3.1.1 chosen: a broker that refuses a publish still acknowledges it, so such "
                     "data is lost silently; prefer protocol = \"5\" (with ack = \"cloud\" nothing is lost)")
     version = mqtt.MQTTv311 if cfg.protocol == "3.1.1" else mqtt.MQTTv5
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, manual_ack=manual_ack)
     if cfg.tls_ca or cfg.tls_cert:
         client.tls_set(ca_certs=cfg.tls_ca or None, certfile=cfg.tls_cert or None,
                        keyfile=cfg.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
@@ -59,11 +61,25 @@ class Uplink:
     on PUBACK with ``ack = "broker"``; with ``ack = "cloud"`` only once the consumer's
     ack says it stored them, resending what no ack covered within ``ack_timeout``."""
 
-    def __init__(self, device_id: str, cfg: BrokerConfig, topic_prefix: str, birth: bytes, death: bytes) -> None:
+    def __init__(self, device_id: str, cfg: BrokerConfig, topic_prefix: str, birth: bytes, death: bytes,
+                 commands: bool = False) -> None:
+        """With ``commands``, the session persists (the broker keeps commands sent while
+        the vehicle is offline, until their MQTT 5 message expiry) and ``cmd`` is
+        subscribed; ``take_commands`` hands them over."""
         self.cfg = cfg
         self.topic_telemetry = topic_prefix + "telemetry"
         self.topic_state = topic_prefix + "state"
         self.topic_ack = topic_prefix + "ack"
+        self.topic_cmd = topic_prefix + "cmd" if commands else ""
+        self.topic_result = topic_prefix + "cmd/result"
+        # (envelope, token for ``command_done``): acknowledged to the broker only once the
+        # agent has journalled or answered it, so one received just before a power cut is
+        # delivered again, not lost.
+        self.commands: collections.deque[tuple[bytes, tuple[int, int, int]]] = collections.deque()
+        self.session = 0
+        # Results made while offline, sent on the next connect (the outbox has them too).
+        self.results: collections.deque[bytes] = collections.deque(maxlen=MAX_QUEUED_RESULTS)
+        self.commands_received = 0
         self.birth = birth
         self.events: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self.inflight: dict[int, list[int]] = {}
@@ -82,7 +98,7 @@ class Uplink:
         self.batches_failed = 0
         self.records_acked = 0
         self.last_error = ""
-        self.client = _client(device_id, cfg)
+        self.client = _client(device_id, cfg, manual_ack=commands)
         self.client.will_set(self.topic_state, death, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -101,19 +117,27 @@ class Uplink:
 
     def start(self) -> None:
         """Connect in the background; failures are retried by paho with backoff."""
+        props = None
+        if self.topic_cmd and self.cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.cfg.session_expiry
         try:
-            self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, clean_start=True)
+            self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive,
+                                      clean_start=not self.topic_cmd, properties=props)
         except (OSError, ValueError) as e:
             raise UplinkError(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {e}") from e
         self.client.loop_start()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Properties | None) -> None:
+        self.session += 1  # message ids of the last connection mean nothing on this one
         if not _failed(rc):
             self.backoff_cap = float(RECONNECT_MIN)
             self.failures = 0
             self.max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
             if self.cfg.ack == "cloud":
                 client.subscribe(self.topic_ack, qos=1)
+            if self.topic_cmd:
+                client.subscribe(self.topic_cmd, qos=1)
             client.publish(self.topic_state, self.birth, qos=1, retain=True)
         self.events.put(("connect", rc, None))
 
@@ -145,8 +169,12 @@ class Uplink:
         self.events.put(("publish", mid, rc))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topic_cmd and self.topic_cmd:
+            self.events.put(("cmd", bytes(msg.payload), (self.session, msg.mid, msg.qos)))
+            return
         if msg.topic == self.topic_ack:
             self.events.put(("ack", bytes(msg.payload), None))
+        client.ack(msg.mid, msg.qos)
 
     def can_send(self) -> bool:
         """Room in the in-flight window; batches awaiting the cloud's ack count too, so a
@@ -200,9 +228,14 @@ class Uplink:
                 return acked, failed
             if what == "ack":
                 self._cloud_ack(a, acked)
+            elif what == "cmd":
+                self.commands_received += 1
+                self.commands.append((a, b))
             elif what == "connect":
                 self.connected = not _failed(a)
                 self.connects += int(self.connected)
+                if self.connected:
+                    self._flush_results()
                 if not self.connected:
                     self.last_error = f"connect refused: {a}"
                     log.warning("broker refused the connection: %s", a)
@@ -227,6 +260,33 @@ class Uplink:
                     else:
                         self.awaiting.append((time.monotonic() + self.cfg.ack_timeout, seqs))
                         self.awaiting_seqs.update(seqs)
+
+    def take_commands(self, most: int) -> list[tuple[bytes, tuple[int, int, int]]]:
+        """Up to ``most`` of the command envelopes received (after ``poll``), oldest
+        first, each with its token for ``command_done``; the rest wait for the next call,
+        so a burst does not stall the loop."""
+        return [self.commands.popleft() for _ in range(min(most, len(self.commands)))]
+
+    def command_done(self, token: tuple[int, int, int]) -> None:
+        """Acknowledge a command to the broker: it is journalled or answered. On a later
+        connection its id means nothing; the broker sends it again and the replay cache
+        answers that."""
+        session, mid, qos = token
+        if session == self.session:
+            self.client.ack(mid, qos)
+
+    def publish_result(self, payload: bytes) -> None:
+        """A command result on ``cmd/result``: at once when connected, else on the next
+        connect (the newest few hundred; the outbox keeps every one as a record too)."""
+        self.results.append(payload)
+        if self.connected and self.client.is_connected():
+            self._flush_results()
+
+    def _flush_results(self) -> None:
+        while self.results:
+            if self.client.publish(self.topic_result, self.results[0], qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+            self.results.popleft()
 
     def _cloud_ack(self, payload: bytes, acked: list[int]) -> None:
         """Seqs the consumer stored; only ones this agent has out are taken, so a forged
@@ -276,6 +336,7 @@ class Uplink:
             "batches_failed": self.batches_failed, "records_acked": self.records_acked, "ack": self.cfg.ack,
             "awaiting_cloud_ack": len(self.awaiting_seqs), "cloud_acks": self.cloud_acks,
             "bad_acks": self.bad_acks, "resent_unacked": self.resent_unacked,
+            "commands_received": self.commands_received, "commands_queued": len(self.commands),
             "reconnect_delays": [round(d, 3) for d in self.reconnect_delays],
             "last_error": self.last_error,
         }

@@ -59,6 +59,7 @@ KIND_GAP = "gap"
 KIND_CHANGE = "chg"
 KIND_ALARM = "alm"
 KIND_SNAPSHOT = "snap"
+KIND_RESULT = "res"
 # Samples per snapshot record: a 15 s capture of a busy bus is split into records that
 # each fit a batch with room to spare.
 SNAPSHOT_PART_SAMPLES = 4000
@@ -197,6 +198,13 @@ def gap_record(runs: list[tuple[int, int]], why: str, t: float) -> bytes:
     cloud can tell an explained gap from a lost record."""
     return cbor2.dumps({"k": KIND_GAP, "t": int(round(t * 1000)), "why": why,
                         "runs": [[first, last] for first, last in runs]})
+
+
+def result_record(t: float, result: bytes) -> bytes:
+    """Body of a command result kept in the outbox: the ``cmd/result`` message itself
+    (already CBOR) under ``r``, so a result survives an outage like any record."""
+    return (_head(5, 3) + cbor2.dumps("k") + cbor2.dumps(KIND_RESULT) + cbor2.dumps("t") + cbor2.dumps(_ms(t))
+            + cbor2.dumps("r") + result)
 
 
 def state_message(online: bool, boot_id: str, version: str, kernel: str) -> bytes:
@@ -345,8 +353,17 @@ def _check_snapshot(rec: dict[str, Any]) -> None:
         raise DecodeError("snapshot series must be [signal id, [ms deltas], [values]] of equal lengths")
 
 
+def _check_result(rec: dict[str, Any]) -> None:
+    r = rec.get("r")
+    if (not _uint(rec.get("t")) or not isinstance(r, dict) or not isinstance(r.get("status"), str)
+            or not isinstance(r.get("reason"), str) or not (r.get("id") is None or isinstance(r.get("id"), str))
+            or not isinstance(r.get("t"), dict)):
+        raise DecodeError("result record needs unsigned t and r: a command result (id, status, reason, t)")
+
+
 def _check_record(rec: dict[str, Any]) -> None:
-    checks = {KIND_CHANGE: _check_change, KIND_ALARM: _check_alarm, KIND_SNAPSHOT: _check_snapshot}
+    checks = {KIND_CHANGE: _check_change, KIND_ALARM: _check_alarm, KIND_SNAPSHOT: _check_snapshot,
+              KIND_RESULT: _check_result}
     check = checks.get(str(rec.get("k")))
     if check is not None:
         check(rec)
