@@ -540,3 +540,28 @@ def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch
             cloud.close()
         if broker is not None:
             broker.stop()
+
+
+def test_the_consumer_stores_every_record_kind(tmp_path: Path) -> None:
+    """One batch of each record kind the agent makes: each stored once with its time (a
+    change record's is its first change), and the consumer does not fall over on any."""
+    from agent.uplink import commands
+
+    t = 1_700_000_000.0
+    bodies = [
+        window(1),
+        wire.change_record([(SIG, t + 0.25, 1.5), (SIG, t + 0.5, 2.5)]),
+        wire.alarm_record(t + 1, 7, "overheat", -1, 2, True, 91.0, 90.0),
+        *wire.snapshot_records(t + 2, 7, -1, t - 8, t + 2, [SIG, SIG], [t - 1, t], [1.0, 2.0]),
+        wire.gap_record([(100, 120)], "quota", t + 3),
+        wire.result_record(t + 4, commands.result_message("c1", "executed", "pong", {"received": t + 4})),
+    ]
+    cloud = Ingest(str(tmp_path / "cloud.sqlite"))
+    try:
+        stored = cloud.handle("ebike/v1/dev/telemetry", wire.encode_batch("dev", list(enumerate(bodies, 1)), True))
+        assert stored == list(range(1, len(bodies) + 1)) and cloud.bad_batches == 0
+        rows = cloud.db.execute("SELECT kind, t_ms FROM records ORDER BY seq").fetchall()
+    finally:
+        cloud.close()
+    assert rows == [("win", 1_700_000_001_000), ("chg", 1_700_000_000_250), ("alm", 1_700_000_001_000),
+                    ("snap", 1_700_000_002_000), ("gap", 1_700_000_003_000), ("res", 1_700_000_004_000)]

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes, window_values
+from agent.uplink.wire import KIND_CHANGE, KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes, window_values
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ def _open(path: str) -> sqlite3.Connection:
         time.sleep(random.uniform(0.01, 0.1))
 
 
+def _record_time(rec: dict[str, Any]) -> int:
+    """A record's time in ms: its ``t``; a change record has one per change, the first."""
+    if rec["k"] == KIND_CHANGE:
+        return min((t for _sig, t, _value in rec["c"]), default=0)
+    return int(rec["t"])
+
+
 def ack_for(topic: str, seqs: list[int]) -> tuple[str, bytes]:
     """The device's ack topic (beside the telemetry topic it published on) and payload."""
     return topic.rsplit("/", 1)[0] + "/ack", encode_ack(seqs)
@@ -113,7 +120,7 @@ class Ingest:
                 fresh = {seq: rec for seq, rec in records if seq not in seen}
                 self.db.executemany(
                     "INSERT INTO records (device, seq, kind, t_ms, body) VALUES (?, ?, ?, ?, ?)",
-                    [(device, seq, rec["k"], rec["t"], record_bytes(rec)) for seq, rec in fresh.items()])
+                    [(device, seq, rec["k"], _record_time(rec), record_bytes(rec)) for seq, rec in fresh.items()])
                 self.db.executemany(
                     "INSERT INTO announced_gaps VALUES (?, ?, ?, ?, ?)",
                     [(device, seq, first, last, rec["why"]) for seq, rec in fresh.items() if rec["k"] == KIND_GAP
