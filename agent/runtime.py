@@ -64,8 +64,9 @@ MIN_BUSY_TURN = 0.01
 COMMANDS_PER_TURN = 16
 # How often the interlock looks at the vehicle's speed while commands wait.
 STILL_CHECK = 0.1
-# Log lines a diagnostics bundle carries.
+# Log lines and alarm events a diagnostics bundle carries.
 RECENT_LOG_LINES = 200
+RECENT_ALARMS = 50
 SECRET_KEYS = ("password",)
 
 
@@ -295,6 +296,7 @@ class Runtime:
         self.frame_rate = 0.0
         self.restart = False
         self.recent_log = RecentLog(RECENT_LOG_LINES)
+        self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
         logging.getLogger().addHandler(self.recent_log)
         self.still_since: float | None = None
         self.still_checked = 0.0
@@ -392,6 +394,8 @@ class Runtime:
                             "raised" if raised else "cleared", value, thr)
                 self.pending.append((LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised),
                                                                         value, thr)))
+                self.recent_alarms.append({"t": t, "name": name, "instance": inst, "level": level,
+                                           "raised": bool(raised), "value": value, "threshold": thr})
                 self.urgent = True
             elif kind == OUT_SNAPSHOT:
                 _, t, code, inst, start, end, ids, times, values = out
@@ -536,7 +540,8 @@ class Runtime:
             settings: Any = redacted(config_file.read_raw(self.cfg.path))
         except ConfigError as e:
             settings = str(e)
-        return {"status": self.status(), "config": settings, "log": list(self.recent_log.lines)}
+        return {"status": self.status(), "config": settings, "alarms": list(self.recent_alarms),
+                "log": list(self.recent_log.lines)}
 
     def _set_config(self, cmd: Command) -> Outcome | None:
         """Validate the patched file, mark the trial, put the file in place, restart: the

@@ -440,3 +440,96 @@ def test_sigkill_while_commands_run_never_runs_one_twice(tmp_path: Path, mosquit
     assert all(r.startswith("interrupted") for r in reasons), reasons
     assert sum(s == "executed" for s in final.values()) > len(sent) / 2, "too few commands ran to say anything"
     assert mid_way >= KILLS // 4, f"only {mid_way} of {KILLS} kills caught commands being handled"
+
+
+def cli_send(fleet: Fleet, key: Path, name: str, *args: str) -> list[dict[str, Any]]:
+    """``ebike-agent command send --wait``: the results it printed (after its own line)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "agent", "command", "send", "--broker", fleet.broker.address,
+                          "--key", str(key), "--kid", "fleet", "--device", fleet.device, "--wait", "30", name, *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "topic" in lines[0]
+    return lines[1:]
+
+
+@pytest.mark.e2e
+def test_ping_diagnostics_reporting_snapshot_and_restart(tmp_path: Path, mosquitto: Mosquitto,
+                                                         parts: list[Any]) -> None:
+    """The commands that do not move the vehicle, sent with ``ebike-agent command send
+    --wait`` as an operator would: each printed as it goes and executed; diagnostics
+    carry status, alarms, log and the configuration without its password; set_reporting
+    takes the speed out of the live windows at once and keeps it out after
+    restart_agent; snapshot sends the ring buffer."""
+    from agent.config import read_raw
+    from agent.signals import signal_id
+
+    device = "cmd-other-1"
+    fleet = Fleet(tmp_path, mosquitto, device)
+    parts.append(fleet)
+    key = tmp_path / "fleet.key.pem"
+    key.write_bytes(fleet.private)
+    db = tmp_path / "cloud.sqlite"
+    parts.append(spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(db),
+                        "--client-id", f"other-ingest-{uuid.uuid4().hex[:6]}"], tmp_path / "ingest.log"))
+    wait_for("the consumer to subscribe", lambda: log_has(tmp_path / "ingest.log", "subscribed to"), 20)
+    parts.append(start_sim(tmp_path, "park", 900, 1, {}))
+    config = agent_config(tmp_path, mosquitto, device, fleet, {})
+    config.write_text(config.read_text().replace("[broker]\n", '[broker]\nusername = "bike"\npassword = "s3cret"\n'))
+    agent = spawn(["agent", "run", "--config", str(config)], tmp_path / "agent.log")
+    parts.append(agent)
+    wait_connected(tmp_path)
+
+    assert [(r["status"], r["reason"]) for r in cli_send(fleet, key, "ping")] == [("accepted", ""),
+                                                                                 ("executed", "pong")]
+    diag = cli_send(fleet, key, "diagnostics")[-1]
+    assert diag["status"] == "executed"
+    bundle = diag["data"]
+    assert bundle["status"]["device_id"] == device and bundle["status"]["health"]
+    assert bundle["config"]["broker"]["password"] == "<redacted>" and bundle["config"]["broker"]["username"] == "bike"
+    assert "s3cret" not in json.dumps(bundle) and any("up: kernel" in line for line in bundle["log"])
+    assert isinstance(bundle["alarms"], list)
+
+    speed = signal_id("Vehicle.Speed")
+    policy = json.dumps({"signals": {"Vehicle.Speed": {"mode": "change", "deadband": 0.5}}})
+    done = cli_send(fleet, key, "set_reporting", "--args-json", policy)[-1]
+    assert done["status"] == "executed"
+    assert read_raw(str(config))["reporting"] == {"Vehicle.Speed": {"mode": "change", "deadband": 0.5}}
+    changed_at = done["t"]["executed"]
+
+    def speed_rows(after_ms: int) -> int:
+        with sqlite3.connect(db) as c:
+            return int(c.execute("SELECT count(*) FROM window_signals WHERE device=? AND signal=? AND dur_ms=1000 "
+                                 "AND t_ms > ?", (device, speed, after_ms)).fetchone()[0])
+
+    def live_windows(after_ms: int) -> int:
+        with sqlite3.connect(db) as c:
+            return int(c.execute("SELECT count(DISTINCT seq) FROM window_signals WHERE device=? AND dur_ms=1000 "
+                                 "AND t_ms > ?", (device, after_ms)).fetchone()[0])
+
+    assert speed_rows(0) > 0, "the speed was never in a live window to begin with"
+    wait_for("live windows after set_reporting", lambda: live_windows(changed_at + 1000) >= 3, 20)
+    assert speed_rows(changed_at + 1000) == 0
+
+    snap = cli_send(fleet, key, "snapshot")[-1]
+    assert snap["status"] == "executed" and snap["reason"].split()[0].isdigit() and int(snap["reason"].split()[0]) > 0
+
+    def snapshots() -> list[dict[str, Any]]:
+        with sqlite3.connect(db) as c:
+            return [cbor2.loads(b) for (b,) in c.execute("SELECT body FROM records WHERE device=? AND kind='snap'",
+                                                         (device,))]
+
+    wait_for("the snapshot in the cloud", lambda: any(s["code"] == 0 and s["s"] for s in snapshots()), 20)
+
+    restarted = cli_send(fleet, key, "restart_agent")[-1]
+    assert (restarted["status"], restarted["reason"]) == ("executed", "restarting")
+    wait_for("the agent to restart", lambda: log_has(tmp_path / "agent.log", "; restarting"), 20)
+    wait_connected(tmp_path)
+    assert agent.poll() is None, "restart_agent ended the process instead of restarting it"
+    assert (tmp_path / "agent.log").read_text().count("up: kernel") == 2
+    back_at = int(time.time() * 1000)
+    wait_for("live windows after the restart", lambda: live_windows(back_at + 1000) >= 3, 30)
+    assert speed_rows(back_at) == 0, "the reporting policy did not survive the restart"

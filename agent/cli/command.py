@@ -15,9 +15,10 @@ from typing import Any
 
 from agent.cli.ingest import broker_address
 from agent.cli.keys import check_kid
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.uplink import commands
-from agent.uplink.mqtt import publish_once
+from agent.uplink.mqtt import Subscriber, publish_once, wait_until
+from agent.uplink.wire import strict_loads
 
 DEFAULT_TTL = 300
 
@@ -50,6 +51,21 @@ def parse_arguments(words: list[str]) -> dict[str, Any]:
     return out
 
 
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """KEY=VALUE words, or ``--args-json`` for nested ones (set_reporting, set_config)."""
+    if args.args_json is None:
+        return parse_arguments(args.args)
+    if args.args:
+        raise ConfigError("command line", "--args-json", "give the arguments as KEY=VALUE words or as JSON, not both")
+    try:
+        value = json.loads(args.args_json)
+    except ValueError as e:
+        raise ConfigError("command line", "--args-json", f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError("command line", "--args-json", "must be a JSON object")
+    return value
+
+
 def _signed(args: argparse.Namespace) -> tuple[str, str, int, dict[str, Any], bytes]:
     """(kid, command id, issued-at, arguments, envelope) from the sign/send options."""
     if args.ttl <= 0:
@@ -59,7 +75,7 @@ def _signed(args: argparse.Namespace) -> tuple[str, str, int, dict[str, Any], by
     if args.id is not None and not 0 < len(args.id.encode()) <= commands.MAX_ID:
         raise ConfigError("command line", "--id", f"must be 1 to {commands.MAX_ID} UTF-8 bytes")
     kid = check_kid(args.kid)
-    cmd_args = commands.check_arguments(args.name, parse_arguments(args.args))
+    cmd_args = commands.check_arguments(args.name, _arguments(args))
     try:
         with open(args.key, "rb") as f:
             private = f.read()
@@ -89,12 +105,41 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+FINAL = ("executed", "rejected", "failed", "expired")
+
+
 def _send(args: argparse.Namespace) -> int:
     kid, command_id, issued, _, envelope = _signed(args)
     host, port = args.broker
     topic = f"{args.prefix}{args.device}/cmd"
+    results: list[dict[str, Any]] = []
+    sub = None
+    if args.wait:
+        # Subscribed before the command goes out, so no result can come first.
+        def on_result(_topic: str, payload: bytes) -> None:
+            result = strict_loads(payload, "result", 8)
+            if isinstance(result, dict) and result.get("id") == command_id:
+                results.append(result)
+                print(json.dumps(result), flush=True)
+
+        sub = Subscriber(f"ebike-command-{command_id[:16]}", host, port, topic + "/result", on_result,
+                         persistent=False)
+        sub.connect()
+        wait_until(lambda: sub.subscribed, 10.0, sub.loop)
     publish_once(host, port, topic, envelope, expiry_s=issued + args.ttl - int(time.time()))
-    print(json.dumps({"id": command_id, "topic": topic, "expires_at": issued + args.ttl, "kid": kid}))
+    print(json.dumps({"id": command_id, "topic": topic, "expires_at": issued + args.ttl, "kid": kid}), flush=True)
+    if sub is None:
+        return 0
+    try:
+        wait_until(lambda: any(r["status"] in FINAL for r in results), args.wait, sub.loop)
+    finally:
+        sub.close()
+    final = [r for r in results if r["status"] in FINAL]
+    if not final:
+        raise AgentError(f"no final result for {command_id} within {args.wait:g} s "
+                         f"(so far: {', '.join(r['status'] for r in results) or 'nothing'})")
+    if final[0]["status"] != "executed":
+        raise AgentError(f"command {command_id} {final[0]['status']}: {final[0]['reason']}")
     return 0
 
 
@@ -105,6 +150,9 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     send = actions.add_parser("send", help="sign a command and publish it on <prefix><device>/cmd")
     send.add_argument("--broker", required=True, type=broker_address, help="HOST:PORT")
     send.add_argument("--prefix", default="ebike/v1/", help="topic prefix before the device id")
+    send.add_argument("--wait", type=float, default=0, metavar="S",
+                      help="print the device's results (cmd/result) until a final one or S seconds; "
+                           "exit status 0 only if it executed")
     _command_options(send)
     send.set_defaults(func=_send)
     _command_options(sign)
@@ -123,3 +171,5 @@ def _command_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", choices=sorted(commands.SCHEMAS),
                    help="one of " + ", ".join(sorted(commands.SCHEMAS)))
     p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--args-json", metavar="JSON", help='the arguments as one JSON object, e.g. '
+                   '\'{"patch": {"outbox": {"commit_interval": 0.5}}}\'')

@@ -347,11 +347,15 @@ class Subscriber:
     while the consumer restarts is lost, and QoS 1 deliveries."""
 
     def __init__(self, client_id: str, host: str, port: int, topic: str,
-                 on_message: Callable[[str, bytes], None]) -> None:
+                 on_message: Callable[[str, bytes], None], persistent: bool = True) -> None:
+        """``persistent=False`` for a one-off listener (``command send --wait``): the
+        broker keeps nothing for it."""
         self.topic = topic
         self.host = host
         self.port = port
+        self.persistent = persistent
         self.connected = False
+        self.subscribed = False
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
         self.client.on_connect = self._on_connect
@@ -368,13 +372,14 @@ class Subscriber:
         if any(_failed(rc) for rc in rcs):
             log.error("consumer: broker refused the subscription to %s: %s", self.topic, rcs)
         else:
+            self.subscribed = True
             log.info("consumer: subscribed to %s", self.topic)
 
     def connect(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
+        props.SessionExpiryInterval = 3600 if self.persistent else 0
         try:
-            self.client.connect(self.host, self.port, 30, clean_start=False, properties=props)
+            self.client.connect(self.host, self.port, 30, clean_start=not self.persistent, properties=props)
         except OSError as e:
             raise UplinkError(f"cannot connect to {self.host}:{self.port}: {e}") from e
 
@@ -395,6 +400,14 @@ class Subscriber:
 
     def close(self) -> None:
         self.client.disconnect()
+
+
+def wait_until(done: Callable[[], bool], timeout: float, loop: Callable[[float], None]) -> bool:
+    """Run ``loop`` (a client's network loop) until ``done`` or ``timeout`` s; ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        loop(min(0.1, max(0.0, deadline - time.monotonic())))
+    return done()
 
 
 def publish_once(host: str, port: int, topic: str, payload: bytes, expiry_s: int, timeout: float = 10.0) -> None:
