@@ -33,6 +33,7 @@ from agent.fusion._kernel_py import (
     OUT_CHANGE,
     OUT_SNAPSHOT,
     OUT_WINDOW,
+    PERSISTENT,
     S_FUSED_SPEED,
     WIN_LIVE,
 )
@@ -60,6 +61,9 @@ DRAIN_TIMEOUT = 5.0
 # Well inside what a tty buffers (4 KiB is 18 ms of a saturated bus as SLCAN text;
 # 10 ms of a 115200-baud UART is 115 bytes).
 MIN_BUSY_TURN = 0.01
+# How often the kernel's counters (trip, energy, SoH) are saved; a power cut loses at
+# most this much of them.
+STATE_SAVE_S = 10.0
 # Commands verified per turn of the loop (each costs a signature check and an fsync).
 COMMANDS_PER_TURN = 16
 # How often the interlock looks at the vehicle's speed while commands wait.
@@ -278,6 +282,8 @@ class Runtime:
         self.kernel = make_kernel(cfg, _one_dbc(cfg))
         self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
+        self._restore_kernel_state()
+        self.state_saved = time.monotonic()
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled)
         self.sources = [make_source(s) for s in cfg.sources]
@@ -309,6 +315,22 @@ class Runtime:
             self.executor = Executor(cfg.commands, cfg.device_id, self.replay, self, self._result)
             for cmd in self.executor.resume(time.time()):
                 self._resume_trial(cmd)
+
+    def _restore_kernel_state(self) -> None:
+        """Trip, energy counters and the measured SoH carry on across restarts."""
+        saved = self.outbox.load_state()
+        if not saved:
+            return
+        try:
+            self.kernel.restore([saved[name] for name in PERSISTENT])
+        except (KeyError, ValueError) as e:
+            log.warning("kernel state in %s not restored, counting from zero: %s", self.cfg.outbox.path, e)
+            return
+        log.info("kernel state restored: trip %.3f km, energy out %.1f Wh", saved["trip_km"], saved["energy_out_wh"])
+
+    def _save_kernel_state(self) -> None:
+        self.state_saved = time.monotonic()
+        self.outbox.save_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
 
     def _state(self, online: bool) -> bytes:
         return wire.state_message(online, self.boot_id, __version__, BUILD)
@@ -356,6 +378,8 @@ class Runtime:
         self._commit(force=self.urgent)
         self._send()
         self._commands(time.time())
+        if time.monotonic() - self.state_saved >= STATE_SAVE_S:
+            self._save_kernel_state()
         self._rate()
 
     def _read(self, i: int, fd: int) -> None:
@@ -622,6 +646,7 @@ class Runtime:
         now = time.time()
         self._records(self.kernel.flush(), now)
         self._commit(force=True)
+        self._save_kernel_state()
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline and self.outbox.stats()["records"] and self.uplink.connected:
             self._send()

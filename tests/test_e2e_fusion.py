@@ -14,7 +14,7 @@ import pytest
 
 from agent.fusion._kernel_py import ALARM_NAMES
 from devtools.broker import Mosquitto
-from tests.helpers import spawn, stop, wait_for
+from tests.helpers import log_has, spawn, stop, wait_for
 from tests.test_e2e import DEVICE, agent_config, start_consumer_and_sim
 from tests.test_e2e_sources import status_now
 
@@ -83,3 +83,34 @@ def test_fault_alarms_and_snapshot_reach_the_cloud(tmp_path: Path, mosquitto: Mo
     assert "Traceback" not in agent_log.read_text()
     report = json.loads(consumer_log.read_text().strip().splitlines()[-1])
     assert report["gaps"] == {} and report["bad_batches"] == 0
+
+
+@pytest.mark.e2e
+def test_trip_and_energy_carry_on_when_the_agent_restarts(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The agent stops in the middle of a ride and starts again: the fused trip and the
+    energy counters go on from where they were (the outbox keeps them), not from zero."""
+    sim = spawn(["firmware_sim", "--slcan", str(tmp_path / "can"), "--nmea", str(tmp_path / "gps"),
+                 "--scenario", "commute", "--speed", "10", "--duration", "600", "--wait-open", "60"],
+                tmp_path / "sim.log")
+    config = agent_config(tmp_path, mosquitto)
+    saved: list[dict[str, float]] = []
+    try:
+        wait_for("the simulator's ptys", lambda: log_has(tmp_path / "sim.log", "ready"), 20)
+        for run_no in range(2):
+            log = tmp_path / f"agent{run_no}.log"
+            agent = spawn(["agent", "run", "--config", str(config)], log)
+            try:
+                wait_for("the agent to ride a while", lambda: (status_now(tmp_path / "control.sock") or {}).get(
+                    "fusion", {}).get("ticks", 0) > 80, 60, interval=0.1)
+            finally:
+                assert stop(agent) == 0, log.read_text()
+            with sqlite3.connect(tmp_path / "outbox.sqlite") as c:
+                saved.append(dict(c.execute("SELECT key, value FROM kernel_state").fetchall()))
+    finally:
+        stop(sim)
+    first, second = saved
+    # 8 s of fusion steps (the agent's clock is the wall's) at 20-25 km/h, tens of W on average.
+    assert first["trip_km"] > 0.01 and first["energy_out_wh"] > 0.02, first
+    assert log_has(tmp_path / "agent1.log", "kernel state restored")
+    assert second["trip_km"] > first["trip_km"] + 0.01, "the trip started again from zero"
+    assert second["energy_out_wh"] > first["energy_out_wh"] + 0.02, "the energy count started again from zero"

@@ -421,6 +421,7 @@ def test_compiled_and_pure_agree_on_recorded_rides(scenario: str, duration: floa
     assert_same_outputs(kc.alarms(), kpy.alarms())
     assert_same_outputs(kc.health(duration), kpy.health(duration))
     assert kc.counters() == kpy.counters()
+    assert_same_outputs(list(kc.persistent()), list(kpy.persistent()))
 
 
 def test_pure_kernel_under_micropython_gives_cpython_outputs(tmp_path: Path) -> None:
@@ -439,3 +440,39 @@ def test_pure_kernel_under_micropython_gives_cpython_outputs(tmp_path: Path) -> 
     theirs = [json.loads(line) for line in cp.stdout.decode().splitlines()]
     assert len(ours) > 90 and any(o[0] == kp.OUT_ALARM for o in ours)
     assert_same_outputs(ours, theirs)
+
+
+def test_counters_carry_on_across_a_restart(kernel_cls: Any) -> None:
+    """Trip, energy counters, the consumption average and the measured SoH survive a
+    restart of the agent: a new kernel given what the old one saved goes on from there,
+    and ends where one kernel riding the whole way ends."""
+    rec = recording("commute", 240.0)
+    half = len(rec.calls) // 2
+    first, _ = run(kernel_cls, rec.calls[:half])
+    saved = list(first.persistent())
+    assert len(saved) == len(kp.PERSISTENT) and saved[0] > 0.2 and saved[1] > 1.0, saved
+    second, slots = ride.new_kernel(kernel_cls)
+    second.restore(saved)
+    assert list(second.persistent()) == saved
+    trips = per_second(ride.replay(second, slots, rec.calls[half:]), kp.S_FUSED_TRIP)
+    assert trips and min(trips.values()) >= round(saved[0], 3), "the trip started again from zero"
+    whole, _ = run(kernel_cls, rec.calls)
+    split, unsplit = second.persistent(), whole.persistent()
+    for name, a, b in zip(kp.PERSISTENT[:3], split[:3], unsplit[:3], strict=True):
+        assert a == pytest.approx(b, rel=0.03), name
+
+
+@pytest.mark.parametrize("values, why", [
+    ([1.0] * 6, "expected 7 values"),
+    ([float("nan"), 0, 0, 0, 0, 0, -1.0], "trip_km is not a finite number"),
+    ([0, float("inf"), 0, 0, 0, 0, -1.0], "energy_out_wh is not a finite number"),
+    ([0, 0, -1.0, 0, 0, 0, -1.0], "energy_regen_wh cannot be negative"),
+    ([0, 0, 0, 0, 0, 0, 151.0], "soh_pct must be -1"),
+    ([0, 0, 0, 0, 0, 0, 0.0], "soh_pct must be -1"),
+])
+def test_restore_refuses_what_no_kernel_saved(kernel_cls: Any, values: list[float], why: str) -> None:
+    k, _ = ride.new_kernel(kernel_cls)
+    before = list(k.persistent())
+    with pytest.raises(ValueError, match=why):
+        k.restore(values)
+    assert list(k.persistent()) == before, "a refused restore changed the kernel"

@@ -293,3 +293,18 @@ def test_quota_drops_are_announced_as_a_gap_record(tmp_path: Path) -> None:
         assert box.db.execute("SELECT lane FROM records WHERE seq=?", (gap_seq,)).fetchone() == (LANE_ALARM,)
     finally:
         box.close()
+
+
+def test_kernel_state_is_kept_across_reopening(tmp_path: Path) -> None:
+    """The fusion kernel's counters (trip, energy, SoH) live in the outbox's file: saved,
+    replaced by newer values, and there after the file is opened again."""
+    ob = open_outbox(tmp_path)
+    assert ob.load_state() == {}
+    assert ob.save_state({"trip_km": 1.5, "soh_pct": -1.0})
+    assert ob.save_state({"trip_km": 2.25, "energy_out_wh": 10.0})
+    ob.close()
+    ob = open_outbox(tmp_path)
+    try:
+        assert ob.load_state() == {"trip_km": 2.25, "soh_pct": -1.0, "energy_out_wh": 10.0}
+    finally:
+        ob.close()

@@ -120,6 +120,12 @@ _QUANTISE_LIMIT = 4.0e15
 
 # Tunables: (name, default, unit, why). ``Kernel.set_params`` takes the values in this
 # order; agent/config.py reads overrides from the [fusion] table.
+# What the fusion step has learnt or counted that a restart of the agent must not lose
+# (the vehicle did not restart): trip, energy counters, the consumption average and the
+# measured state of health. ``persistent`` and ``restore`` take them in this order.
+PERSISTENT = ("trip_km", "energy_out_wh", "energy_regen_wh", "energy_charged_wh", "consumption_wh",
+              "consumption_km", "soh_pct")
+
 PARAMS = (
     ("tick", 0.1, "s", "period of the fusion step in sample time"),
     ("cells", 10.0, "count", "cells in series: per-cell thresholds and OCV scale with it"),
@@ -665,6 +671,31 @@ class Kernel:
             if self.seen[sid]:
                 out.append((sid, self.w_last[sid], self.w_last_time[sid]))
         return out
+
+    def persistent(self):
+        """The values of ``PERSISTENT``, to be kept across a restart."""
+        return [self.trip_km, self.e_out, self.e_regen, self.e_charged, self.cons_wh, self.cons_km, self.soh]
+
+    def restore(self, values):
+        """Take back what ``persistent`` gave before a restart; ValueError if it cannot be
+        that (the agent then starts from zero, and says so)."""
+        if len(values) != len(PERSISTENT):
+            raise ValueError("expected %d values" % len(PERSISTENT))
+        for k in range(len(values)):
+            v = values[k]
+            if not v == v or v > 1e15 or v < -1e15:
+                raise ValueError("%s is not a finite number" % PERSISTENT[k])
+            if k < 4 and v < 0.0:
+                raise ValueError("%s cannot be negative" % PERSISTENT[k])
+        if not (values[6] == -1.0 or 0.0 < values[6] <= 150.0):
+            raise ValueError("soh_pct must be -1 (not measured) or 0-150")
+        self.trip_km = values[0]
+        self.e_out = values[1]
+        self.e_regen = values[2]
+        self.e_charged = values[3]
+        self.cons_wh = values[4]
+        self.cons_km = values[5]
+        self.soh = values[6]
 
     def state(self, now):
         """``(signal_id, value, time, source, stale)`` of every signal seen so far; source

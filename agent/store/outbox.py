@@ -22,7 +22,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS records (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_lane_seq ON records (lane, seq);
+CREATE TABLE IF NOT EXISTS kernel_state (key TEXT PRIMARY KEY, value REAL NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('last_acked', 0);
 """
 
@@ -404,6 +405,21 @@ class Outbox:
             log.warning("outbox %s: disk full: %d acknowledged rows kept for now", self.path, len(seqs))
             return
         self.acked += len(seqs)
+
+    def save_state(self, values: Mapping[str, float]) -> bool:
+        """Keep the fusion kernel's counters (trip, energy, SoH) for the next start;
+        False if the disk is full (they are saved again later)."""
+        def put() -> bool:
+            self.db.executemany("INSERT OR REPLACE INTO kernel_state (key, value) VALUES (?, ?)", values.items())
+            return True
+
+        return self._write(put, "saving the kernel state") is not None
+
+    def load_state(self) -> dict[str, float]:
+        try:
+            return dict(self.db.execute("SELECT key, value FROM kernel_state").fetchall())
+        except sqlite3.Error as e:
+            raise StoreError(f"outbox {self.path}: cannot read the kernel state: {e}") from e
 
     def stats(self) -> dict[str, Any]:
         return dict(stored_stats(self.db, self.path), in_flight=len(self.leased), moved_aside=self.moved_aside,
