@@ -623,15 +623,13 @@ class Runtime:
     def unhealthy(self, now: float) -> str:
         """Why the agent is not doing its job, or '': connected, and every source open and
         heard from (and not timed out)."""
-        if not self.uplink.connected:
-            return "not connected to the broker"
         heard = {src for _slot, src, frames, _p, _n, out, _c, _k, _age in self.kernel.health(now) if frames and not out}
         for i, (c, src) in enumerate(zip(self.cfg.sources, self.sources, strict=True)):
             if not src.is_open:
                 return f"source {c.name} is not open"
             if i not in heard:
                 return f"no data from source {c.name}"
-        return ""
+        return "" if self.uplink.connected else "not connected to the broker"
 
     def _rate(self) -> None:
         mono = time.monotonic()
