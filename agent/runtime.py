@@ -304,6 +304,7 @@ class Runtime:
         self.recent_log = RecentLog(RECENT_LOG_LINES)
         self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
         logging.getLogger().addHandler(self.recent_log)
+        self.speed: float | None = None
         self.still_since: float | None = None
         self.still_checked = 0.0
         self.trial: tuple[Command, float] | None = None
@@ -471,22 +472,29 @@ class Runtime:
         self.uplink.publish_result(message)
 
     def speed_kmh(self, now: float) -> float | None:
-        for sid, value, _t, _src, stale in self.kernel.state(now):
-            if sid == S_FUSED_SPEED:
-                return None if stale else float(value)
-        return None
+        self._watch_speed(now)
+        return self.speed
 
     def stationary_for(self, now: float) -> float:
         """Seconds below ``stationary_kmh``; an unknown or stale speed counts as moving
         (a lock must never be applied on a guess)."""
-        if now - self.still_checked >= STILL_CHECK:
-            self.still_checked = now
-            speed = self.speed_kmh(now)
-            if speed is None or speed >= self.cfg.commands.stationary_kmh:
-                self.still_since = None
-            elif self.still_since is None:
-                self.still_since = now
+        self._watch_speed(now)
         return 0.0 if self.still_since is None else now - self.still_since
+
+    def _watch_speed(self, now: float) -> None:
+        """The fused speed, looked up (a scan of the kernel's state) at most every
+        STILL_CHECK, while commands wait."""
+        if now - self.still_checked < STILL_CHECK:
+            return
+        self.still_checked = now
+        self.speed = None
+        for sid, value, _t, _src, stale in self.kernel.state(now):
+            if sid == S_FUSED_SPEED and not stale:
+                self.speed = float(value)
+        if self.speed is None or self.speed >= self.cfg.commands.stationary_kmh:
+            self.still_since = None
+        elif self.still_since is None:
+            self.still_since = now
 
     def act(self, cmd: Command, now: float) -> Outcome | None:
         """Run a verified command; None when it goes on across a restart (set_config)."""

@@ -60,6 +60,7 @@ class Rig:
         env = c.sign_command(KEY[0], "fleet", DEVICE, name, c.check_arguments(name, args or {}), int(NOW),
                              int(NOW) + ttl, cid)
         self.ex.receive(env, now)
+        self.ex.step(now)
 
     def statuses(self, cid: str) -> list[str]:
         return [r["status"] for r in self.results if r["id"] == cid]

@@ -76,20 +76,20 @@ class Executor:
         """After a start: finish what the journal left open. Returns the commands that were
         running across the restart on purpose (a set_config on trial) for the caller."""
         spanning = []
-        for entry in self.replay.open_entries():
-            cmd = entry.command
-            if entry.state == "running" and cmd.name in SPANS_RESTART:
+        for cmd, state in self.replay.open_entries():
+            if state == "running" and cmd.name in SPANS_RESTART:
                 spanning.append(cmd)
-            elif entry.state == "running":
+            elif state == "running":
                 self._report(cmd.id, "failed", "interrupted: the agent stopped while it ran; not run again", now)
             else:
                 self.pending.append(cmd)
-                if entry.state == "deferred":
+                if state == "deferred":
                     self.deferred.add(cmd.id)
         return spanning
 
     def receive(self, payload: bytes, now: float) -> None:
-        """One envelope from ``cmd``: rejected (with its reason) or accepted and queued."""
+        """One envelope from ``cmd``: rejected (with its reason) or accepted and queued
+        for the next ``step``."""
         try:
             cmd = self.verifier.verify(payload, now)
         except CommandRejected as e:
@@ -109,7 +109,6 @@ class Executor:
             self._report(cmd.id, "failed", f"{len(self.pending)} commands already waiting", now)
             return
         self.pending.append(cmd)
-        self.step(now)
 
     def step(self, now: float) -> None:
         """Run, defer or expire what waits, in order of arrival."""

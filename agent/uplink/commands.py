@@ -156,8 +156,6 @@ SCHEMAS = {
     "set_reporting": _set_reporting,
     "set_config": _set_config,
 }
-# Commands that change how the vehicle behaves: they wait for it to stand still.
-INTERLOCKED = ("lock",)
 
 
 def check_arguments(name: str, args: Mapping[str, Any], command_id: str | None = None) -> dict[str, Any]:
@@ -339,16 +337,6 @@ def _check_body(body: Mapping[Any, Any]) -> str:
 OPEN_STATES = ("accepted", "deferred", "running")
 
 
-@dataclass(frozen=True)
-class JournalEntry:
-    """A command's durable state: what it is, and how far it got."""
-
-    command: Command
-    state: str
-    reason: str
-    times: dict[str, float]
-
-
 class ReplayCache:
     """Ids of accepted commands, and the journal of what became of each, in tables of
     the outbox's SQLite file.
@@ -381,7 +369,7 @@ class ReplayCache:
             raise StoreError(f"replay cache {self.path}: lookup failed: {e}") from e
 
     def remember(self, command_id: str, expires: float, now: float | None = None,
-                 command: Command | None = None, received: float | None = None) -> bool:
+                 command: Command | None = None) -> bool:
         """Record the id durably, and with ``command`` its journal entry (``accepted``);
         False if the id was already there. With ``now``, ids and entries that expired
         before it are pruned in the same transaction (one fsync for all)."""
@@ -395,7 +383,7 @@ class ReplayCache:
                 cur = self.db.execute("INSERT OR IGNORE INTO command_ids (id, expires) VALUES (?, ?)",
                                       (command_id, expires))
                 if command is not None and cur.rowcount == 1:
-                    t = received if received is not None else (now or 0.0)
+                    t = now or 0.0
                     self.db.execute("INSERT OR REPLACE INTO command_journal VALUES (?, ?, ?, ?, ?, ?)",
                                     (command_id, _command_body(command), "accepted", "",
                                      wire.dumps({"received": t, "accepted": t}), expires))
@@ -424,16 +412,15 @@ class ReplayCache:
             raise StoreError(f"replay cache {self.path}: cannot update {command_id!r}: {e}") from e
         return times
 
-    def open_entries(self) -> list[JournalEntry]:
-        """Entries not yet finished (accepted, deferred, or running when the agent stopped),
-        oldest first."""
+    def open_entries(self) -> list[tuple[Command, str]]:
+        """(command, state) of the entries not yet finished (accepted, deferred, or
+        running when the agent stopped), oldest first."""
         try:
-            rows = self.db.execute("SELECT body, state, reason, times FROM command_journal WHERE state IN (?, ?, ?) "
-                                   "ORDER BY rowid", OPEN_STATES).fetchall()
+            rows = self.db.execute("SELECT body, state FROM command_journal WHERE state IN (?, ?, ?) ORDER BY rowid",
+                                   OPEN_STATES).fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"replay cache {self.path}: cannot read the journal: {e}") from e
-        return [JournalEntry(_command_from(body), state, reason, dict(wire.strict_loads(times, "journal times", 2)))
-                for body, state, reason, times in rows]
+        return [(_command_from(body), state) for body, state in rows]
 
     def state_of(self, command_id: str) -> str | None:
         row = self.db.execute("SELECT state FROM command_journal WHERE id=?", (command_id,)).fetchone()
@@ -523,7 +510,7 @@ class Verifier:
         args = check_arguments(body["cmd"], body["args"], cid)
         cmd = Command(cid, body["dev"], body["cmd"], args, body["iat"], body["exp"], env.kid)
         # Kept as long as the command would pass the expiry check above.
-        if not self.replay.remember(cid, body["exp"] + self.clock_skew, now=now, command=cmd, received=now):
+        if not self.replay.remember(cid, body["exp"] + self.clock_skew, now=now, command=cmd):
             raise CommandRejected("replayed", cid)
         return cmd
 

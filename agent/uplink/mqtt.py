@@ -169,7 +169,7 @@ class Uplink:
         self.events.put(("publish", mid, rc))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.topic_cmd and self.topic_cmd:
+        if msg.topic == self.topic_cmd:
             self.events.put(("cmd", bytes(msg.payload), (self.session, msg.mid, msg.qos)))
             return
         if msg.topic == self.topic_ack:
