@@ -282,6 +282,7 @@ class Runtime:
         self.kernel = make_kernel(cfg, _one_dbc(cfg))
         self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
+        self.saved_state: list[float] = []
         self._restore_kernel_state()
         self.state_saved = time.monotonic()
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
@@ -324,14 +325,18 @@ class Runtime:
             return
         try:
             self.kernel.restore([saved[name] for name in PERSISTENT])
+            self.saved_state = list(self.kernel.persistent())
         except (KeyError, ValueError) as e:
             log.warning("kernel state in %s not restored, counting from zero: %s", self.cfg.outbox.path, e)
             return
         log.info("kernel state restored: trip %.3f km, energy out %.1f Wh", saved["trip_km"], saved["energy_out_wh"])
 
     def _save_kernel_state(self) -> None:
+        """Only when something moved: a parked vehicle costs no fsync every STATE_SAVE_S."""
         self.state_saved = time.monotonic()
-        self.outbox.save_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
+        values = list(self.kernel.persistent())
+        if values != self.saved_state and self.outbox.save_state(dict(zip(PERSISTENT, values, strict=True))):
+            self.saved_state = values
 
     def _state(self, online: bool) -> bytes:
         return wire.state_message(online, self.boot_id, __version__, BUILD)

@@ -297,8 +297,10 @@ def test_polled_jbd_bms_on_a_pty(tmp_path: Path, mosquitto: Mosquitto, consumer:
             # the BMS goes silent: timeouts are counted, the agent keeps polling
             bms.silent.set()
             silent = wait_for("two poll timeouts", polled("timeouts", 2), 10)["decode"]["poll"]
-            time.sleep(0.6)  # > poll_timeout: at least one more request goes out unanswered
-            later = source_status(sock)["decode"]["poll"]
+            # Polling goes on: another request goes out (within a poll_timeout and a turn of
+            # the loop), unanswered.
+            later = wait_for("another poll while the BMS is silent", lambda: (s := source_status(sock)) and s[
+                "decode"]["poll"]["sent"] > silent["sent"] and s, 5)["decode"]["poll"]
             assert agent.poll() is None, log.read_text()
             assert later["sent"] > silent["sent"] and later["answered"] == silent["answered"]
 
