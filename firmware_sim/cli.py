@@ -71,12 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the noisy-line scenario: chance per frame (UART, NMEA, and CAN "
                         "on the SLCAN line) of a bit error, and of a garbage burst before it; "
                         "a corrupted SLCAN line never decodes as a frame")
+    p.add_argument("--can-noise-share", type=float, default=0.1, metavar="P",
+                   help="with the can-noise scenario: share of the CAN frames (the scenario's and "
+                        "--can-fill's) replaced on the bus by a frame with the same id and length "
+                        "and random data, 0 < P <= 1")
     p.add_argument("--wheel-circumference", type=int, default=2200, metavar="MM",
                    help="wheel circumference, 1000-3000 mm (the KT wheel period and Bafang 32/03 follow it)")
     p.add_argument("--fault-at", type=float, metavar="S",
                    help="sim second the scenario's fault starts (theft, overheat, "
-                        "thermal-runaway, cell-imbalance, gnss-outage, bms-fault, "
-                        "controller-fault, unplug) instead of 0.2 or 0.3 x --duration; "
+                        "thermal-runaway, cell-imbalance, gnss-outage, gnss-stuck, "
+                        "gnss-negative, gnss-frozen, wheel-magnet, bms-fault, controller-fault, "
+                        "unplug, can-noise) instead of 0.2 or 0.3 x --duration (can-noise: 0); "
                         "faults that end do so 0.3 x --duration later")
     p.add_argument("--unplug-bus", choices=scenario.PORT_BUSES, metavar="BUS",
                    help="with the unplug scenario: the bus whose port is pulled (its pty "
@@ -92,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the CAN bus: pad it up to FRAMES_PER_S frames per sim second (the "
                         "scenario's own included) with extra " + ", ".join(FILL_KINDS) + " frames "
                         "(Bafang messages without a rolling counter), spread evenly over each "
-                        "second, encoded from the current state, never hit by noisy-line; the "
+                        "second, encoded from the current state, never hit by noisy-line (can-noise "
+                        "replaces its share of them); the "
                         "manifest marks them \"fill\": true. The load must fit in --can-bitrate "
                         "(frames counted without stuff bits): about 8,400 frames/s saturate a "
                         "1000000 bit/s bus")
@@ -128,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--nmea-sentences: a comma list of GGA, RMC, VTG, GSA")
     if not 0.0 <= args.noise_rate <= 1.0:
         raise UsageError("--noise-rate must be 0-1")
+    if not 0.0 < args.can_noise_share <= 1.0:
+        raise UsageError("--can-noise-share must be > 0 and <= 1")
     if not (args.slcan or args.nmea or args.out or any(getattr(args, b) for b in scenario.UART_BUSES)):
         raise UsageError("nothing to emit: give --slcan, --nmea, --out and/or a UART bus "
                          "(--jbd, --daly, --ninebot, --kt, --surron)")
@@ -250,7 +258,8 @@ class Sim:
             self.manifest = Manifest(a.manifest)
             self.manifest.write({
                 "type": "header", "scenario": a.scenario, "seed": a.seed, "speed": a.speed,
-                "duration": a.duration, "noise_rate": a.noise_rate, "fault_at": a.fault_at,
+                "duration": a.duration, "noise_rate": a.noise_rate,
+                "can_noise_share": a.can_noise_share, "fault_at": a.fault_at,
                 "unplug_bus": a.unplug_bus, "can_fill": a.can_fill, "sim_epoch": SIM_EPOCH_ISO,
                 "sim_epoch_unix": SIM_EPOCH_UNIX, "buses": buses,
             })
@@ -443,6 +452,7 @@ class Sim:
         for _ in range(count):
             kind, (can_id, data, values) = encoded[self._fill_next]
             self._fill_next = (self._fill_next + 1) % len(encoded)
+            kind, data, values = self.ride.noisy_bus(kind, data, values)
             self.frame("can", t, (can_id, data), kind, values, fill=True)
 
     # Phases around the ride --------------------------------------------------
@@ -530,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         scenario.run(sim, args.scenario, args.seed, args.duration, args.nmea_rate, args.talker,
                      buses=streamed, noise_rate=args.noise_rate, sentences=args.sentences,
                      fault_at=args.fault_at, unplug_bus=args.unplug_bus or "can",
-                     wheel_circ_mm=args.wheel_circumference)
+                     wheel_circ_mm=args.wheel_circumference, can_noise_share=args.can_noise_share)
         if sim.stop_reason is None and sim.ports:
             sim.linger(args.linger)
         if sim.stop_reason is not None:

@@ -13,6 +13,8 @@ The writer is any object with
   ``"can"`` too: then the payload is bytes for the SLCAN serial line). A CAN frame
   whose SLCAN line ``noisy-line`` corrupts comes as ``(can_id, data_bytes, edit)``;
   :func:`edit_line` applies ``edit`` to the line (the values are those encoded).
+  A frame ``can-noise`` replaced on the bus comes as kind ``"noise"``: its real id,
+  random data of the same length, no values.
 * optionally ``fault(record)``: a scenario's injection (a dict with ``t``, ``scenario``
   and ``what``), when it takes effect.
 * optionally ``attach(ride)``: called once with the :class:`Ride` before the first step,
@@ -38,7 +40,7 @@ def _m31_00(v, st):
 
 
 def _m32_01(v, st):
-    return bafang.controller_32_01(v.speed_kmh, v.motor_i, v.ctrl_v, v.ctrl_temp, v.motor_temp)
+    return bafang.controller_32_01(v.wheel_speed_kmh, v.motor_i, v.ctrl_v, v.ctrl_temp, v.motor_temp)
 
 
 def _m32_00(v, st):
@@ -161,6 +163,53 @@ def _gnss_outage(ride):
     ride.at(t1, "gnss-restored", regain)
 
 
+def _receiver_fault(ride, name, **details):
+    """The GNSS receiver keeps its fix but reports wrongly (``name``, see :meth:`Ride.gnss`)
+    from start(0.3) to until(0.3); what it reported just before is held for it."""
+    def go(v):
+        ride.gnss_held = ride.gnss()
+        ride.gnss_fault = name
+
+    def clear(v):
+        ride.gnss_fault = None
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
+    ride.at(t0, name, go, until=t1, **details)
+    ride.at(t1, name + "-cleared", clear)
+
+
+def _gnss_stuck(ride):
+    _receiver_fault(ride, "gnss-stuck", speed_kmh=0.0)
+
+
+def _gnss_negative(ride):
+    _receiver_fault(ride, "gnss-negative")
+
+
+def _gnss_frozen(ride):
+    _receiver_fault(ride, "gnss-frozen")
+
+
+def _wheel_magnet(ride):
+    def unplug(v):
+        v.wheel_sensor = False
+
+    def replug(v):
+        v.wheel_sensor = True
+    t0 = ride.start(0.3)
+    t1 = ride.until(0.3)
+    ride.at(t0, "wheel-magnet", unplug, speed_kmh=0.0, until=t1)
+    ride.at(t1, "wheel-magnet-cleared", replug)
+
+
+def _can_noise(ride):
+    """Noise frames on the CAN bus from t = 0 (or fault_at) to the end of the ride: a
+    share of the frames go out with random data under their real ids."""
+    def go(v):
+        ride.bus_noise_on = True
+    ride.at(ride.start(0.0), "can-noise", go, share=ride.can_noise_share)
+
+
 def _noisy_line(ride):
     def go(v):
         ride.noise_on = True
@@ -219,6 +268,11 @@ SCENARIOS = {
     "bms-fault": _bms_fault,
     "controller-fault": _controller_fault,
     "unplug": _unplug,
+    "gnss-stuck": _gnss_stuck,
+    "gnss-negative": _gnss_negative,
+    "gnss-frozen": _gnss_frozen,
+    "wheel-magnet": _wheel_magnet,
+    "can-noise": _can_noise,
 }
 # Buses a scenario can unplug (each has its own port).
 PORT_BUSES = ("can", "nmea", "jbd", "daly", "ninebot", "kt", "surron")
@@ -271,7 +325,7 @@ class Ride:
     """A vehicle, its scenario's injections, and the answers to host requests."""
 
     def __init__(self, scenario="commute", seed=1, duration=120.0, noise_rate=0.02,
-                 fault_at=None, unplug_bus="can", wheel_circ_mm=2200):
+                 fault_at=None, unplug_bus="can", wheel_circ_mm=2200, can_noise_share=0.1):
         self.names = check_scenario(scenario)
         if unplug_bus not in PORT_BUSES:
             raise ValueError("unplug_bus must be one of " + ", ".join(PORT_BUSES))
@@ -283,8 +337,14 @@ class Ride:
         self.noise = Prng(seed ^ 0x0B17E)
         # Its own stream, so noise on the SLCAN line leaves the UART noise unchanged.
         self.can_noise = Prng(seed ^ 0x0CA11)
+        # And one for noise frames on the bus, so can-noise leaves every other stream unchanged.
+        self.bus_noise = Prng(seed ^ 0x0CAB5)
+        self.can_noise_share = can_noise_share
         self.noise_on = False
+        self.bus_noise_on = False
         self.gnss_fix = True
+        self.gnss_fault = None          # a receiver fault's name while it lasts
+        self.gnss_held = ()  # type: tuple  # what the receiver reported when it started
         self.runaway_rate = 0.0
         self.imbalance_rate = 0.0
         self.t = 0.0
@@ -341,6 +401,35 @@ class Ride:
         if self.imbalance_rate:
             k = v.runaway_cell
             v.cell_soc_off[k] = max(-30.0, v.cell_soc_off[k] + self.imbalance_rate * dt)
+
+    def gnss(self):
+        """What the receiver reports, ``(lat, lon, alt, speed km/h, course)``: the vehicle's
+        GNSS reading, or what the receiver fault makes of it (``gnss-frozen`` repeats the
+        held reading, ``gnss-stuck`` reports speed 0 on the held course, ``gnss-negative``
+        the speed's negative)."""
+        v = self.vehicle
+        fault = self.gnss_fault
+        if fault == "gnss-frozen":
+            return self.gnss_held
+        speed = v.gnss_speed_kmh
+        course = v.gnss_heading
+        if fault == "gnss-stuck":
+            speed = 0.0
+            course = self.gnss_held[4]
+        elif fault == "gnss-negative":
+            speed = -speed
+        return v.gnss_lat, v.gnss_lon, v.gnss_alt, speed, course
+
+    def noisy_bus(self, kind, data, values):
+        """Apply ``can-noise`` to one CAN frame about to go on the bus: returns the
+        ``(kind, data, values)`` to send, for a share of frames ``("noise", random bytes
+        of the same length, {})``: well framed under its real id, only its content is garbage."""
+        if not self.bus_noise_on:
+            return kind, data, values
+        r = self.bus_noise
+        if r.random() >= self.can_noise_share:
+            return kind, data, values
+        return "noise", bytes(r.next_u32() & 0xFF for _ in range(len(data))), {}
 
     def noisy(self, bus, t, payload, kind):
         """Apply ``noisy-line`` to one UART frame: maybe garbage before it, maybe a bit
@@ -459,7 +548,7 @@ class Ride:
 
 def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker="GN",
         buses=("can", "nmea"), noise_rate=0.02, sentences=("GGA", "RMC"), fault_at=None,
-        unplug_bus="can", wheel_circ_mm=2200):
+        unplug_bus="can", wheel_circ_mm=2200, can_noise_share=0.1):
     """Ride ``scenario`` for ``duration`` sim seconds, sending frames to ``writer``.
 
     Steps t = 0, 0.01, ... below ``duration``. Only ``buses`` are emitted (``can``,
@@ -467,7 +556,8 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
     epochs (``sentences`` in order) fall on multiples of 1/``nmea_rate`` s. Returns
     the vehicle (its final true state) and the sim time reached as ``(vehicle, t)``.
     ``fault_at`` (sim seconds) moves the start of the scenario's fault (see
-    :meth:`Ride.start`); ``unplug_bus`` is the bus the ``unplug`` scenario pulls.
+    :meth:`Ride.start`); ``unplug_bus`` is the bus the ``unplug`` scenario pulls;
+    ``can_noise_share`` the share of CAN frames ``can-noise`` replaces.
     """
     rate = int(nmea_rate)
     if rate < 1 or rate > 10:
@@ -477,7 +567,8 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
     for s in sentences:
         if s not in NMEA_SENTENCES:
             raise ValueError("unknown NMEA sentence %r" % s)
-    ride = Ride(scenario, seed, duration, noise_rate, fault_at, unplug_bus, wheel_circ_mm)
+    ride = Ride(scenario, seed, duration, noise_rate, fault_at, unplug_bus, wheel_circ_mm,
+                can_noise_share)
     frame = writer.frame
     ride._frame = frame
     ride._fault = getattr(writer, "fault", None) or _nop
@@ -508,13 +599,14 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
             for kind, period, offset, enc in ride.can:
                 if n % period == offset:
                     can_id, data, values = enc(vehicle, state)
-                    garbage, edit = ride.noisy_can(t, kind, can_id, data)
+                    sent, data, values = ride.noisy_bus(kind, data, values)
+                    garbage, edit = ride.noisy_can(t, sent, can_id, data)
                     if garbage is not None:
                         frame("can", t, garbage, "garbage", {})
                     if edit is None:
-                        frame("can", t, (can_id, data), kind, values)
+                        frame("can", t, (can_id, data), sent, values)
                     else:
-                        frame("can", t, (can_id, data, edit), kind, values)
+                        frame("can", t, (can_id, data, edit), sent, values)
         for bus, kind, period, offset, make in streams:
             if n % period == offset:
                 payload, values = make(vehicle)
@@ -531,17 +623,17 @@ def run(writer, scenario="commute", seed=1, duration=120.0, nmea_rate=5, talker=
 def _epoch(ride, t, talker, sentences):
     v = ride.vehicle
     fix = ride.gnss_fix
+    lat, lon, alt, speed, course = ride.gnss()
     for kind in sentences:
         if kind == "GGA":
             if fix:
-                out = nmea.gga(t, v.gnss_lat, v.gnss_lon, v.fix_quality, v.sats, v.hdop,
-                               v.gnss_alt, talker)
+                out = nmea.gga(t, lat, lon, v.fix_quality, v.sats, v.hdop, alt, talker)
             else:
                 out = nmea.gga(t, 0.0, 0.0, 0, 2, 99.9, 0.0, talker)
         elif kind == "RMC":
-            out = nmea.rmc(t, v.gnss_lat, v.gnss_lon, v.gnss_speed_kmh, v.gnss_heading, talker, fix)
+            out = nmea.rmc(t, lat, lon, speed, course, talker, fix)
         elif kind == "VTG":
-            out = nmea.vtg(v.gnss_speed_kmh, v.gnss_heading, talker, fix)
+            out = nmea.vtg(speed, course, talker, fix)
         else:
             out = nmea.gsa(v.sats, v.hdop, fix, talker)
         ride.emit("nmea", t, out[0], kind, out[1])

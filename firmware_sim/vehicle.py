@@ -203,6 +203,7 @@ class Vehicle:
         self.pushed_kmh = 0.0              # > 0: walked or carried at this speed, unassisted
         self.charge_a = 0.0                # charger current (+ into the pack)
         self.extra_heat = 0.0              # C/s forced on motor and controller (overheat)
+        self.wheel_sensor = True           # False: unplugged, the controller reads speed 0
         self.cruise_max_kmh = 24.5
         self.cruise_min_kmh = 20.0
 
@@ -242,6 +243,11 @@ class Vehicle:
     @property
     def speed_kmh(self):
         return self.v * 3.6
+
+    @property
+    def wheel_speed_kmh(self):
+        """The speed the controller reports: the wheel sensor's, 0 while it is unplugged."""
+        return self.speed_kmh if self.wheel_sensor else 0.0
 
     @property
     def assisting(self):

@@ -34,8 +34,10 @@ SAFE = ["firmware_sim/__init__.py", "firmware_sim/prng.py", "firmware_sim/vehicl
 
 @pytest.mark.parametrize("args", [
     ("commute", "7", "60"),
-    ("commute+noisy-line+gnss-outage+thermal-runaway+cell-imbalance+controller-fault", "3", "40"),
-    ("theft+bms-fault", "11", "30"),
+    ("commute+noisy-line+gnss-outage+thermal-runaway+cell-imbalance+controller-fault+can-noise", "3", "40"),
+    ("theft+bms-fault+gnss-negative", "11", "30"),
+    ("commute+gnss-frozen+wheel-magnet", "5", "40"),
+    ("commute+gnss-stuck+can-noise", "9", "30"),
 ])
 def test_micropython_bytes_equal_cpython(args):
     env = dict(os.environ, MICROPYPATH=str(ROOT))

@@ -102,5 +102,5 @@ def serve(v, req):
 
 
 def from_vehicle(v):
-    return controller_frame(v.speed_kmh, v.wheel_circ_mm, v.soc, v.fault_code, v.motor_w > 0.0,
+    return controller_frame(v.wheel_speed_kmh, v.wheel_circ_mm, v.soc, v.fault_code, v.motor_w > 0.0,
                             v.locked, v.motor_i, v.motor_temp)

@@ -126,14 +126,15 @@ def gga(t, lat, lon, fix_quality, satellites, hdop, alt, talker="GN"):
 def rmc(t, lat, lon, speed_kmh, course, talker="GN", fix=True):
     """RMC: time, status A, position, speed over ground (knots), course, date, mode A.
 
-    Without a fix: status V, mode N, position, speed and course empty.
+    Without a fix: status V, mode N, position, speed and course empty. The speed is
+    printed as given, so a faulty receiver's negative speed keeps its sign.
     """
     hms, date = utc_fields(t)
     if not fix:
         return _finish(f"{talker}RMC,{hms},V,,,,,,,{date},,,N"), {}
     lat_s, ns, lat_v = _coord(lat, 2, "N", "S")
     lon_s, ew, lon_v = _coord(lon, 3, "E", "W")
-    kn_s, kn_v = _fixed(max(0.0, speed_kmh) / KNOTS_KMH, 3)
+    kn_s, kn_v = _fixed(speed_kmh / KNOTS_KMH, 3)
     crs = _round(course * 10.0) % 3600
     crs_s = f"{crs // 10}.{crs % 10}"
     body = f"{talker}RMC,{hms},A,{lat_s},{ns},{lon_s},{ew},{kn_s},{crs_s},{date},,,A"
@@ -147,12 +148,12 @@ def rmc(t, lat, lon, speed_kmh, course, talker="GN", fix=True):
 
 
 def vtg(speed_kmh, course, talker="GN", fix=True):
-    """VTG: course true, (magnetic empty), speed in knots and km/h, mode A (N without a fix)."""
+    """VTG: course true, (magnetic empty), speed in knots and km/h (as given, like
+    :func:`rmc`), mode A (N without a fix)."""
     if not fix:
         return _finish(f"{talker}VTG,,T,,M,,N,,K,N"), {}
-    kmh = max(0.0, speed_kmh)
-    kn_s, _ = _fixed(kmh / KNOTS_KMH, 3)
-    kmh_s, kmh_v = _fixed(kmh, 2)
+    kn_s, _ = _fixed(speed_kmh / KNOTS_KMH, 3)
+    kmh_s, kmh_v = _fixed(speed_kmh, 2)
     crs = _round(course * 10.0) % 3600
     body = f"{talker}VTG,{crs // 10}.{crs % 10},T,,M,{kn_s},N,{kmh_s},K,A"
     values = {
