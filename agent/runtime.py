@@ -27,19 +27,21 @@ from agent.control.executor import Executor, Outcome
 from agent.control.server import ControlServer
 from agent.dbc.compile import CompiledDbc, compile_isolated, profile_path
 from agent.errors import ConfigError, DecodeError, SourceError, SourceUnavailableError
+from agent.fusion import motion
 from agent.fusion._kernel_py import (
     ALARM_NAMES,
+    MOTION_STILL,
     OUT_ALARM,
     OUT_CHANGE,
     OUT_SNAPSHOT,
     OUT_WINDOW,
     PERSISTENT,
-    S_FUSED_SPEED,
+    REFUSAL_NAMES,
     WIN_LIVE,
 )
 from agent.fusion.kernel import BUILD, Kernel
 from agent.protocols import bafang, jbd, kt, protocol
-from agent.signals import BY_NAME, ID_SPACE
+from agent.signals import BY_ID, BY_NAME, ID_SPACE, limits
 from agent.sources import make_source
 from agent.sources.base import Source
 from agent.sources.candump import line_time
@@ -239,6 +241,10 @@ def make_kernel(cfg: Config, dbc: CompiledDbc | None) -> Any:
     kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live, cfg.windows.history,
                     cfg.windows.ring_samples)
     kernel.set_params(cfg.fusion)
+    try:
+        kernel.set_limits(*limits(kernel.id_space, dbc.ranges() if dbc else {}))
+    except ValueError as e:
+        raise ConfigError(dbc.path if dbc else cfg.path, "dbc", str(e)) from e
     kernel.set_alarms(cfg.alarms)
     for sid, mode, deadband in cfg.reporting:
         kernel.set_policy(sid, mode, deadband)
@@ -279,7 +285,8 @@ class Runtime:
         self.cfg = cfg
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex
-        self.kernel = make_kernel(cfg, _one_dbc(cfg))
+        self.dbc = _one_dbc(cfg)
+        self.kernel = make_kernel(cfg, self.dbc)
         self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
         self.saved_state: list[float] = []
@@ -306,8 +313,9 @@ class Runtime:
         self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
         logging.getLogger().addHandler(self.recent_log)
         self.speed: float | None = None
+        self.motion: tuple[Any, ...] = ()
         self.still_since: float | None = None
-        self.still_checked = 0.0
+        self.still_checked = -STILL_CHECK
         self.trial: tuple[Command, float] | None = None
         self.replay: ReplayCache | None = None
         self.executor: Executor | None = None
@@ -481,22 +489,24 @@ class Runtime:
         return self.speed
 
     def stationary_for(self, now: float) -> float:
-        """Seconds below ``stationary_kmh``; an unknown or stale speed counts as moving
-        (a lock must never be applied on a guess)."""
+        """Seconds the kernel's stationary decision has said still; moving, disagreeing
+        or unknown sources count as moving (a lock must never be applied on a guess)."""
         self._watch_speed(now)
         return 0.0 if self.still_since is None else now - self.still_since
 
+    def motion_words(self, now: float) -> str:
+        self._watch_speed(now)
+        return motion.words(self.motion)
+
     def _watch_speed(self, now: float) -> None:
-        """The fused speed, looked up (a scan of the kernel's state) at most every
-        STILL_CHECK, while commands wait."""
+        """The stationary decision and the highest believable speed, asked of the kernel
+        at most every STILL_CHECK."""
         if now - self.still_checked < STILL_CHECK:
             return
         self.still_checked = now
-        self.speed = None
-        for sid, value, _t, _src, stale in self.kernel.state(now):
-            if sid == S_FUSED_SPEED and not stale:
-                self.speed = float(value)
-        if self.speed is None or self.speed >= self.cfg.commands.stationary_kmh:
+        self.motion = self.kernel.motion(now, self.cfg.commands.stationary_kmh)
+        self.speed = self.motion[9] if self.motion[9] >= 0.0 else None
+        if self.motion[0] != MOTION_STILL:
             self.still_since = None
         elif self.still_since is None:
             self.still_since = now
@@ -673,8 +683,17 @@ class Runtime:
         log.info("agent stopped: %d records committed%s", self.records, "; restarting" if self.restart else "")
         logging.getLogger().removeHandler(self.recent_log)
 
+    def _refused(self, source: int) -> dict[str, dict[str, int]]:
+        """Values of a source refused (out of range, or too fast), by signal and reason."""
+        out = {}
+        for sid, by_range, by_rate in self.kernel.refusals(source):
+            name = self.dbc.signal_name(sid) if self.dbc is not None else BY_ID[sid].name
+            out[name] = {reason: n for reason, n in zip(REFUSAL_NAMES, (by_range, by_rate), strict=True) if n}
+        return out
+
     def status(self) -> dict[str, Any]:
         now = time.time()
+        still_s = self.stationary_for(now)
         return {
             "device_id": self.cfg.device_id, "version": __version__, "kernel": BUILD, "pid": os.getpid(),
             "uptime": time.time() - self.started, "frames_per_s": self.frame_rate,
@@ -687,10 +706,12 @@ class Runtime:
                         "timeouts": timeouts, "timed_out": bool(out), "checksum_errors": checksum,
                         "counter_errors": counter, "age_s": age}
                        for slot, src, frames, period, timeouts, out, checksum, counter, age in self.kernel.health(now)],
-            "sources": [dict(s.status(), protocol=c.protocol, decode=h.status())
-                        for c, s, h in zip(self.cfg.sources, self.sources, self.handlers, strict=True)],
+            "sources": [dict(s.status(), protocol=c.protocol, decode=h.status(), refused=self._refused(i))
+                        for i, (c, s, h) in enumerate(zip(self.cfg.sources, self.sources, self.handlers,
+                                                          strict=True))],
+            "motion": motion.to_json(self.motion, still_s),
             "outbox": self.outbox.stats(), "uplink": self.uplink.status(),
             "commands": None if self.executor is None else dict(
-                self.executor.status(), speed_kmh=self.speed_kmh(now), stationary_s=self.stationary_for(now),
+                self.executor.status(), speed_kmh=self.speed, stationary_s=still_s,
                 config_trial=self.trial[0].id if self.trial else None),
         }

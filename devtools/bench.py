@@ -48,6 +48,7 @@ from typing import Any
 
 from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, load_cantools, profile_path
 from agent.fusion.kernel import KERNELS
+from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.uplink import wire
 from devtools import bench_uplink, bench_wire, ride
@@ -67,9 +68,11 @@ KERNEL_SPEEDUP_GOAL = 30.0
 
 
 def _kernel(kind: str, dbc: CompiledDbc) -> Any:
-    """A kernel of build ``kind`` with the DBC's tables: the one place the bench builds one."""
+    """A kernel of build ``kind`` with the DBC's tables and the agent's range and rate
+    limits: the one place the bench builds one."""
     k = KERNELS[kind](dbc.id_space, 1.0)
     k.set_can_tables(*dbc.kernel_tables())
+    k.set_limits(*limits(dbc.id_space, dbc.ranges()))
     return k
 
 

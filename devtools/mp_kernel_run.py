@@ -5,7 +5,7 @@ the same script runs under CPython and the MicroPython unix port.
     python -m devtools.mp_kernel_run FIXTURE
 
 FIXTURE is JSON lines: first the kernel's set-up ``{"id_space", "tables", "codes",
-"slots"}`` (devtools/ride.py ``save``), then one kernel call a line. Each output line
+"sources", "limits"}`` (devtools/ride.py ``save``), then one kernel call a line. Each output line
 is one kernel output (tuples as lists), then ``state``, ``alarms`` and ``health``.
 
 MicroPython-safe.
@@ -39,6 +39,9 @@ def main(path):
         setup = json.loads(f.readline())
         k = _kernel_py.Kernel(setup["id_space"], 1.0)
         k.set_can_tables(*_tables(setup))
+        lo, hi, rate = setup["limits"]
+        k.set_limits([-_kernel_py.INF if v is None else v for v in lo],
+                     [_kernel_py.INF if v is None else v for v in hi], rate)
         k.set_can_source(0)
         slots = [-1]
         for src in range(1, setup["sources"]):

@@ -12,12 +12,13 @@ for the tests to compare with.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from agent.dbc.compile import compile_dbc, profile_path
 from agent.protocols import jbd, protocol
-from agent.signals import BY_NAME, ID_SPACE
+from agent.signals import BY_NAME, ID_SPACE, limits
 from firmware_sim import scenario
 from firmware_sim.cli import FILL_CAN
 
@@ -157,6 +158,7 @@ def new_kernel(kernel_cls: Any) -> tuple[Any, list[int]]:
     dbc = compile_dbc(profile_path("bafang"))
     k = kernel_cls(max(dbc.id_space, ID_SPACE), 1.0)
     k.set_can_tables(*dbc.kernel_tables())
+    k.set_limits(*limits(k.id_space, dbc.ranges()))
     k.set_can_source(0)
     slots = [-1] + [k.health_slot(i) for i in range(1, len(SOURCES))]
     return k, slots
@@ -193,9 +195,12 @@ def save(calls: list[Call], path: Path) -> None:
     devtools/mp_kernel_run.py."""
     dbc = compile_dbc(profile_path("bafang"))
     tables = dbc.kernel_tables()
-    setup = {"id_space": max(dbc.id_space, ID_SPACE), "sources": len(SOURCES),
+    id_space = max(dbc.id_space, ID_SPACE)
+    # JSON has no infinity: an unbounded end of a range is written null.
+    bounds = [[v if math.isfinite(v) else None for v in column] for column in limits(id_space, dbc.ranges())]
+    setup = {"id_space": id_space, "sources": len(SOURCES),
              "tables": [sorted(tables[0].items())] + [list(t) for t in tables[1:]],
-             "codes": [""] + [t.typecode for t in tables[1:]]}
+             "codes": [""] + [t.typecode for t in tables[1:]], "limits": bounds}
     with path.open("w") as f:
         f.write(json.dumps(setup) + "\n")
         for call in calls:

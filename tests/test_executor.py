@@ -36,6 +36,9 @@ class FakeVehicle:
     def stationary_for(self, now: float) -> float:
         return self.still
 
+    def motion_words(self, now: float) -> str:
+        return f"wheel {self.speed} km/h: moving"
+
     def act(self, cmd: c.Command, now: float) -> Outcome | None:
         if self.fail_with is not None:
             raise self.fail_with

@@ -85,6 +85,7 @@ def test_fusion_ids_are_the_catalogue_ids() -> None:
         "S_FULL_AH": "Vehicle.LEV.Battery.FullCapacity", "S_PROTECTION": "Vehicle.LEV.Battery.ProtectionFlags",
         "S_MOTOR_TEMP": "Vehicle.Powertrain.ElectricMotor.Temperature",
         "S_CTRL_TEMP": "Vehicle.LEV.Controller.Temperature", "S_FAULT": "Vehicle.LEV.Controller.FaultCode",
+        "S_MOTOR_I": "Vehicle.LEV.Controller.MotorCurrent", "S_CADENCE": "Vehicle.LEV.Pedal.Cadence",
         "S_FUSED_SPEED": "Vehicle.LEV.Fused.Speed", "S_FUSED_LAT": "Vehicle.LEV.Fused.Latitude",
         "S_FUSED_LON": "Vehicle.LEV.Fused.Longitude", "S_POS_ESTIMATED": "Vehicle.LEV.Fused.PositionEstimated",
         "S_FUSED_ODOMETER": "Vehicle.LEV.Fused.Odometer", "S_FUSED_TRIP": "Vehicle.LEV.Fused.TripDistance",
@@ -315,10 +316,11 @@ def test_reporting_on_change_beyond_a_deadband(kernel_cls: Any) -> None:
 
 
 def _gnss_and_wheel(k: Any, t0: float, t1: float, wheel: float | None, gnss: float = 20.0) -> list[Any]:
+    """10 Hz of GNSS (heading north at ``gnss`` km/h) and wheel speed from ``t0`` to ``t1``."""
     out = []
     t = t0
     while t < t1:
-        ids, values = [LAT, LON, FIX, GNSS_SPEED], [29.6, 106.5, 1.0, gnss]
+        ids, values = [LAT, LON, FIX, GNSS_SPEED], [29.6 + t * gnss / 3.6 / kp.M_PER_DEG, 106.5, 1.0, gnss]
         if wheel is not None:
             ids.append(SPEED)
             values.append(wheel)

@@ -18,7 +18,7 @@ from agent.errors import ConfigError
 from agent.fusion import kernel as kernel_module
 from agent.fusion._kernel_py import OUT_WINDOW, WIN_HISTORY, WIN_LIVE
 from agent.fusion.kernel import KERNELS
-from agent.signals import ID_SPACE, signal_id
+from agent.signals import ID_SPACE, limits, signal_id
 from tests.conftest import BUILD_REQUIRED, assert_same_outputs
 
 KINDS_DBC = str(Path(__file__).parent / "data" / "kinds.dbc")
@@ -36,6 +36,7 @@ def make(kernel_cls: Any, path: str, window: float = 1.0) -> tuple[Any, Any]:
     dbc = compiled(path)
     k = kernel_cls(dbc.id_space, window)
     k.set_can_tables(*dbc.kernel_tables())
+    k.set_limits(*limits(dbc.id_space, dbc.ranges()))
     return k, dbc
 
 
@@ -220,6 +221,10 @@ def test_compiled_and_pure_agree_on_random_input() -> None:
         assert_same_outputs(kc.feed_values(ids, vt, vals), kp.feed_values(ids, vt, vals))
         due = t + rng.uniform(0, 0.5)
         assert_same_outputs(kc.close_due(due), kp.close_due(due))
+        still_kmh = rng.uniform(0.5, 3.0)
+        assert_same_outputs(kc.motion(due, still_kmh), kp.motion(due, still_kmh))
+    assert kc.counters()["refused"] > 0, "random values must exercise the range and rate checks"
+    assert_same_outputs(kc.refusals(0), kp.refusals(0))
     assert_same_outputs(kc.flush(), kp.flush())
     assert_same_outputs(kc.latest(), kp.latest())
     assert_same_outputs(kc.alarms(), kp.alarms())

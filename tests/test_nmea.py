@@ -208,14 +208,33 @@ def test_rmc_values():
     assert got[HEADING] == 84.4
 
 
-def test_rmc_void_status_hides_position():
-    got = decode_sentence(nmea("GPRMC,095255.810,V,2712.6404,S,15303.1201,E,0.00,0.00,080407,,,A"))
-    assert got == {SPEED: 0.0, HEADING: 0.0}
+@pytest.mark.parametrize("body", [
+    "GPRMC,095255.810,V,2712.6404,S,15303.1201,E,0.00,0.00,080407,,,A",   # status V with values
+    "GNRMC,053229.438,V,,,,,,,020315,,,N",                                 # status V, empty
+    "GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W,N",  # mode indicator N
+])
+def test_rmc_without_a_fix_says_no_fix_and_no_speed(body):
+    """"No fix" is not "standing still": no speed 0 that a stationary decision could
+    believe, no position, no course; only the fix quality 0 that says so."""
+    assert decode_sentence(nmea(body)) == {FIX: 0.0}
+
+
+def test_rmc_status_other_than_a_or_v_is_refused():
+    with pytest.raises(DecodeError, match="bad RMC status"):
+        decode_sentence(nmea("GPRMC,123519,X,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W"))
+
+
+def test_vtg_mode_n_has_no_speed_or_course():
+    assert decode_sentence(nmea("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K,N")) == {}
+    assert decode_sentence(nmea("GPVTG,054.7,T,034.4,M,005.5,N,010.2,K,A"))[SPEED] == 10.2
+
+
+def test_gga_quality_0_has_no_position():
+    got = decode_sentence(nmea("GPGGA,123519,4807.038,N,01131.000,E,0,03,9.9,545.4,M,46.9,M,,"))
+    assert got == {FIX: 0.0, SATS: 3.0, HDOP: 9.9}
 
 
 def test_rmc_empty_course_omitted():
-    got = decode_sentence(nmea("GNRMC,053229.438,V,,,,,,,020315,,,N"))
-    assert got == {}
     got = decode_sentence(nmea("GPRMC,123519,A,4807.038,S,01131.000,W,1.0,,230394,,"))
     assert got[LAT] < 0 and got[LON] < 0
     assert HEADING not in got
@@ -516,3 +535,57 @@ def test_haicom_southern_hemisphere_and_motion():
     vtgs = [d for kind, _, d in rows if kind == "VTG"]
     assert len(vtgs) == 73
     assert max(d[SPEED] for d in vtgs) > 0.0
+
+
+# --- Values the checksum vouches for but physics does not ------------------------------
+
+# (sentence body, signal refused, words of the reason). The checksum is right every time.
+IMPOSSIBLE = [
+    ("GPRMC,123519,A,4807.038,N,01131.000,E,-12.4,084.4,230394,003.1,W", SPEED, "-22.96"),
+    ("GPRMC,123519,A,4807.038,N,01131.000,E,99892.0,084.4,230394,003.1,W", SPEED, "185000"),
+    ("GPVTG,054.7,T,034.4,M,-12.4,N,-23.0,K", SPEED, "-23 km/h"),
+    ("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,-370.0,230394,003.1,W", HEADING, "-370"),
+    ("GPVTG,360.0,T,034.4,M,005.5,N,010.2,K", HEADING, "360"),
+    ("GPGGA,123519,4807.038,N,01131.000,E,1,-3,0.9,545.4,M,46.9,M,,", SATS, "-3"),
+    ("GPGGA,123519,4807.038,N,01131.000,E,1,08,-5.0,545.4,M,46.9,M,,", HDOP, "-5"),
+    ("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,-99999.9,M,46.9,M,,", ALT, "-99999.9 m"),
+    ("GPGGA,123519,4807.038,N,01131.000,E,1,100,0.9,545.4,M,46.9,M,,", SATS, "100"),
+]
+
+
+@pytest.mark.parametrize("body,signal,words", IMPOSSIBLE)
+def test_impossible_values_are_refused_with_the_reason(body, signal, words):
+    """``decode`` shows what the agent's kernel would refuse, and why; the rest of the
+    sentence still decodes."""
+    from agent.cli.decode import UART_LIMITS, _catalogue_rows, believed
+
+    got = believed(_catalogue_rows(decode_sentence(nmea(body))), *UART_LIMITS)
+    assert signal not in got["signals"]
+    assert got["refused"][signal].startswith("out of range: ") and words in got["refused"][signal]
+    assert got["signals"], "the good values of the sentence are kept"
+
+
+@pytest.mark.parametrize("body,signal,words", IMPOSSIBLE)
+def test_the_kernel_refuses_them_and_counts_them_per_source(kernel_cls, body, signal, words):
+    from agent.fusion import _kernel_py as kp
+    from agent.signals import BY_NAME, ID_SPACE, limits
+
+    k = kernel_cls(ID_SPACE, 1.0)
+    k.set_limits(*limits(ID_SPACE, {}))
+    k.source = 3
+    decoded = decode_sentence(nmea(body))
+    k.feed_values([BY_NAME[n].id for n in decoded], [100.0] * len(decoded), list(decoded.values()))
+    seen = {sid for sid, _v, _t in k.latest()}
+    assert BY_NAME[signal].id not in seen
+    assert {BY_NAME[n].id for n in decoded} - {BY_NAME[signal].id} <= seen
+    assert k.refusals(3) == [(BY_NAME[signal].id, 1, 0)] and k.counters()["refused"] == 1
+    assert k.refusals(0) == []
+    assert kp.REFUSAL_NAMES[0] == "range"
+
+
+def test_a_valid_sentence_still_decodes_whole():
+    from agent.cli.decode import UART_LIMITS, _catalogue_rows, believed
+
+    for sentence in (GGA, RMC, VTG):
+        got = believed(_catalogue_rows(decode_sentence(sentence)), *UART_LIMITS)
+        assert "refused" not in got and got["signals"] == decode_sentence(sentence)

@@ -10,6 +10,36 @@ from agent.fusion._kernel_py import ABOVE, ALARMS, PARAMS, PER_CELL
 from agent.signals import BY_ID
 
 LEVELS = {1: "does not affect riding", 2: "limit riding", 3: "stop / call for help"}
+# The stationary decision (Kernel.motion), as docs/fusion.md explains it.
+STATIONARY = [
+    "## Stationary decision", "",
+    "A command that acts on the vehicle and needs it stopped (`lock`; `set_speed_limit` below the current "
+    "speed) runs only once the vehicle has been *still* for `[commands] stationary_s`. Each source able "
+    "to see motion votes on its own newest value:", "",
+    "| input | votes *moving* | votes *still* | abstains (never votes *still*) |",
+    "|---|---|---|---|",
+    "| wheel speed (`Vehicle.Speed`, controller over CAN or UART) | >= `stationary_kmh` | < `stationary_kmh` | "
+    "stale, never heard, newest value refused (range or rate) |",
+    "| GNSS speed (`Vehicle.LEV.GNSS.Speed`) | >= `stationary_kmh` | < `stationary_kmh` | the same, and: no "
+    "valid fix (GGA quality 0, RMC status V, no fresh position); *frozen*: the position has not moved for "
+    "`gnss_frozen_s` while the speed says moving |",
+    "| motor current (`Vehicle.LEV.Controller.MotorCurrent`) | \\|I\\| >= `motor_active_a` | below | "
+    "stale, never heard, refused |",
+    "| cadence (`Vehicle.LEV.Pedal.Cadence`) | >= `pedal_active_rpm` | below | stale, never heard, refused |",
+    "", "| votes | decision |", "|---|---|",
+    "| any input votes *moving* | **moving**, even when others vote *still*: sources that disagree are "
+    "never resolved towards *still* |",
+    "| none votes *moving*, and the wheel or the GNSS votes *still* | **still** |",
+    "| neither the wheel nor the GNSS votes (motor and cadence alone cannot see a pushed vehicle) | "
+    "**unknown**: treated as moving |", "",
+    "The decision and each input (value and vote) are in `ebike-agent status` (`motion`), and a deferred "
+    "command's reason names them: `wheel 21.4 km/h, GNSS 0.0 km/h disagree`. Wheel and GNSS speed that "
+    "disagree also raise `wheel_speed_implausible` after its delay; while it is raised the fused speed "
+    "follows the faster of the two (a failing sensor reads 0 or freezes far more often than it invents speed), so the "
+    "GNSS is never promoted over a turning wheel. A decoded value outside its signal's range, or changing "
+    "faster than its `max_rate` (`ebike-agent signals`), is refused before fusion: counted per source, "
+    "signal and reason in `status`, and `data_quality` when it persists.",
+]
 
 
 def _rows() -> list[dict[str, object]]:
@@ -39,6 +69,7 @@ def markdown() -> str:
         value = f"{r['signal']}: {r['why']}" if r["signal"] else str(r["why"])
         lines.append(f"| {r['code']} | {r['name']} | {r['level']} | {value} | {sign} {r['threshold']}{unit} | "
                      f"{r['clear']}{unit} | {r['delay_s']} | {r['clear_delay_s']} |")
+    lines += ["", *STATIONARY]
     lines += ["", "## Tunables (`[fusion]`)", "", "| key | default | unit | why |", "|---|---|---|---|"]
     lines += [f"| {name} | {default} | {unit} | {why} |" for name, default, unit, why in PARAMS]
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from agent.fusion.kernel import Kernel
 from agent.protocols import UartProtocol, candump, nmea, protocol
 from agent.protocols.surron import read_surron_log
 from agent.runtime import CanTextHandler, dbc_for
+from agent.signals import BY_NAME, ID_SPACE, limits, refusal
 from agent.sources.slcan import SlcanParser
 
 UART = ("jbd", "daly", "ninebot", "kt-lcd3", "surron")
@@ -25,6 +26,27 @@ UART_FORMATS = ("hex", "raw", "surron-log")
 FORMATS = (*CAN_FORMATS, *UART_FORMATS, "nmea")
 
 
+def believed(rows: Iterable[tuple[int, str, float]], lo: list[float], hi: list[float]) -> dict[str, Any]:
+    """``signals`` the agent would believe of (id, name, value) rows, and the others under
+    ``refused`` with the reason, by the same ranges the agent's kernel applies."""
+    good: dict[str, float] = {}
+    refused: dict[str, str] = {}
+    for sid, name, value in rows:
+        why = refusal(sid, value, lo, hi)
+        if why:
+            refused[name] = why
+        else:
+            good[name] = value
+    return {"signals": good, "refused": refused} if refused else {"signals": good}
+
+
+UART_LIMITS = limits(ID_SPACE, {})[:2]
+
+
+def _catalogue_rows(signals: dict[str, float]) -> list[tuple[int, str, float]]:
+    return [(BY_NAME[name].id, name, value) for name, value in signals.items()]
+
+
 class CanDecoder:
     """One CAN frame at a time through the same compiled tables and kernel as the agent."""
 
@@ -32,6 +54,7 @@ class CanDecoder:
         self.dbc = dbc
         self.kernel = Kernel(dbc.id_space, 1.0)
         self.kernel.set_can_tables(*dbc.kernel_tables())
+        self.lo, self.hi, _rate = limits(dbc.id_space, dbc.ranges())
 
     def decode(self, key: int, data: bytes) -> dict[str, Any]:
         try:
@@ -40,7 +63,7 @@ class CanDecoder:
             raise DecodeError(str(e)) from e
         if rows is None:
             return {"signals": {}, "message": None}
-        return {"signals": {self.dbc.signal_name(sid): value for sid, value in rows},
+        return {**believed(((sid, self.dbc.signal_name(sid), value) for sid, value in rows), self.lo, self.hi),
                 "message": self.dbc.msg_names[self.dbc.msg_index[key]]}
 
 
@@ -94,7 +117,7 @@ def _nmea(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         if not text or text.startswith("#"):
             continue
         try:
-            yield {"ok": True, "frame": text, "signals": nmea.decode_sentence(text)}
+            yield {"ok": True, "frame": text, **believed(_catalogue_rows(nmea.decode_sentence(text)), *UART_LIMITS)}
         except DecodeError as e:
             yield {"ok": False, "frame": text, "error": e.reason}
 
@@ -143,7 +166,7 @@ def _uart_frame(proto: UartProtocol, frame: bytes) -> dict[str, Any]:
         signals = proto.decode(frame)
     except DecodeError as e:
         return {"ok": False, "frame": text, "error": e.reason}
-    out: dict[str, Any] = {"ok": True, "frame": text, "signals": signals}
+    out: dict[str, Any] = {"ok": True, "frame": text, **believed(_catalogue_rows(signals), *UART_LIMITS)}
     if not proto.understood(frame):
         out["understood"] = False
     return out

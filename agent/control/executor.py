@@ -54,6 +54,9 @@ class Vehicle(Protocol):
     def stationary_for(self, now: float) -> float:
         """Seconds the vehicle has stood still (0 while moving or when unknown)."""
 
+    def motion_words(self, now: float) -> str:
+        """What each source able to see motion says, and the decision, in words."""
+
     def act(self, cmd: Command, now: float) -> Outcome | None:
         """Run the command; None when it goes on across a restart (set_config)."""
 
@@ -142,7 +145,8 @@ class Executor:
             return ""
         if self.vehicle.stationary_for(now) >= self.cfg.stationary_s:
             return ""
-        return f"waiting for the vehicle to stand still for {self.cfg.stationary_s:g} s"
+        return (f"waiting for the vehicle to stand still for {self.cfg.stationary_s:g} s: "
+                f"{self.vehicle.motion_words(now)}")
 
     def _run(self, cmd: Command, now: float) -> None:
         self.replay.set_state(cmd.id, "running", "", now)

@@ -32,7 +32,8 @@ NO_VALUE_ATTRIBUTE = "NoValueRaw"
 PROFILES = ("bafang",)
 # The CompiledDbc arrays, in the order they are written to JSON.
 _ARRAYS = ("msg_len", "msg_first", "msg_count", "sig_big_endian", "sig_shift", "sig_length", "sig_signed",
-           "sig_factor", "sig_offset", "sig_id", "sig_no_value", "sig_mux_row", "sig_mux_value")
+           "sig_factor", "sig_offset", "sig_id", "sig_no_value", "sig_mux_row", "sig_mux_value", "sig_min", "sig_max")
+INF = float("inf")
 
 
 class CompiledDbc:
@@ -55,6 +56,9 @@ class CompiledDbc:
         self.sig_no_value = array("q")
         self.sig_mux_row = array("i")
         self.sig_mux_value = array("q")
+        # The DBC's own [minimum|maximum] of each row, infinite where it gives none.
+        self.sig_min = array("d")
+        self.sig_max = array("d")
         self.sig_names: list[str] = []
         self.sig_dbc_names: list[str] = []
         self.local_names: dict[int, str] = {}
@@ -73,6 +77,15 @@ class CompiledDbc:
             self.sig_factor, self.sig_offset, self.sig_id, self.sig_no_value,
             self.sig_mux_row, self.sig_mux_value,
         )
+
+    def ranges(self) -> dict[int, tuple[float, float]]:
+        """Signal id -> the range its rows declare (their union, where several rows carry
+        one signal): what the kernel believes of it, within the catalogue's range."""
+        out: dict[int, tuple[float, float]] = {}
+        for sid, lo, hi in zip(self.sig_id, self.sig_min, self.sig_max, strict=True):
+            old = out.get(sid)
+            out[sid] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        return out
 
     def signal_name(self, sig_id: int) -> str:
         """Name for an id this DBC produces (catalogue or ``<message>.<signal>``)."""
@@ -184,6 +197,8 @@ def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any, mux_row: i
     out.sig_no_value.append(-1 if no_value is None else int(no_value))
     out.sig_mux_row.append(mux_row)
     out.sig_mux_value.append(mux_value)
+    out.sig_min.append(-INF if sig.minimum is None else float(sig.minimum))
+    out.sig_max.append(INF if sig.maximum is None else float(sig.maximum))
     out.sig_names.append(name)
     out.sig_dbc_names.append(sig.name)
     return len(out.sig_id) - 1

@@ -13,20 +13,24 @@ cdef int REPORT_WINDOW, REPORT_CHANGE, SRC_FUSION, MAX_SOURCES, MAX_UART_SLOTS, 
 cdef int TEMP_HISTORY
 cdef int S_SPEED, S_ODOMETER, S_LAT, S_LON, S_HEADING, S_GNSS_SPEED, S_FIX, S_HDOP, S_PACK_V, S_PACK_I
 cdef int S_POWER, S_SOC, S_SOH, S_CELL_MIN, S_CELL_MAX, S_TEMP_MIN, S_TEMP_MAX, S_FULL_AH, S_PROTECTION
-cdef int S_MOTOR_TEMP, S_CTRL_TEMP, S_FAULT, S_FUSED_SPEED, S_FUSED_LAT, S_FUSED_LON, S_POS_ESTIMATED
+cdef int S_MOTOR_I, S_CADENCE, S_MOTOR_TEMP, S_CTRL_TEMP, S_FAULT, S_FUSED_SPEED, S_FUSED_LAT, S_FUSED_LON, S_POS_ESTIMATED
 cdef int S_FUSED_ODOMETER, S_FUSED_TRIP, S_ENERGY_OUT, S_ENERGY_REGEN, S_ENERGY_CHARGED, S_CONSUMPTION
 cdef int S_FUSED_RANGE, S_FUSED_SOC, S_FUSED_SOH, S_CELL_SPREAD, S_TEMP_SPREAD, S_TEMP_RISE, S_LOCKED
 cdef int S_CELL0, N_CELLS, S_TEMP0, N_TEMPS, FUSION_ID_SPACE
 cdef int P_TICK, P_CELLS, P_DESIGN_AH, P_NOMINAL_V, P_RESERVE, P_STALE_PERIODS, P_STALE_MIN
 cdef int P_HEALTH_PERIODS, P_HEALTH_MIN, P_CAPTURE_BEFORE, P_CAPTURE_AFTER, P_SPEED_Q, P_WHEEL_R
 cdef int P_GNSS_R, P_SOC_BMS_TAU, P_REST_A, P_REST_TIME, P_SOC_OCV_TAU, P_SOH_SWING
-cdef int P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC
+cdef int P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC, P_RATE_MIN
+cdef int P_MOTOR_ACTIVE, P_PEDAL_ACTIVE, P_GNSS_FROZEN, P_QUALITY_TAU
+cdef int REFUSED_RANGE, REFUSED_RATE, MOTION_UNKNOWN, MOTION_MOVING, MOTION_STILL
+cdef int VOTE_ABSENT, VOTE_STILL, VOTE_MOVING, VOTE_STALE, VOTE_NO_FIX, VOTE_REFUSED, VOTE_FROZEN
 cdef int A_TEMP_DIFFERENCE, A_BATTERY_HIGH_TEMP, A_PACK_OVER_VOLTAGE, A_PACK_UNDER_VOLTAGE, A_SOC_LOW
 cdef int A_CELL_OVER_VOLTAGE, A_CELL_UNDER_VOLTAGE, A_SOC_HIGH, A_SOC_JUMP, A_POOR_CONSISTENCY
 cdef int A_CONTROLLER_TEMP, A_MOTOR_TEMP, A_OVER_CHARGE, A_TEMP_RISE, A_BMS_PROTECTION
 cdef int A_CONTROLLER_FAULT, A_OVER_SPEED, A_THEFT, A_GNSS_LOST, A_COMM_LOST, A_WHEEL_IMPLAUSIBLE
+cdef int A_DATA_QUALITY
 cdef int ABOVE, BELOW, PER_VALUE, PER_CELL, SPECIAL, MAX_ALARM_CODE
-cdef double NO_READING, DEG, M_PER_DEG, _QUANTISE_LIMIT
+cdef double NO_READING, DEG, M_PER_DEG, _QUANTISE_LIMIT, INF
 
 
 cdef long long _hash(long long key, long long mask) noexcept
@@ -73,6 +77,15 @@ cdef class Kernel:
     cdef double[::1] q_scale
     cdef signed char[::1] reported
     cdef double[::1] reported_value
+    cdef double[::1] lim_lo
+    cdef double[::1] lim_hi
+    cdef double[::1] lim_rate
+    cdef double[::1] bad_t
+    cdef int[::1] ref_count
+    cdef long long[::1] src_refused
+    cdef long long[::1] q_prev
+    cdef double[::1] q_rate
+    cdef public long long refused
     cdef public int source
     cdef int started
     cdef long long tick_index
@@ -95,6 +108,7 @@ cdef class Kernel:
     cdef double[::1] ocv_v
     cdef object alarm_rows
     cdef int n_alarms
+    cdef int[::1] a_block
     cdef int[::1] a_code
     cdef int[::1] a_level
     cdef int[::1] a_sid
@@ -135,6 +149,9 @@ cdef class Kernel:
     cdef double pos_lon
     cdef double heading
     cdef int gnss_seen
+    cdef double gnss_lat
+    cdef double gnss_lon
+    cdef double gnss_moved_t
     cdef double trip_km
     cdef double odo_t
     cdef double odo_base
@@ -246,6 +263,15 @@ cdef class Kernel:
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, sid=int, t=double)
     cpdef list feed_values(self, list ids, list times, list values)
 
+    @cython.locals(v=double)
+    cdef int _vote(self, int sid, double t, double limit) noexcept
+
+    @cython.locals(rate=double, dt=double)
+    cdef bint _accept(self, int sid, double t, double value) except -1
+
+    @cython.locals(s=int)
+    cdef int _refuse(self, int sid, double t, int reason) except -1
+
     cpdef list close_due(self, double now)
 
     @cython.locals(k=int)
@@ -290,6 +316,10 @@ cdef class Kernel:
 
     cdef bint _gnss_fix(self, double t) noexcept
 
+    cdef int _gnss_track(self, double t) except -1
+
+    cdef bint _gnss_frozen(self, double t) noexcept
+
     @cython.locals(a=int)
     cdef bint _active(self, int code) noexcept
 
@@ -331,10 +361,13 @@ cdef class Kernel:
     @cython.locals(s=int, m=Py_ssize_t, limit=double)
     cdef void _health(self, double t) noexcept
 
+    @cython.locals(tau=double, decay=double, s=int, new=cython.longlong)
+    cdef int _quality(self) except -1
+
     @cython.locals(gnss=bint, locked=bint, full=bint, speed=double, g=double, w=double, top=double, a=int)
     cdef void _specials(self, double t) noexcept
 
-    @cython.locals(a=int, code=int, sid=int, s=int)
+    @cython.locals(a=int, code=int, sid=int, s=int, st=int)
     cdef int _alarms(self, double t) except -1
 
     @cython.locals(up=bint, cross=bint, delay=double, level=int)

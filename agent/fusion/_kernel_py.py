@@ -22,6 +22,12 @@ item says what they are:
 * ``(OUT_SNAPSHOT, time, code, instance, start, end, ids, times, values)``: every
   sample of the ring buffer from ``capture_before_s`` before a level >= 2 alarm to
   ``capture_after_s`` after it.
+
+A decoded value is believed only inside its signal's range and rate (``set_limits``):
+one outside is not sampled, fused or reported, only counted per source, signal and
+reason (``refusals``); a source that keeps sending such values raises ``data_quality``.
+``motion`` is the fail-safe stationary decision that guards commands acting on the
+vehicle: every fresh source able to see motion must agree that it is still.
 """
 
 import math
@@ -82,7 +88,9 @@ S_FULL_AH = 21
 S_PROTECTION = 23
 S_MOTOR_TEMP = 26
 S_CTRL_TEMP = 27
+S_MOTOR_I = 29
 S_FAULT = 30
+S_CADENCE = 34
 S_FUSED_SPEED = 38
 S_FUSED_LAT = 39
 S_FUSED_LON = 40
@@ -151,11 +159,35 @@ PARAMS = (
     ("wheel_check_min_kmh", 8.0, "km/h", "wheel and GNSS speed are compared above this"),
     ("temp_rise_window_s", 5.0, "s", "span the rate of temperature rise is measured over"),
     ("full_soc_pct", 99.0, "%", "charging at or above this SoC is over-charge"),
+    ("rate_min_s", 0.2, "s", "a value's change is judged over at least this (the frames of one read share a time)"),
+    ("motor_active_a", 1.0, "A", "motor current above this is motion (stationary decision)"),
+    ("pedal_active_rpm", 5.0, "rpm", "cadence above this is motion (stationary decision)"),
+    ("gnss_frozen_s", 3.0, "s", "a GNSS fix whose position has not moved this long while its speed says "
+                                "moving is frozen"),
+    ("quality_tau_s", 2.0, "s", "time constant of a source's rate of refused values (data_quality)"),
 )
 (P_TICK, P_CELLS, P_DESIGN_AH, P_NOMINAL_V, P_RESERVE, P_STALE_PERIODS, P_STALE_MIN,
  P_HEALTH_PERIODS, P_HEALTH_MIN, P_CAPTURE_BEFORE, P_CAPTURE_AFTER, P_SPEED_Q, P_WHEEL_R,
  P_GNSS_R, P_SOC_BMS_TAU, P_REST_A, P_REST_TIME, P_SOC_OCV_TAU, P_SOH_SWING,
- P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC) = range(24)
+ P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC, P_RATE_MIN,
+ P_MOTOR_ACTIVE, P_PEDAL_ACTIVE, P_GNSS_FROZEN, P_QUALITY_TAU) = range(29)
+
+# Why a decoded value was refused (``refusals``).
+REFUSED_RANGE = 0
+REFUSED_RATE = 1
+REFUSAL_NAMES = ("range", "rate")
+# What one input of the stationary decision (``motion``) says.
+VOTE_ABSENT = 0      # never heard: the vehicle has no such sensor, or it never spoke
+VOTE_STILL = 1
+VOTE_MOVING = 2
+VOTE_STALE = 3
+VOTE_NO_FIX = 4      # GNSS without a valid fix
+VOTE_REFUSED = 5     # its newest value was refused (out of range or rate)
+VOTE_FROZEN = 6      # GNSS whose position stands still while its speed says moving
+VOTE_NAMES = ("absent", "still", "moving", "stale", "no fix", "refused", "frozen")
+MOTION_UNKNOWN = -1
+MOTION_MOVING = 0
+MOTION_STILL = 1
 
 # Open-circuit cell voltage against SoC (%): a typical NMC 18650/21700 curve, used at
 # rest to correct the coulomb count. ``Kernel.set_ocv`` installs another pack's curve.
@@ -186,6 +218,7 @@ A_THEFT = 18
 A_GNSS_LOST = 19
 A_COMM_LOST = 20
 A_WHEEL_IMPLAUSIBLE = 21
+A_DATA_QUALITY = 22
 ABOVE = 1
 BELOW = -1
 # Scale of a threshold: as given, or per cell (times the ``cells`` parameter).
@@ -241,20 +274,31 @@ ALARMS = (
     (A_COMM_LOST, "communication_lost", 2, SPECIAL, ABOVE, 0.5, 0.5, 0.0, 1.0,
      PER_VALUE, "per source: every message it sent timed out (instance = source)"),
     (A_WHEEL_IMPLAUSIBLE, "wheel_speed_implausible", 2, SPECIAL, ABOVE, 0.35, 0.2, 5.0, 10.0,
-     PER_VALUE, "|wheel - GNSS| / max(wheel, GNSS) while moving with a GNSS fix"),
+     PER_VALUE, "|wheel - GNSS| / max(wheel, GNSS) while moving with a GNSS fix; fused speed follows the "
+                "faster of the two meanwhile"),
+    (A_DATA_QUALITY, "data_quality", 1, SPECIAL, ABOVE, 0.5, 0.2, 5.0, 10.0,
+     PER_VALUE, "per source: values refused (out of range, or changing faster than possible) per second, "
+                "averaged over quality_tau_s (instance = source)"),
 )
 ALARM_NAMES = dict((row[0], row[1]) for row in ALARMS)
-MAX_ALARM_CODE = A_WHEEL_IMPLAUSIBLE
+MAX_ALARM_CODE = A_DATA_QUALITY
+# Alarms with one instance per source; their states follow the rows', a block each.
+PER_SOURCE = (A_COMM_LOST, A_DATA_QUALITY)
 NO_READING = -1000.0
 DEG = math.pi / 180.0
 M_PER_DEG = 111320.0
+INF = float("inf")
+
+
+def _filled(code, value, n):
+    try:
+        return array(code, [value]) * n
+    except TypeError:  # MicroPython's array cannot be repeated
+        return array(code, [value] * n)
 
 
 def _zeros(code, n):
-    try:
-        return array(code, [0]) * n
-    except TypeError:  # MicroPython's array cannot be repeated
-        return array(code, [0] * n)
+    return _filled(code, 0, n)
 
 
 def _hex_table():
@@ -369,6 +413,17 @@ class Kernel:
         self.deadband = _zeros("d", n)
         self.reported = _zeros("b", n)
         self.reported_value = _zeros("d", n)
+        # What is believed of each signal (set_limits) and what was refused: the time of
+        # its newest refusal, counts per (source, reason, signal) and per source.
+        self.lim_lo = _filled("d", -INF, n)
+        self.lim_hi = _filled("d", INF, n)
+        self.lim_rate = _zeros("d", n)
+        self.bad_t = _filled("d", -INF, n)
+        self.ref_count = _zeros("i", 2 * MAX_SOURCES * n)
+        self.src_refused = _zeros("q", MAX_SOURCES)
+        self.q_prev = _zeros("q", MAX_SOURCES)
+        self.q_rate = _zeros("d", MAX_SOURCES)
+        self.refused = 0
         self.source = 0
         self.started = 0
         self.tick_index = 0
@@ -420,6 +475,9 @@ class Kernel:
         self.pos_lon = 0.0
         self.heading = 0.0
         self.gnss_seen = 0
+        self.gnss_lat = 0.0
+        self.gnss_lon = 0.0
+        self.gnss_moved_t = -1.0
         self.trip_km = 0.0
         self.odo_t = -1.0
         self.odo_base = -1.0
@@ -495,11 +553,14 @@ class Kernel:
         self.a_clr = array("d", [r[6] * (scale if r[9] == PER_CELL else 1.0) for r in rows])
         self.a_on = array("d", [r[7] for r in rows])
         self.a_off = array("d", [r[8] for r in rows])
-        # State: rows first, then one instance per source for communication_lost.
-        self.a_active = _zeros("b", n + MAX_SOURCES)
-        self.a_since = array("d", [-1.0] * (n + MAX_SOURCES))
-        self.a_raised_t = _zeros("d", n + MAX_SOURCES)
-        self.a_value = _zeros("d", n + MAX_SOURCES)
+        # State: rows first, then a block of one instance per source for each alarm of
+        # PER_SOURCE (``a_block``: the row's block, -1 for the others).
+        self.a_block = array("i", [PER_SOURCE.index(r[0]) if r[0] in PER_SOURCE else -1 for r in rows])
+        size = n + len(PER_SOURCE) * MAX_SOURCES
+        self.a_active = _zeros("b", size)
+        self.a_since = _filled("d", -1.0, size)
+        self.a_raised_t = _zeros("d", size)
+        self.a_value = _zeros("d", size)
         self.spec_value = _zeros("d", MAX_ALARM_CODE + 1)
         self.spec_ok = _zeros("b", MAX_ALARM_CODE + 1)
         self.a_row = array("i", [-1] * (MAX_ALARM_CODE + 1))
@@ -587,6 +648,20 @@ class Kernel:
         self.m_checksum = _zeros("i", size)
         self.m_counter = _zeros("i", size)
 
+    def set_limits(self, lo, hi, rate):
+        """What is believed of each signal id: a value in ``[lo, hi]`` that moved at most
+        ``rate`` per second (0: any) from the last one believed. The agent gives the
+        catalogue's ranges, narrowed by a DBC's own (agent/signals.py)."""
+        n = self.id_space
+        if len(lo) != n or len(hi) != n or len(rate) != n:
+            raise ValueError("limits must cover the kernel's id space (%d ids)" % n)
+        for i in range(n):
+            if not lo[i] <= hi[i] or not rate[i] >= 0.0:
+                raise ValueError("signal %d: the range must not be empty and the rate >= 0" % i)
+        self.lim_lo = array("d", [float(v) for v in lo])
+        self.lim_hi = array("d", [float(v) for v in hi])
+        self.lim_rate = array("d", [float(v) for v in rate])
+
     def set_can_source(self, source):
         """The source whose health the CAN messages count towards."""
         _check_source(source)
@@ -639,7 +714,8 @@ class Kernel:
                 continue
             t = times[i]
             self._advance(t)
-            self._sample(sid, t, values[i])
+            if self._accept(sid, t, values[i]):
+                self._sample(sid, t, values[i])
         return self._take_closed()
 
     def close_due(self, now):
@@ -711,11 +787,11 @@ class Kernel:
         """Active alarms: ``(code, instance, level, raised_at, value)``."""
         out = []
         for a in range(self.n_alarms):
-            if self.a_code[a] == A_COMM_LOST:
+            if self.a_block[a] >= 0:
                 for s in range(MAX_SOURCES):
-                    st = self.n_alarms + s
+                    st = self.n_alarms + self.a_block[a] * MAX_SOURCES + s
                     if self.a_active[st]:
-                        out.append((A_COMM_LOST, s, self.a_level[a], self.a_raised_t[st], self.a_value[st]))
+                        out.append((self.a_code[a], s, self.a_level[a], self.a_raised_t[st], self.a_value[st]))
             elif self.a_active[a]:
                 out.append((self.a_code[a], -1, self.a_level[a], self.a_raised_t[a], self.a_value[a]))
         return out
@@ -732,12 +808,100 @@ class Kernel:
 
     def counters(self):
         """Counters for status and health reporting."""
-        return {"frames": self.frames, "samples": self.samples, "unknown": self.unknown,
+        return {"frames": self.frames, "samples": self.samples, "refused": self.refused, "unknown": self.unknown,
                 "truncated": self.truncated, "no_value": self.no_value, "late": self.late,
                 "bad_lines": self.bad_lines, "remote_frames": self.remote_frames,
                 "error_frames": self.error_frames, "fd_frames": self.fd_frames,
                 "adapter_errors": self.adapter_errors, "ticks": self.ticks,
                 "snapshots": self.snapshots, "snapshots_truncated": self.snapshots_truncated}
+
+    def refusals(self, source):
+        """Values of ``source`` refused so far: ``(signal_id, out of range, too fast)``
+        for each signal with any."""
+        _check_source(source)
+        n = self.id_space
+        out = []
+        for sid in range(n):
+            by_range = self.ref_count[(2 * source + REFUSED_RANGE) * n + sid]
+            by_rate = self.ref_count[(2 * source + REFUSED_RATE) * n + sid]
+            if by_range or by_rate:
+                out.append((sid, by_range, by_rate))
+        return out
+
+    def motion(self, now, still_kmh):
+        """The stationary decision, fail-safe: ``(verdict, wheel vote, wheel km/h, GNSS
+        vote, GNSS km/h, motor vote, motor A, pedal vote, cadence rpm, top km/h)``.
+
+        Each input votes ``VOTE_STILL`` or ``VOTE_MOVING`` only while it is fresh and
+        believed (GNSS also needs a valid fix and a position that moves with its speed);
+        otherwise it abstains and says why. The vehicle is ``MOTION_STILL`` only when a
+        speed source (wheel or GNSS) votes still and no input votes moving: when inputs
+        disagree it is moving, and with no speed source it is ``MOTION_UNKNOWN``. ``top``
+        is the highest speed any voting speed source or the fused speed gives (-1: none).
+        """
+        wheel = self._vote(S_SPEED, now, still_kmh)
+        gnss = self._vote(S_GNSS_SPEED, now, still_kmh)
+        if gnss == VOTE_STILL or gnss == VOTE_MOVING:
+            if not self._gnss_fix(now):
+                gnss = VOTE_NO_FIX
+            elif self._gnss_frozen(now):
+                gnss = VOTE_FROZEN
+        motor = self._vote(S_MOTOR_I, now, self.params[P_MOTOR_ACTIVE])
+        pedal = self._vote(S_CADENCE, now, self.params[P_PEDAL_ACTIVE])
+        if wheel == VOTE_MOVING or gnss == VOTE_MOVING or motor == VOTE_MOVING or pedal == VOTE_MOVING:
+            verdict = MOTION_MOVING
+        elif wheel == VOTE_STILL or gnss == VOTE_STILL:
+            verdict = MOTION_STILL
+        else:
+            verdict = MOTION_UNKNOWN
+        top = -1.0
+        if (wheel == VOTE_STILL or wheel == VOTE_MOVING) and self.w_last[S_SPEED] > top:
+            top = self.w_last[S_SPEED]
+        if (gnss == VOTE_STILL or gnss == VOTE_MOVING) and self.w_last[S_GNSS_SPEED] > top:
+            top = self.w_last[S_GNSS_SPEED]
+        if self._fresh(S_FUSED_SPEED, now) and self.w_last[S_FUSED_SPEED] > top:
+            top = self.w_last[S_FUSED_SPEED]
+        return (verdict, wheel, self.w_last[S_SPEED], gnss, self.w_last[S_GNSS_SPEED], motor,
+                self.w_last[S_MOTOR_I], pedal, self.w_last[S_CADENCE], top)
+
+    def _vote(self, sid, t, limit):
+        """What signal ``sid`` says of motion: moving at or above ``limit`` (either sign)."""
+        if not self.seen[sid]:
+            return VOTE_ABSENT if self.bad_t[sid] == -INF else VOTE_REFUSED
+        if self.bad_t[sid] > self.w_last_time[sid]:
+            return VOTE_REFUSED
+        if not self._fresh(sid, t):
+            return VOTE_STALE
+        v = self.w_last[sid]
+        return VOTE_MOVING if v >= limit or v <= -limit else VOTE_STILL
+
+    # Range and rate -------------------------------------------------------------------
+
+    def _accept(self, sid, t, value):
+        """Whether a decoded value is believed: inside its signal's range and, where the
+        signal has a rate, no further from the last value believed than that allows."""
+        if not self.lim_lo[sid] <= value <= self.lim_hi[sid]:  # a NaN fails too
+            self._refuse(sid, t, REFUSED_RANGE)
+            return False
+        rate = self.lim_rate[sid]
+        if rate > 0.0 and self.seen[sid]:
+            dt = t - self.w_last_time[sid]
+            if dt < self.params[P_RATE_MIN]:
+                dt = self.params[P_RATE_MIN]
+            if abs(value - self.w_last[sid]) > rate * dt:
+                self._refuse(sid, t, REFUSED_RATE)
+                return False
+        return True
+
+    def _refuse(self, sid, t, reason):
+        self.refused += 1
+        if t > self.bad_t[sid]:
+            self.bad_t[sid] = t
+        s = self.source
+        if 0 <= s < MAX_SOURCES:
+            self.ref_count[(2 * s + reason) * self.id_space + sid] += 1
+            self.src_refused[s] += 1
+        return 0
 
     # Time ---------------------------------------------------------------------------
 
@@ -1168,7 +1332,8 @@ class Kernel:
                 value = float(raw)
             value = value * self.sig_factor[s] + self.sig_offset[s]
             if out is None:
-                self._sample(self.sig_id[s], t, value)
+                if self._accept(self.sig_id[s], t, value):
+                    self._sample(self.sig_id[s], t, value)
             else:
                 out.append((self.sig_id[s], value))
 
@@ -1186,6 +1351,8 @@ class Kernel:
             dt = 0.0  # nothing is integrated across a gap in the data
         self.f_last = t
         self._health(t)
+        self._quality()
+        self._gnss_track(t)
         moving = self._speed(t, dt)
         self._position(t, dt, moving)
         self._battery(t, dt, moving)
@@ -1196,19 +1363,45 @@ class Kernel:
             self._capture()
 
     def _gnss_fix(self, t):
+        """A fresh position, and no fresh "no fix" (GGA quality 0, RMC status V) since it."""
         if not self._fresh(S_LAT, t) or not self._fresh(S_LON, t):
             return False
-        return not (self._fresh(S_FIX, t) and self.w_last[S_FIX] < 1.0)
+        return not (self._fresh(S_FIX, t) and self.w_last[S_FIX] < 1.0
+                    and self.w_last_time[S_FIX] >= self.w_last_time[S_LAT])
+
+    def _gnss_track(self, t):
+        """When the GNSS position last moved, to tell a frozen receiver (the same fix
+        over and over) from a moving one."""
+        if not self._gnss_fix(t):
+            self.gnss_moved_t = -1.0
+        elif self.gnss_moved_t < 0.0 or self.w_last[S_LAT] != self.gnss_lat or self.w_last[S_LON] != self.gnss_lon:
+            self.gnss_lat = self.w_last[S_LAT]
+            self.gnss_lon = self.w_last[S_LON]
+            self.gnss_moved_t = t
+        return 0
+
+    def _gnss_frozen(self, t):
+        """The GNSS speed says moving while its position has not moved for gnss_frozen_s."""
+        return (self.gnss_moved_t >= 0.0 and t - self.gnss_moved_t >= self.params[P_GNSS_FROZEN]
+                and self.w_last[S_GNSS_SPEED] > self.params[P_MOVING])
 
     def _active(self, code):
         a = self.a_row[code]
         return a >= 0 and self.a_active[a] == 1
 
     def _speed(self, t, dt):
-        """Wheel and GNSS speed in a one-state Kalman filter; the wheel is left out while
-        it is judged implausible. Returns -1 without any speed, else whether moving."""
-        wheel = self._fresh(S_SPEED, t) and not self._active(A_WHEEL_IMPLAUSIBLE)
-        gnss = self._fresh(S_GNSS_SPEED, t) and self._gnss_fix(t)
+        """Wheel and GNSS speed in a one-state Kalman filter (GNSS with a fix that is not
+        frozen). While the two are judged implausible, only the faster one is used: a
+        sensor that fails reads 0 or freezes far more often than it invents speed (a
+        stuck receiver, an unplugged magnet), and a speed below the true one is the
+        unsafe error. Returns -1 without any speed, else whether moving."""
+        wheel = self._fresh(S_SPEED, t)
+        gnss = self._fresh(S_GNSS_SPEED, t) and self._gnss_fix(t) and not self._gnss_frozen(t)
+        if wheel and gnss and self._active(A_WHEEL_IMPLAUSIBLE):
+            if self.w_last[S_SPEED] >= self.w_last[S_GNSS_SPEED]:
+                gnss = False
+            else:
+                wheel = False
         if not wheel and not gnss:
             self.kf_p = -1.0
             return -1
@@ -1469,6 +1662,16 @@ class Kernel:
             if not self.m_out[m]:
                 self.src_live[s] += 1
 
+    def _quality(self):
+        """Each source's rate of refused values, decaying with quality_tau_s."""
+        tau = self.params[P_QUALITY_TAU]
+        decay = math.exp(-self.tick / tau)
+        for s in range(MAX_SOURCES):
+            new = self.src_refused[s] - self.q_prev[s]
+            self.q_prev[s] = self.src_refused[s]
+            self.q_rate[s] = self.q_rate[s] * decay + new / tau
+        return 0
+
     def _specials(self, t):
         """Values of the alarms that are not a threshold on one signal."""
         gnss = self._gnss_fix(t)
@@ -1503,10 +1706,13 @@ class Kernel:
         for a in range(self.n_alarms):
             code = self.a_code[a]
             sid = self.a_sid[a]
-            if code == A_COMM_LOST:
+            if self.a_block[a] >= 0:
+                st = self.n_alarms + self.a_block[a] * MAX_SOURCES
                 for s in range(MAX_SOURCES):
-                    if self.src_seen[s] > 0:
-                        self._debounce(a, self.n_alarms + s, s, t, 1.0 if self.src_live[s] == 0 else 0.0)
+                    if code == A_COMM_LOST and self.src_seen[s] > 0:
+                        self._debounce(a, st + s, s, t, 1.0 if self.src_live[s] == 0 else 0.0)
+                    elif code == A_DATA_QUALITY and self.src_refused[s] > 0:
+                        self._debounce(a, st + s, s, t, self.q_rate[s])
             elif sid == SPECIAL:
                 if self.spec_ok[code]:
                     self._debounce(a, a, -1, t, self.spec_value[code])

@@ -219,11 +219,20 @@ def _gga(f: list) -> dict:
     return out
 
 
+def _void(f: list, mode_field: int) -> bool:
+    """The NMEA 2.3 mode indicator says "not valid" (N)."""
+    return len(f) > mode_field and f[mode_field][:1] == "N"
+
+
 def _rmc(f: list) -> dict:
     _need(f, 12, "RMC")
+    if f[2] not in ("A", "V"):
+        raise DecodeError("bad RMC status %r" % f[2])
+    if f[2] == "V" or _void(f, 12):
+        # No fix: no position, speed or course. "No fix" is not "standing still".
+        return {FIX_QUALITY: 0.0}
     out = {}  # type: dict
-    if f[2] == "A":
-        _position(out, f, 3)
+    _position(out, f, 3)
     if f[7]:
         out[SPEED] = _number(f[7], "speed") * KNOT_KMH
     if f[8]:
@@ -233,6 +242,8 @@ def _rmc(f: list) -> dict:
 
 def _vtg(f: list) -> dict:
     _need(f, 9, "VTG")
+    if _void(f, 9):
+        return {}
     out = {}
     if f[1]:
         out[HEADING] = _number(f[1], "course")

@@ -1,0 +1,324 @@
+"""What the kernel believes, both builds: values outside their signal's range or rate
+are refused and counted (per source, signal and reason) and raise ``data_quality`` when
+they persist; the fail-safe stationary decision (``Kernel.motion``) over every input
+able to see motion; fused speed and the over-speed alarm against noise frames that carry
+real Bafang ids. The same decisions end to end, through the agent: tests/test_e2e_safety.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config
+from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, profile_path
+from agent.errors import ConfigError
+from agent.fusion import _kernel_py as kp
+from agent.fusion import motion
+from agent.runtime import make_kernel
+from agent.signals import BY_ID, ID_SPACE, limits, signal_id
+from devtools import ride
+from tests.test_config import minimal
+
+SPEED = signal_id("Vehicle.Speed")
+GNSS_SPEED = signal_id("Vehicle.LEV.GNSS.Speed")
+FIX = signal_id("Vehicle.LEV.GNSS.FixQuality")
+LAT = signal_id("Vehicle.CurrentLocation.Latitude")
+LON = signal_id("Vehicle.CurrentLocation.Longitude")
+MOTOR_I = signal_id("Vehicle.LEV.Controller.MotorCurrent")
+CADENCE = signal_id("Vehicle.LEV.Pedal.Cadence")
+SOC = signal_id("Vehicle.Powertrain.TractionBattery.StateOfCharge.Current")
+CTRL_TEMP = signal_id("Vehicle.LEV.Controller.Temperature")
+STILL_KMH = 1.0
+
+
+def kernel(kernel_cls: Any, narrow: dict[int, tuple[float, float]] | None = None) -> Any:
+    k = kernel_cls(ID_SPACE, 1.0)
+    k.set_limits(*limits(ID_SPACE, narrow or {}))
+    return k
+
+
+def seen(k: Any) -> dict[int, float]:
+    return {sid: v for sid, v, _t in k.latest()}
+
+
+# --- Range and rate ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("sid", "value"), [(SPEED, -0.5), (SPEED, 273.0), (SOC, 100.5), (SOC, -1.0),
+                                            (CTRL_TEMP, 400.0), (SPEED, float("nan")), (SPEED, float("inf"))])
+def test_a_value_outside_its_range_is_not_sampled_and_is_counted(kernel_cls: Any, sid: int, value: float) -> None:
+    k = kernel(kernel_cls)
+    k.source = 2
+    out = k.feed_values([sid], [10.0], [value])
+    assert sid not in seen(k) and k.counters()["samples"] == 0
+    out += k.close_due(12.0)
+    assert not any(o[0] == kp.OUT_WINDOW for o in out), "a refused value reached a window"
+    assert k.refusals(2) == [(sid, 1, 0)]
+    assert k.refusals(1) == []
+
+
+def test_the_edges_of_a_range_are_believed(kernel_cls: Any) -> None:
+    k = kernel(kernel_cls)
+    sig = BY_ID[SOC]
+    k.feed_values([SOC, SOC], [10.0, 11.0], [sig.minimum, sig.maximum])
+    assert seen(k)[SOC] == sig.maximum and k.counters()["refused"] == 0
+
+
+def test_a_jump_faster_than_the_signal_can_change_is_refused_until_time_allows_it(kernel_cls: Any) -> None:
+    """Wheel speed changes at most 60 km/h per second: 20 -> 80 km/h in 0.25 s is refused
+    (and counted as rate), 20 -> 30 is believed; a value far off is believed once as much
+    time has passed as the change needs (a real crash stop reaches the kernel late, never
+    never)."""
+    k = kernel(kernel_cls)
+    rate = BY_ID[SPEED].max_rate
+    k.feed_values([SPEED], [10.0], [20.0])
+    k.feed_values([SPEED], [10.25], [80.0])
+    assert seen(k)[SPEED] == 20.0 and k.refusals(0) == [(SPEED, 0, 1)]
+    k.feed_values([SPEED], [10.5], [30.0])
+    assert seen(k)[SPEED] == 30.0
+    k.feed_values([SPEED], [10.5 + 29.0 / rate], [0.5])
+    assert seen(k)[SPEED] == 30.0, "29 km/h down in less time than the rate allows"
+    k.feed_values([SPEED], [10.5 + 30.0 / rate], [0.5])
+    assert seen(k)[SPEED] == 0.5
+    assert k.refusals(0) == [(SPEED, 0, 2)]
+
+
+def test_frames_of_one_read_are_judged_over_rate_min_s(kernel_cls: Any) -> None:
+    """Every frame of one read carries the read's time: the change allowed between two of
+    them is the rate over ``rate_min_s``, not zero."""
+    k = kernel(kernel_cls)
+    rate = BY_ID[SPEED].max_rate
+    step = rate * kp.PARAMS[kp.P_RATE_MIN][1]
+    k.feed_values([SPEED, SPEED, SPEED], [10.0] * 3, [20.0, 20.0 + 0.9 * step, 20.0 + 3 * step])
+    assert seen(k)[SPEED] == pytest.approx(20.0 + 0.9 * step) and k.refusals(0) == [(SPEED, 0, 1)]
+
+
+def test_a_dbc_range_narrows_the_catalogue_range_on_the_can_path(kernel_cls: Any, tmp_path: Path) -> None:
+    """Bafang's 32/01 carries speed in 0.01 km/h on 16 bits (up to 655 km/h): beyond the
+    catalogue's 150 km/h it is refused; a DBC that declares SoC [0|50] has SoC 60 refused."""
+    dbc = compile_dbc(profile_path("bafang"))
+    k = kernel_cls(dbc.id_space, 1.0)
+    k.set_can_tables(*dbc.kernel_tables())
+    narrow = dict(dbc.ranges())
+    narrow[SOC] = (0.0, 50.0)
+    k.set_limits(*limits(dbc.id_space, narrow))
+    key = frame_key(0x02F83201, True)
+    speed = 27300  # 273 km/h
+    k.feed_frames([key], [bytes([speed & 0xFF, speed >> 8, 0, 0, 0, 0, 40, 40])], [10.0])
+    assert SPEED not in seen(k)
+    assert (SPEED, 1, 0) in k.refusals(0)
+    soc_key = frame_key(0x02F83200, True)
+    k.feed_frames([soc_key, soc_key], [bytes([40, 0, 0, 0, 0, 0, 0, 0]), bytes([60, 0, 0, 0, 0, 0, 0, 0])],
+                  [10.0, 10.5])
+    assert seen(k)[SOC] == 40.0 and (SOC, 1, 0) in k.refusals(0)
+
+
+def write_minimal(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(minimal())
+    return path
+
+
+def test_a_dbc_range_outside_the_physical_one_refuses_the_start(tmp_path: Path) -> None:
+    """A DBC whose range for a catalogue signal cannot hold one believable value names the
+    signal instead of silently refusing everything it says."""
+    with pytest.raises(ValueError, match="Vehicle.Speed"):
+        limits(ID_SPACE, {SPEED: (200.0, 300.0)})
+    dbc = CompiledDbc(str(tmp_path / "x.dbc"))
+    dbc.sig_id.append(SPEED)
+    dbc.sig_min.append(200.0)
+    dbc.sig_max.append(300.0)
+    with pytest.raises(ConfigError, match="Vehicle.Speed") as e:
+        make_kernel(config.load(str(write_minimal(tmp_path))), dbc)
+    assert e.value.path == dbc.path
+
+
+def test_limits_that_do_not_fit_are_refused(kernel_cls: Any) -> None:
+    k = kernel_cls(ID_SPACE, 1.0)
+    lo, hi, rate = limits(ID_SPACE, {})
+    with pytest.raises(ValueError, match="id space"):
+        k.set_limits(lo[:-1], hi, rate)
+    with pytest.raises(ValueError, match="must not be empty"):
+        k.set_limits(hi, lo, rate)
+
+
+def test_data_quality_is_raised_per_source_when_refusals_persist_and_clears(kernel_cls: Any) -> None:
+    """Two refused values a second from source 1 for 20 s: ``data_quality`` (instance 1)
+    after its delay; a single refusal now and then raises nothing; it clears once the
+    values are good again."""
+    k = kernel(kernel_cls)
+    row = next(r for r in kp.ALARMS if r[0] == kp.A_DATA_QUALITY)
+    out = []
+    t = 100.0
+    while t < 120.0:
+        k.source = 1
+        out += k.feed_values([SPEED], [t], [300.0 if round(t * 10) % 5 == 0 else 20.0])
+        k.source = 0
+        out += k.feed_values([SOC], [t], [50.0 if round(t * 10) % 80 else 101.0])
+        t = round(t + 0.1, 6)
+    raised = [o for o in out if o[0] == kp.OUT_ALARM and o[2] == kp.A_DATA_QUALITY]
+    assert [(o[3], o[5]) for o in raised] == [(1, 1)]
+    assert 100.0 + row[7] <= raised[0][1] <= 100.0 + row[7] + 2.0
+    assert (kp.A_DATA_QUALITY, 1) in [(a[0], a[1]) for a in k.alarms()]
+    while t < 140.0:
+        k.source = 1
+        out += k.feed_values([SPEED], [t], [20.0])
+        t = round(t + 0.1, 6)
+    cleared = [o for o in out if o[0] == kp.OUT_ALARM and o[2] == kp.A_DATA_QUALITY and not o[5]]
+    assert [o[3] for o in cleared] == [1] and k.alarms() == []
+
+
+# --- The stationary decision -----------------------------------------------------------
+
+class Bike:
+    """Feeds a kernel 10 Hz of wheel speed, GNSS (fix, position moving at its speed),
+    motor current and cadence; each None is a sensor that says nothing."""
+
+    def __init__(self, k: Any) -> None:
+        self.k = k
+        self.t = 100.0
+        self.lat = 29.6
+
+    def ride(self, seconds: float, wheel: float | None = 20.0, gnss: float | None = 20.0, motor: float | None = 3.0,
+             cadence: float | None = 60.0, fix: float = 1.0, frozen: bool = False) -> None:
+        end = self.t + seconds
+        while self.t < end:
+            ids: list[int] = []
+            values: list[float] = []
+            if gnss is not None:
+                if not frozen:
+                    self.lat += gnss / 3.6 * 0.1 / kp.M_PER_DEG
+                ids += [FIX, GNSS_SPEED] if fix == 0.0 else [LAT, LON, FIX, GNSS_SPEED]
+                values += [fix, gnss] if fix == 0.0 else [self.lat, 106.5, fix, gnss]
+            for sid, v in ((SPEED, wheel), (MOTOR_I, motor), (CADENCE, cadence)):
+                if v is not None:
+                    ids.append(sid)
+                    values.append(v)
+            self.k.feed_values(ids, [self.t] * len(ids), values)
+            self.t = round(self.t + 0.1, 6)
+        self.k.close_due(self.t)
+
+    def motion(self) -> tuple[Any, ...]:
+        return self.k.motion(self.t, STILL_KMH)
+
+
+V = kp.VOTE_NAMES
+
+
+def votes(m: tuple[Any, ...]) -> tuple[str, str, str, str]:
+    return V[m[1]], V[m[3]], V[m[5]], V[m[7]]
+
+
+@pytest.mark.parametrize(("case", "ride", "verdict", "expected_votes"), [
+    ("all agree moving", {}, kp.MOTION_MOVING, ("moving", "moving", "moving", "moving")),
+    ("all agree still", dict(wheel=0.0, gnss=0.0, motor=0.0, cadence=0.0), kp.MOTION_STILL,
+     ("still", "still", "still", "still")),
+    ("GNSS stuck at 0 with a fix", dict(gnss=0.0), kp.MOTION_MOVING, ("moving", "still", "moving", "moving")),
+    ("GNSS stuck at 0, coasting", dict(gnss=0.0, motor=0.0, cadence=0.0), kp.MOTION_MOVING,
+     ("moving", "still", "still", "still")),
+    ("wheel magnet unplugged", dict(wheel=0.0, cadence=0.0), kp.MOTION_MOVING, ("still", "moving", "moving", "still")),
+    ("wheel 0, GNSS 20, motor off", dict(wheel=0.0, motor=0.0, cadence=0.0), kp.MOTION_MOVING,
+     ("still", "moving", "still", "still")),
+    ("motor pulls a stopped wheel", dict(wheel=0.0, gnss=0.0, motor=8.0, cadence=0.0), kp.MOTION_MOVING,
+     ("still", "still", "moving", "still")),
+    ("void fix, wheel still", dict(wheel=0.0, gnss=0.0, fix=0.0, motor=0.0, cadence=0.0), kp.MOTION_STILL,
+     ("still", "no fix", "still", "still")),
+    ("void fix, wheel moving", dict(gnss=0.0, fix=0.0, motor=0.0, cadence=0.0), kp.MOTION_MOVING,
+     ("moving", "no fix", "still", "still")),
+    ("no wheel sensor, GNSS still", dict(wheel=None, gnss=0.0, motor=None, cadence=None), kp.MOTION_STILL,
+     ("absent", "still", "absent", "absent")),
+    ("no speed sensor at all", dict(wheel=None, gnss=None, motor=0.0, cadence=0.0), kp.MOTION_UNKNOWN,
+     ("absent", "absent", "still", "still")),
+])
+def test_the_stationary_decision_table(kernel_cls: Any, case: str, ride: dict[str, Any], verdict: int,
+                                       expected_votes: tuple[str, ...]) -> None:
+    """docs/fusion.md's table: any input that sees motion makes it moving; still needs a
+    speed source saying so and nobody disagreeing."""
+    bike = Bike(kernel(kernel_cls))
+    bike.ride(10.0, **ride)
+    m = bike.motion()
+    assert (m[0], votes(m)) == (verdict, expected_votes), case
+
+
+def test_stale_inputs_abstain_and_nothing_fresh_is_unknown(kernel_cls: Any) -> None:
+    bike = Bike(kernel(kernel_cls))
+    bike.ride(5.0, wheel=0.0, gnss=0.0, motor=0.0, cadence=0.0)
+    bike.t += 30.0
+    m = bike.motion()
+    assert m[0] == kp.MOTION_UNKNOWN and votes(m) == ("stale",) * 4
+    assert motion.words(m) == "wheel stale, GNSS stale, motor stale, cadence stale: no wheel or GNSS speed to tell"
+
+
+def test_a_refused_gnss_speed_abstains_instead_of_voting_its_last_good_value(kernel_cls: Any) -> None:
+    """A receiver that starts sending a negative speed: its last believed speed (0, from
+    a stop) must not vote "still" while the wheel turns, nor block a stop afterwards."""
+    k = kernel(kernel_cls)
+    bike = Bike(k)
+    bike.ride(5.0, wheel=0.0, gnss=0.0, motor=0.0, cadence=0.0)
+    bike.ride(3.0, wheel=21.0, gnss=-21.0, motor=0.0, cadence=0.0)
+    m = bike.motion()
+    assert m[0] == kp.MOTION_MOVING and votes(m)[:2] == ("moving", "refused")
+    assert motion.words(m) == "wheel 21.0 km/h, GNSS refused, motor 0.0 A, cadence 0 rpm disagree"
+    bike.ride(1.0, wheel=0.0, gnss=-0.5, motor=0.0, cadence=0.0)
+    bike.ride(3.0, wheel=0.0, gnss=-0.5, motor=0.0, cadence=0.0)
+    assert bike.motion()[0] == kp.MOTION_STILL
+
+
+def test_a_frozen_gnss_abstains_and_the_wheel_decides(kernel_cls: Any) -> None:
+    """The receiver repeats its last fix (21 km/h, the same position) after the bike has
+    stopped: after gnss_frozen_s its speed no longer votes, so the stop is seen."""
+    bike = Bike(kernel(kernel_cls))
+    bike.ride(5.0, wheel=21.0, gnss=21.0)
+    bike.ride(1.0, wheel=0.0, gnss=21.0, motor=0.0, cadence=0.0, frozen=True)
+    m = bike.motion()
+    assert m[0] == kp.MOTION_MOVING and motion.words(m).endswith("disagree")
+    bike.ride(kp.PARAMS[kp.P_GNSS_FROZEN][1] + 0.5, wheel=0.0, gnss=21.0, motor=0.0, cadence=0.0, frozen=True)
+    m = bike.motion()
+    assert m[0] == kp.MOTION_STILL and votes(m)[1] == "frozen"
+
+
+def test_words_name_the_disagreement(kernel_cls: Any) -> None:
+    bike = Bike(kernel(kernel_cls))
+    bike.ride(10.0, wheel=21.4, gnss=0.0, motor=None, cadence=None)
+    assert motion.words(bike.motion()) == "wheel 21.4 km/h, GNSS 0.0 km/h disagree"
+    assert motion.to_json(bike.motion(), 0.0)["gnss"] == {"vote": "still", "gnss_kmh": 0.0}
+
+
+def test_top_speed_is_the_highest_voting_speed(kernel_cls: Any) -> None:
+    """set_speed_limit waits unless the new limit is above every believable speed."""
+    bike = Bike(kernel(kernel_cls))
+    bike.ride(2.0, wheel=0.0, gnss=18.0)
+    assert bike.motion()[9] == pytest.approx(18.0)
+
+
+def test_fused_speed_follows_the_turning_wheel_when_the_gnss_is_stuck(kernel_cls: Any) -> None:
+    """The receiver stuck at 0 with a valid fix must not pull the fused speed to 0 (the
+    kernel used to drop the wheel as implausible and believe the GNSS alone)."""
+    k = kernel(kernel_cls)
+    bike = Bike(k)
+    bike.ride(10.0, wheel=21.0, gnss=21.0)
+    bike.ride(20.0, wheel=21.0, gnss=0.0)
+    assert (kp.A_WHEEL_IMPLAUSIBLE, -1) in [(a[0], a[1]) for a in k.alarms()]
+    assert seen(k)[kp.S_FUSED_SPEED] == pytest.approx(21.0, abs=0.5)
+
+
+# --- Noise frames with real ids ------------------------------------------------------
+
+@pytest.mark.parametrize("can_fill", [0, 1500])
+def test_noise_frames_with_real_ids_move_no_speed_and_raise_no_over_speed(kernel_cls: Any, can_fill: int) -> None:
+    """10 % of the bus replaced by frames with Bafang ids and random payloads, through the
+    agent's decoders in sim time: the fused speed stays within the truth, no over-speed
+    alarm, and the refused values are counted for the CAN source."""
+    rec = ride.record("commute+can-noise", 180.0, seed=1, can_fill=can_fill)
+    assert any(f["what"] == "can-noise" for f in rec.faults)
+    k, slots = ride.new_kernel(kernel_cls)
+    out = ride.replay(k, slots, rec.calls)
+    top_truth = max(s["speed_kmh"] for s in rec.truth)
+    fused = [row[3] for o in out if o[0] == kp.OUT_WINDOW and o[1] == kp.WIN_LIVE for row in o[4]
+             if row[0] == kp.S_FUSED_SPEED]
+    assert len(fused) > 150 and max(fused) <= top_truth + 5.0
+    assert not [o for o in out if o[0] == kp.OUT_ALARM and o[2] == kp.A_OVER_SPEED]
+    refused = {sid: (a, b) for sid, a, b in k.refusals(0)}
+    assert sum(refused[SPEED]) > 0
