@@ -241,10 +241,7 @@ def make_kernel(cfg: Config, dbc: CompiledDbc | None) -> Any:
     kernel = Kernel(dbc.id_space if dbc else ID_SPACE, cfg.windows.live, cfg.windows.history,
                     cfg.windows.ring_samples)
     kernel.set_params(cfg.fusion)
-    try:
-        kernel.set_limits(*limits(kernel.id_space, dbc.ranges() if dbc else {}))
-    except ValueError as e:
-        raise ConfigError(dbc.path if dbc else cfg.path, "dbc", str(e)) from e
+    kernel.set_limits(*limits(kernel.id_space))
     kernel.set_alarms(cfg.alarms)
     for sid, mode, deadband in cfg.reporting:
         kernel.set_policy(sid, mode, deadband)

@@ -10,7 +10,8 @@ believed: a frame that framed and whose checksum matched can still carry nonsens
 bad connector, another node on the bus, a receiver gone wrong). The kernel enforces
 both (``Kernel.set_limits``, with ``limits``); ``refusal`` says why one value is
 refused, for tools that show frames one by one. The ranges are wide enough for any e-bike, e-scooter or
-light e-motorbike; a DBC narrows them with its own signal minimum and maximum.
+light e-motorbike (a pack in thermal runaway reaches 600-900 C: its sensors are believed
+up to 1000 C); a DBC narrows them for its own frames with its signal minimum and maximum.
 """
 
 from __future__ import annotations
@@ -45,24 +46,24 @@ _FIXED: tuple[tuple[int, str, str, float, float, float, str], ...] = (
     (8, "Vehicle.LEV.GNSS.FixQuality", "enum", 0, 8, 0, "NMEA GGA fix quality, 0 = no fix"),
     (9, "Vehicle.LEV.GNSS.Satellites", "count", 0, 99, 0, "satellites used in the fix"),
     (10, "Vehicle.LEV.GNSS.HDOP", "ratio", 0, 99.99, 0, "horizontal dilution of precision"),
-    (11, "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 0, 200, 0, "pack voltage"),
+    (11, "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 0, 200, 100, "pack voltage"),
     (12, "Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", -500, 500, 0, "pack current, + = charging"),
     (13, "Vehicle.Powertrain.TractionBattery.CurrentPower", "W", -100000, 100000, 0, "pack power, + = charging"),
-    (14, "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current", "%", 0, 100, 0, "state of charge"),
+    (14, "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current", "%", 0, 100, 5, "state of charge"),
     (15, "Vehicle.Powertrain.TractionBattery.StateOfHealth", "%", 0, 150, 0, "state of health"),
     (16, "Vehicle.Powertrain.TractionBattery.CellVoltage.Min", "V", 0, 5, 0, "lowest cell voltage"),
     (17, "Vehicle.Powertrain.TractionBattery.CellVoltage.Max", "V", 0, 5, 0, "highest cell voltage"),
-    (18, "Vehicle.Powertrain.TractionBattery.Temperature.Min", "C", -50, 250, 20, "coolest pack sensor"),
-    (19, "Vehicle.Powertrain.TractionBattery.Temperature.Max", "C", -50, 250, 20, "hottest pack sensor"),
+    (18, "Vehicle.Powertrain.TractionBattery.Temperature.Min", "C", -50, 1000, 20, "coolest pack sensor"),
+    (19, "Vehicle.Powertrain.TractionBattery.Temperature.Max", "C", -50, 1000, 20, "hottest pack sensor"),
     (20, "Vehicle.LEV.Battery.RemainingCapacity", "Ah", 0, 1000, 0, "remaining capacity"),
     (21, "Vehicle.LEV.Battery.FullCapacity", "Ah", 0, 1000, 0, "full charge capacity"),
     (22, "Vehicle.LEV.Battery.CycleCount", "count", 0, 100000, 0, "charge cycles"),
     (23, "Vehicle.LEV.Battery.ProtectionFlags", "bits", 0, 4294967295, 0, "BMS protection bits, JBD order"),
     (24, "Vehicle.LEV.Battery.ChargeEnabled", "bool", 0, 1, 0, "charge FET on"),
     (25, "Vehicle.LEV.Battery.DischargeEnabled", "bool", 0, 1, 0, "discharge FET on"),
-    (26, "Vehicle.Powertrain.ElectricMotor.Temperature", "C", -50, 250, 20, "motor temperature"),
-    (27, "Vehicle.LEV.Controller.Temperature", "C", -50, 250, 20, "motor controller temperature"),
-    (28, "Vehicle.LEV.Controller.Voltage", "V", 0, 200, 0, "DC bus voltage seen by the controller"),
+    (26, "Vehicle.Powertrain.ElectricMotor.Temperature", "C", -50, 400, 20, "motor temperature"),
+    (27, "Vehicle.LEV.Controller.Temperature", "C", -50, 400, 20, "motor controller temperature"),
+    (28, "Vehicle.LEV.Controller.Voltage", "V", 0, 200, 100, "DC bus voltage seen by the controller"),
     (29, "Vehicle.LEV.Controller.MotorCurrent", "A", -500, 500, 0, "motor current"),
     (30, "Vehicle.LEV.Controller.FaultCode", "code", 0, 4294967295, 0, "live fault code, 0 = none"),
     (31, "Vehicle.LEV.SpeedLimit", "km/h", 0, 150, 0, "assistance cut-off speed"),
@@ -100,7 +101,7 @@ def _build() -> tuple[Signal, ...]:
         for n in range(1, MAX_CELLS + 1)
     ]
     sigs += [
-        Signal(_TEMP_BASE + n - 1, f"Vehicle.LEV.Battery.Temperature.{n}", "C", -50, 250, 20, f"pack sensor {n}")
+        Signal(_TEMP_BASE + n - 1, f"Vehicle.LEV.Battery.Temperature.{n}", "C", -50, 1000, 20, f"pack sensor {n}")
         for n in range(1, MAX_TEMPS + 1)
     ]
     return tuple(sigs)
@@ -128,15 +129,17 @@ def refusal(sid: int, value: float, lo: Sequence[float], hi: Sequence[float]) ->
     return f"out of range: {value:g}{unit} outside {lo[sid]:g} to {hi[sid]:g}"
 
 
-def limits(id_space: int, narrow: dict[int, tuple[float, float]]) -> tuple[list[float], list[float], list[float]]:
+def limits(id_space: int, narrow: dict[int, tuple[float, float]] | None = None
+           ) -> tuple[list[float], list[float], list[float]]:
     """``(minimum, maximum, max_rate)`` per signal id for ``Kernel.set_limits``: the
-    catalogue's, narrowed by ``narrow`` (a DBC's own ranges); ids outside the catalogue
-    (a DBC's own signals) have only what ``narrow`` gives them."""
+    catalogue's (ids outside it, a DBC's own signals, are unbounded: the kernel applies a
+    DBC's ranges row by row). ``narrow`` (a DBC's ranges by signal) narrows them for tools
+    that show one frame's values."""
     inf = float("inf")
     lo, hi, rate = [-inf] * id_space, [inf] * id_space, [0.0] * id_space
     for sig in SIGNALS:
         lo[sig.id], hi[sig.id], rate[sig.id] = float(sig.minimum), float(sig.maximum), float(sig.max_rate)
-    for sid, (a, b) in narrow.items():
+    for sid, (a, b) in (narrow or {}).items():
         lo[sid], hi[sid] = max(lo[sid], a), min(hi[sid], b)
         if lo[sid] > hi[sid]:
             name = BY_ID[sid].name if sid in BY_ID else f"signal {sid}"

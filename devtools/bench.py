@@ -72,7 +72,7 @@ def _kernel(kind: str, dbc: CompiledDbc) -> Any:
     limits: the one place the bench builds one."""
     k = KERNELS[kind](dbc.id_space, 1.0)
     k.set_can_tables(*dbc.kernel_tables())
-    k.set_limits(*limits(dbc.id_space, dbc.ranges()))
+    k.set_limits(*limits(dbc.id_space))
     return k
 
 

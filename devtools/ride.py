@@ -158,7 +158,7 @@ def new_kernel(kernel_cls: Any) -> tuple[Any, list[int]]:
     dbc = compile_dbc(profile_path("bafang"))
     k = kernel_cls(max(dbc.id_space, ID_SPACE), 1.0)
     k.set_can_tables(*dbc.kernel_tables())
-    k.set_limits(*limits(k.id_space, dbc.ranges()))
+    k.set_limits(*limits(k.id_space))
     k.set_can_source(0)
     slots = [-1] + [k.health_slot(i) for i in range(1, len(SOURCES))]
     return k, slots
@@ -197,7 +197,7 @@ def save(calls: list[Call], path: Path) -> None:
     tables = dbc.kernel_tables()
     id_space = max(dbc.id_space, ID_SPACE)
     # JSON has no infinity: an unbounded end of a range is written null.
-    bounds = [[v if math.isfinite(v) else None for v in column] for column in limits(id_space, dbc.ranges())]
+    bounds = [[v if math.isfinite(v) else None for v in column] for column in limits(id_space)]
     setup = {"id_space": id_space, "sources": len(SOURCES),
              "tables": [sorted(tables[0].items())] + [list(t) for t in tables[1:]],
              "codes": [""] + [t.typecode for t in tables[1:]], "limits": bounds}

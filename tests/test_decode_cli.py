@@ -6,6 +6,7 @@ not taken from the decoder, so a wrong factor, offset or byte order shows.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -204,6 +205,28 @@ def test_signals_catalogue_json() -> None:
     by_name = {s["name"]: s for s in sigs}
     assert by_name["Vehicle.Speed"]["unit"] == "km/h"
     assert by_name["Vehicle.Powertrain.TractionBattery.CurrentVoltage"]["unit"] == "V"
+    assert all(s["minimum"] < s["maximum"] and s["max_rate"] >= 0 for s in sigs), "every signal has a range"
+    soc = by_name["Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"]
+    assert (soc["minimum"], soc["maximum"]) == (0, 100)
+    assert by_name["Vehicle.LEV.GNSS.Satellites"]["maximum"] == 99
+
+
+def test_values_the_agent_would_not_believe_are_shown_refused_with_the_reason() -> None:
+    """A 32/01 frame from a noisy bus: 273 km/h is out of range; the frame's other values
+    still decode. An NMEA sentence with a negative speed: the speed refused, the course kept."""
+    speed = 27300
+    data = struct.pack("<HHHBB", speed, 350, 3900, 60, 55).hex().upper()
+    proc = agent("decode", "--protocol", "bafang-can", f"02F83201#{data}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["ok"] and "Vehicle.Speed" not in out["signals"]
+    assert out["refused"] == {"Vehicle.Speed": "out of range: 273 km/h outside 0 to 150"}
+    assert out["signals"]["Vehicle.LEV.Controller.MotorCurrent"] == pytest.approx(3.5)
+    body = "GPRMC,123519,A,4807.038,N,01131.000,E,-12.4,084.4,230394,003.1,W"
+    sentence = f"${body}*{functools.reduce(lambda a, c: a ^ ord(c), body, 0):02X}"
+    out = json.loads(agent("decode", "--protocol", "nmea", sentence).stdout)
+    assert list(out["refused"]) == ["Vehicle.LEV.GNSS.Speed"]
+    assert out["signals"]["Vehicle.CurrentLocation.Heading"] == 84.4
 
 
 # --- binary UART protocols ------------------------------------------------------------

@@ -100,7 +100,7 @@ class Fleet:
 
 
 def agent_config(tmp: Path, broker: Mosquitto, device: str, fleet: Fleet, uarts: dict[str, str],
-                 commands: str = "") -> Path:
+                 commands: str = "", stationary_s: float = 0.5) -> Path:
     """test_e2e's SLCAN (Bafang) and NMEA sources, ``uarts`` (name -> protocol) beside
     them, and the fleet's key trusted."""
     sources = "".join(f"""
@@ -117,16 +117,18 @@ baudrate = 9600
 keys = {{ fleet = "{fleet.public_path}" }}
 revoked = ["fleet-old"]
 clock_skew = 5.0
-stationary_s = 0.5
+stationary_s = {stationary_s}
 {commands}
 """)
 
 
-def start_sim(tmp: Path, scenario: str, duration: float, speed: float, uarts: dict[str, str]) -> Any:
-    """The simulator's ptys: can, gps, and one per UART source (``--kt``, ``--jbd``)."""
+def start_sim(tmp: Path, scenario: str, duration: float, speed: float, uarts: dict[str, str], seed: int = 3,
+              extra: tuple[str, ...] = ()) -> Any:
+    """The simulator's ptys: can, gps, and one per UART source (``--kt``, ``--jbd``);
+    ``extra``: more simulator flags (``--fault-at``)."""
     flags = [arg for name, proto in uarts.items() for arg in (f"--{proto.split('-')[0]}", str(tmp / name))]
-    sim = spawn(["firmware_sim", "--slcan", str(tmp / "can"), "--nmea", str(tmp / "gps"), *flags,
-                 "--scenario", scenario, "--duration", str(duration), "--speed", str(speed), "--seed", "3",
+    sim = spawn(["firmware_sim", "--slcan", str(tmp / "can"), "--nmea", str(tmp / "gps"), *flags, *extra,
+                 "--scenario", scenario, "--duration", str(duration), "--speed", str(speed), "--seed", str(seed),
                  "--manifest", str(tmp / "manifest.jsonl"), "--wait-open", "60", "--linger", "5"], tmp / "sim.log")
     wait_for("the simulator's ptys", lambda: log_has(tmp / "sim.log", "ready"), 20)
     return sim

@@ -36,7 +36,7 @@ def make(kernel_cls: Any, path: str, window: float = 1.0) -> tuple[Any, Any]:
     dbc = compiled(path)
     k = kernel_cls(dbc.id_space, window)
     k.set_can_tables(*dbc.kernel_tables())
-    k.set_limits(*limits(dbc.id_space, dbc.ranges()))
+    k.set_limits(*limits(dbc.id_space))
     return k, dbc
 
 
@@ -185,7 +185,7 @@ def test_bad_tables_are_refused(kernel_cls: Any) -> None:
         k.set_can_tables({1: 0}, array("i", [1]), array("i", [0]), array("i", [1]), array("b", [0]),
                          array("i", [0]), array("i", [8]), array("b", [0]), array("d", [1.0]),
                          array("d", [0.0]), array("i", [ID_SPACE]), array("q", [-1]), array("i", [-1]),
-                         array("q", [-1]))
+                         array("q", [-1]), array("d", [0.0]), array("d", [1.0]))
     with pytest.raises(ValueError, match="window"):
         kernel_cls(ID_SPACE, 0)
     with pytest.raises(ValueError, match="id space"):

@@ -12,15 +12,12 @@ from typing import Any
 
 import pytest
 
-from agent import config
-from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, profile_path
+from agent.dbc.compile import compile_dbc, frame_key, profile_path
 from agent.errors import ConfigError
 from agent.fusion import _kernel_py as kp
 from agent.fusion import motion
-from agent.runtime import make_kernel
 from agent.signals import BY_ID, ID_SPACE, limits, signal_id
 from devtools import ride
-from tests.test_config import minimal
 
 SPEED = signal_id("Vehicle.Speed")
 GNSS_SPEED = signal_id("Vehicle.LEV.GNSS.Speed")
@@ -34,9 +31,9 @@ CTRL_TEMP = signal_id("Vehicle.LEV.Controller.Temperature")
 STILL_KMH = 1.0
 
 
-def kernel(kernel_cls: Any, narrow: dict[int, tuple[float, float]] | None = None) -> Any:
+def kernel(kernel_cls: Any) -> Any:
     k = kernel_cls(ID_SPACE, 1.0)
-    k.set_limits(*limits(ID_SPACE, narrow or {}))
+    k.set_limits(*limits(ID_SPACE))
     return k
 
 
@@ -47,7 +44,7 @@ def seen(k: Any) -> dict[int, float]:
 # --- Range and rate ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("sid", "value"), [(SPEED, -0.5), (SPEED, 273.0), (SOC, 100.5), (SOC, -1.0),
-                                            (CTRL_TEMP, 400.0), (SPEED, float("nan")), (SPEED, float("inf"))])
+                                            (CTRL_TEMP, 500.0), (SPEED, float("nan")), (SPEED, float("inf"))])
 def test_a_value_outside_its_range_is_not_sampled_and_is_counted(kernel_cls: Any, sid: int, value: float) -> None:
     k = kernel(kernel_cls)
     k.source = 2
@@ -62,7 +59,7 @@ def test_a_value_outside_its_range_is_not_sampled_and_is_counted(kernel_cls: Any
 def test_the_edges_of_a_range_are_believed(kernel_cls: Any) -> None:
     k = kernel(kernel_cls)
     sig = BY_ID[SOC]
-    k.feed_values([SOC, SOC], [10.0, 11.0], [sig.minimum, sig.maximum])
+    k.feed_values([SOC, SOC], [10.0, 100.0], [sig.minimum, sig.maximum])
     assert seen(k)[SOC] == sig.maximum and k.counters()["refused"] == 0
 
 
@@ -95,49 +92,69 @@ def test_frames_of_one_read_are_judged_over_rate_min_s(kernel_cls: Any) -> None:
     assert seen(k)[SPEED] == pytest.approx(20.0 + 0.9 * step) and k.refusals(0) == [(SPEED, 0, 1)]
 
 
-def test_a_dbc_range_narrows_the_catalogue_range_on_the_can_path(kernel_cls: Any, tmp_path: Path) -> None:
-    """Bafang's 32/01 carries speed in 0.01 km/h on 16 bits (up to 655 km/h): beyond the
-    catalogue's 150 km/h it is refused; a DBC that declares SoC [0|50] has SoC 60 refused."""
+def bafang(kernel_cls: Any, soc_max: float | None = None) -> Any:
+    """A kernel with the Bafang tables as the agent sets it up; ``soc_max`` replaces the
+    DBC's own SoC maximum (it says [0|100])."""
     dbc = compile_dbc(profile_path("bafang"))
+    if soc_max is not None:
+        for s, sid in enumerate(dbc.sig_id):
+            if sid == SOC:
+                dbc.sig_max[s] = soc_max
     k = kernel_cls(dbc.id_space, 1.0)
     k.set_can_tables(*dbc.kernel_tables())
-    narrow = dict(dbc.ranges())
-    narrow[SOC] = (0.0, 50.0)
-    k.set_limits(*limits(dbc.id_space, narrow))
-    key = frame_key(0x02F83201, True)
-    speed = 27300  # 273 km/h
-    k.feed_frames([key], [bytes([speed & 0xFF, speed >> 8, 0, 0, 0, 0, 40, 40])], [10.0])
-    assert SPEED not in seen(k)
-    assert (SPEED, 1, 0) in k.refusals(0)
+    k.set_limits(*limits(dbc.id_space))
+    return k
+
+
+def test_a_can_value_beyond_the_catalogue_range_is_refused(kernel_cls: Any) -> None:
+    """Bafang's 32/01 carries speed in 0.01 km/h on 16 bits (up to 655 km/h): 273 km/h is
+    refused; the frame's other values are believed."""
+    k = bafang(kernel_cls)
+    speed = 27300
+    k.feed_frames([frame_key(0x02F83201, True)], [bytes([speed & 0xFF, speed >> 8, 0x5E, 1, 0x3C, 0x0F, 60, 55])],
+                  [10.0])
+    assert SPEED not in seen(k) and seen(k)[CTRL_TEMP] == 20.0
+    assert k.refusals(0) == [(SPEED, 1, 0)]
+
+
+def test_a_dbc_range_narrows_only_its_own_rows(kernel_cls: Any) -> None:
+    """A DBC declaring SoC [0|50] has the CAN bus's SoC 60 refused, while a BMS on a UART
+    saying 60 % is believed: a DBC speaks for its own frames only."""
+    k = bafang(kernel_cls, soc_max=50.0)
     soc_key = frame_key(0x02F83200, True)
-    k.feed_frames([soc_key, soc_key], [bytes([40, 0, 0, 0, 0, 0, 0, 0]), bytes([60, 0, 0, 0, 0, 0, 0, 0])],
-                  [10.0, 10.5])
-    assert seen(k)[SOC] == 40.0 and (SOC, 1, 0) in k.refusals(0)
+    k.feed_frames([soc_key, soc_key], [bytes([40, 0, 0, 0, 0, 0, 0, 0]), bytes([45, 0, 0, 0, 0, 0, 0, 0])],
+                  [10.0, 20.0])
+    k.feed_frames([soc_key], [bytes([60, 0, 0, 0, 0, 0, 0, 0])], [30.0])
+    assert seen(k)[SOC] == 45.0 and (SOC, 1, 0) in k.refusals(0)
+    k.source = 2
+    k.feed_values([SOC], [40.0], [60.0])
+    assert seen(k)[SOC] == 60.0 and k.refusals(2) == []
 
 
-def write_minimal(tmp_path: Path) -> Path:
-    path = tmp_path / "agent.toml"
-    path.write_text(minimal())
-    return path
-
-
-def test_a_dbc_range_outside_the_physical_one_refuses_the_start(tmp_path: Path) -> None:
-    """A DBC whose range for a catalogue signal cannot hold one believable value names the
-    signal instead of silently refusing everything it says."""
+def test_a_dbc_range_that_holds_no_believable_value_refuses_the_start(kernel_cls: Any, tmp_path: Path) -> None:
+    """A DBC declaring Speed [200|300] km/h names the file, the signal and why, instead of
+    having every speed it carries refused."""
+    text = (Path(profile_path("bafang")).read_text()
+            .replace('SG_ Speed : 0|16@1+ (0.01,0) [0|655.35]', 'SG_ Speed : 0|16@1+ (0.01,0) [200|300]'))
+    assert "[200|300]" in text
+    path = tmp_path / "fast.dbc"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="Vehicle.Speed") as e:
+        compile_dbc(str(path))
+    assert e.value.path == str(path) and "Speed" in e.value.key
     with pytest.raises(ValueError, match="Vehicle.Speed"):
         limits(ID_SPACE, {SPEED: (200.0, 300.0)})
-    dbc = CompiledDbc(str(tmp_path / "x.dbc"))
-    dbc.sig_id.append(SPEED)
-    dbc.sig_min.append(200.0)
-    dbc.sig_max.append(300.0)
-    with pytest.raises(ConfigError, match="Vehicle.Speed") as e:
-        make_kernel(config.load(str(write_minimal(tmp_path))), dbc)
-    assert e.value.path == dbc.path
+    dbc = compile_dbc(profile_path("bafang"))
+    dbc.sig_min[list(dbc.sig_id).index(SPEED)] = 200.0
+    k = kernel_cls(dbc.id_space, 1.0)
+    k.set_limits(*limits(dbc.id_space))
+    with pytest.raises(ValueError, match="holds no believable value"):
+        k.set_can_tables(*dbc.kernel_tables())
 
 
 def test_limits_that_do_not_fit_are_refused(kernel_cls: Any) -> None:
     k = kernel_cls(ID_SPACE, 1.0)
-    lo, hi, rate = limits(ID_SPACE, {})
+    lo, hi, rate = limits(ID_SPACE)
     with pytest.raises(ValueError, match="id space"):
         k.set_limits(lo[:-1], hi, rate)
     with pytest.raises(ValueError, match="must not be empty"):

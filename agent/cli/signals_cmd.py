@@ -1,4 +1,5 @@
-"""``ebike-agent signals``: the signal catalogue, with ids, names and units."""
+"""``ebike-agent signals``: the signal catalogue, with ids, names, units and what a value
+must keep to be believed (range, largest change per second)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def _signals(args: argparse.Namespace) -> int:
         print(json.dumps([s._asdict() for s in SIGNALS], indent=1))
     else:
         for s in SIGNALS:
-            print(f"{s.id:5d}  {s.name:58s} {s.unit:6s} {s.description}")
+            rate = f"{s.max_rate:g}/s" if s.max_rate else ""
+            print(f"{s.id:5d}  {s.name:58s} {s.unit:6s} {s.minimum:>11g} {s.maximum:<11g} {rate:7s} {s.description}")
     return 0
 
 

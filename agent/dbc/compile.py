@@ -33,7 +33,8 @@ PROFILES = ("bafang",)
 # The CompiledDbc arrays, in the order they are written to JSON.
 _ARRAYS = ("msg_len", "msg_first", "msg_count", "sig_big_endian", "sig_shift", "sig_length", "sig_signed",
            "sig_factor", "sig_offset", "sig_id", "sig_no_value", "sig_mux_row", "sig_mux_value", "sig_min", "sig_max")
-INF = float("inf")
+# The bound of a DBC signal range the DBC leaves open (beyond any value; JSON-safe).
+NO_LIMIT = 1e300
 
 
 class CompiledDbc:
@@ -56,7 +57,7 @@ class CompiledDbc:
         self.sig_no_value = array("q")
         self.sig_mux_row = array("i")
         self.sig_mux_value = array("q")
-        # The DBC's own [minimum|maximum] of each row, infinite where it gives none.
+        # The DBC's own [minimum|maximum] of each row, +-NO_LIMIT where it gives none.
         self.sig_min = array("d")
         self.sig_max = array("d")
         self.sig_names: list[str] = []
@@ -75,12 +76,13 @@ class CompiledDbc:
             self.msg_index, self.msg_len, self.msg_first, self.msg_count,
             self.sig_big_endian, self.sig_shift, self.sig_length, self.sig_signed,
             self.sig_factor, self.sig_offset, self.sig_id, self.sig_no_value,
-            self.sig_mux_row, self.sig_mux_value,
+            self.sig_mux_row, self.sig_mux_value, self.sig_min, self.sig_max,
         )
 
     def ranges(self) -> dict[int, tuple[float, float]]:
         """Signal id -> the range its rows declare (their union, where several rows carry
-        one signal): what the kernel believes of it, within the catalogue's range."""
+        one signal), for tools that show a frame's values by signal; the kernel applies
+        each row's own range to the values of that row."""
         out: dict[int, tuple[float, float]] = {}
         for sid, lo, hi in zip(self.sig_id, self.sig_min, self.sig_max, strict=True):
             old = out.get(sid)
@@ -186,6 +188,12 @@ def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any, mux_row: i
         name = where
         sig_id = out.local_ids.setdefault(name, LOCAL_ID_BASE + len(out.local_ids))
         out.local_names[sig_id] = name
+    lo = -NO_LIMIT if sig.minimum is None else float(sig.minimum)
+    hi = NO_LIMIT if sig.maximum is None else float(sig.maximum)
+    if sig_id in BY_ID and (lo > BY_ID[sig_id].maximum or hi < BY_ID[sig_id].minimum or lo > hi):
+        cat = BY_ID[sig_id]
+        raise ConfigError(path, where, f"range [{lo:g}|{hi:g}] holds no value {name} can have "
+                                       f"({cat.minimum:g} to {cat.maximum:g} {cat.unit})")
     no_value = _attribute(sig, NO_VALUE_ATTRIBUTE)
     out.sig_big_endian.append(0 if sig.byte_order == "little_endian" else 1)
     out.sig_shift.append(_shift(sig))
@@ -197,8 +205,8 @@ def _add_signal(out: CompiledDbc, path: str, msg_name: str, sig: Any, mux_row: i
     out.sig_no_value.append(-1 if no_value is None else int(no_value))
     out.sig_mux_row.append(mux_row)
     out.sig_mux_value.append(mux_value)
-    out.sig_min.append(-INF if sig.minimum is None else float(sig.minimum))
-    out.sig_max.append(INF if sig.maximum is None else float(sig.maximum))
+    out.sig_min.append(lo)
+    out.sig_max.append(hi)
     out.sig_names.append(name)
     out.sig_dbc_names.append(sig.name)
     return len(out.sig_id) - 1

@@ -77,15 +77,6 @@ cdef class Kernel:
     cdef double[::1] q_scale
     cdef signed char[::1] reported
     cdef double[::1] reported_value
-    cdef double[::1] lim_lo
-    cdef double[::1] lim_hi
-    cdef double[::1] lim_rate
-    cdef double[::1] bad_t
-    cdef int[::1] ref_count
-    cdef long long[::1] src_refused
-    cdef long long[::1] q_prev
-    cdef double[::1] q_rate
-    cdef public long long refused
     cdef public int source
     cdef int started
     cdef long long tick_index
@@ -108,7 +99,6 @@ cdef class Kernel:
     cdef double[::1] ocv_v
     cdef object alarm_rows
     cdef int n_alarms
-    cdef int[::1] a_block
     cdef int[::1] a_code
     cdef int[::1] a_level
     cdef int[::1] a_sid
@@ -149,9 +139,6 @@ cdef class Kernel:
     cdef double pos_lon
     cdef double heading
     cdef int gnss_seen
-    cdef double gnss_lat
-    cdef double gnss_lon
-    cdef double gnss_moved_t
     cdef double trip_km
     cdef double odo_t
     cdef double odo_base
@@ -208,6 +195,26 @@ cdef class Kernel:
     cdef unsigned long long[::1] sig_na
     cdef int[::1] sig_mux_row
     cdef unsigned long long[::1] sig_mux_value
+    # Range and rate (set_limits), refusals, per-source alarm blocks, frozen GNSS: after
+    # the fields the decode loop reads, so they keep their place in the object.
+    cdef double[::1] sig_min
+    cdef double[::1] sig_max
+    cdef double[::1] row_lo
+    cdef double[::1] row_hi
+    cdef double[::1] row_rate
+    cdef double[::1] lim_lo
+    cdef double[::1] lim_hi
+    cdef double[::1] lim_rate
+    cdef double[::1] bad_t
+    cdef int[::1] ref_count
+    cdef long long[::1] src_refused
+    cdef long long[::1] q_prev
+    cdef double[::1] q_rate
+    cdef public long long refused
+    cdef int[::1] a_block
+    cdef double gnss_lat
+    cdef double gnss_lon
+    cdef double gnss_moved_t
 
     @cython.locals(h=cython.longlong)
     cdef int _message(self, long long key) noexcept
@@ -263,14 +270,19 @@ cdef class Kernel:
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, sid=int, t=double)
     cpdef list feed_values(self, list ids, list times, list values)
 
+    @cython.locals(n=Py_ssize_t, s=Py_ssize_t, sid=int, lo=double, hi=double)
+    cdef int _row_limits(self) except -1
+
     @cython.locals(v=double)
     cdef int _vote(self, int sid, double t, double limit) noexcept
 
-    @cython.locals(rate=double, dt=double)
-    cdef bint _accept(self, int sid, double t, double value) except -1
+    cdef bint _accept(self, int sid, double t, double value) noexcept
+
+    @cython.locals(dt=double)
+    cdef bint _rate_ok(self, int sid, double t, double value) noexcept
 
     @cython.locals(s=int)
-    cdef int _refuse(self, int sid, double t, int reason) except -1
+    cdef int _refuse(self, int sid, double t, int reason) noexcept
 
     cpdef list close_due(self, double now)
 

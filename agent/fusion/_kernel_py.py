@@ -159,7 +159,8 @@ PARAMS = (
     ("wheel_check_min_kmh", 8.0, "km/h", "wheel and GNSS speed are compared above this"),
     ("temp_rise_window_s", 5.0, "s", "span the rate of temperature rise is measured over"),
     ("full_soc_pct", 99.0, "%", "charging at or above this SoC is over-charge"),
-    ("rate_min_s", 0.2, "s", "a value's change is judged over at least this (the frames of one read share a time)"),
+    ("rate_min_s", 0.02, "s", "a value's change is judged over at least this (the frames of one read share a "
+                              "time; a turn of the agent's loop lasts about 10 ms)"),
     ("motor_active_a", 1.0, "A", "motor current above this is motion (stationary decision)"),
     ("pedal_active_rpm", 5.0, "rpm", "cadence above this is motion (stationary decision)"),
     ("gnss_frozen_s", 3.0, "s", "a GNSS fix whose position has not moved this long while its speed says "
@@ -462,7 +463,7 @@ class Kernel:
         self.set_can_tables({}, _zeros("i", 0), _zeros("i", 0), _zeros("i", 0),
                             _zeros("b", 0), _zeros("i", 0), _zeros("i", 0), _zeros("b", 0),
                             _zeros("d", 0), _zeros("d", 0), _zeros("i", 0), _zeros("q", 0),
-                            _zeros("i", 0), _zeros("q", 0))
+                            _zeros("i", 0), _zeros("q", 0), _zeros("d", 0), _zeros("d", 0))
 
     def _reset_fusion(self):
         self.f_last = -1.0
@@ -587,13 +588,14 @@ class Kernel:
         self.reported[sid] = 0
 
     def set_can_tables(self, msg_index, msg_len, msg_first, msg_count, big_endian, shift,
-                       length, signed, factor, offset, sig_id, no_value, mux_row, mux_value):
+                       length, signed, factor, offset, sig_id, no_value, mux_row, mux_value, row_min, row_max):
         """Install the flat tables of a compiled DBC (see agent/dbc/compile.py).
 
         ``msg_index`` maps a message key (id | 0x80000000 for 29-bit ids) to its row;
         the kernel turns it into an open-addressing table it can probe without Python.
         A signal with ``mux_row[s] >= 0`` is present only when the multiplexer signal in
-        that row has the raw value ``mux_value[s]``.
+        that row has the raw value ``mux_value[s]``. ``row_min``/``row_max``: the DBC's
+        own range of each row, which narrows its signal's limits for that row's values.
         """
         n = len(sig_id)
         for i in range(n):
@@ -634,6 +636,11 @@ class Kernel:
         self.sig_na = array("Q", [no_value[i] if no_value[i] >= 0 else 0 for i in range(n)])
         self.sig_mux_row = mux_row
         self.sig_mux_value = array("Q", [mux_value[i] if mux_value[i] >= 0 else 0 for i in range(n)])
+        self.sig_min = array("d", [float(v) for v in row_min])
+        self.sig_max = array("d", [float(v) for v in row_max])
+        if len(self.sig_min) != n or len(self.sig_max) != n:
+            raise ValueError("a range is needed for every signal row")
+        self._row_limits()
         # Health slots: one per CAN message (its row), then those UART sources ask for.
         self.n_msgs = len(msg_len)
         self.n_slots = self.n_msgs
@@ -661,6 +668,25 @@ class Kernel:
         self.lim_lo = array("d", [float(v) for v in lo])
         self.lim_hi = array("d", [float(v) for v in hi])
         self.lim_rate = array("d", [float(v) for v in rate])
+        self._row_limits()
+
+    def _row_limits(self):
+        """Each CAN table row's range and rate for the decode loop: its signal's limits,
+        narrowed by the DBC's range of the row."""
+        n = len(self.sig_id)
+        self.row_lo = _zeros("d", n)
+        self.row_hi = _zeros("d", n)
+        self.row_rate = _zeros("d", n)
+        for s in range(n):
+            sid = self.sig_id[s]
+            lo = self.lim_lo[sid] if self.lim_lo[sid] > self.sig_min[s] else self.sig_min[s]
+            hi = self.lim_hi[sid] if self.lim_hi[sid] < self.sig_max[s] else self.sig_max[s]
+            if lo > hi:
+                raise ValueError("signal row %d (id %d): its DBC range holds no believable value" % (s, sid))
+            self.row_lo[s] = lo
+            self.row_hi[s] = hi
+            self.row_rate[s] = self.lim_rate[sid]
+        return 0
 
     def set_can_source(self, source):
         """The source whose health the CAN messages count towards."""
@@ -841,11 +867,14 @@ class Kernel:
         """
         wheel = self._vote(S_SPEED, now, still_kmh)
         gnss = self._vote(S_GNSS_SPEED, now, still_kmh)
+        fix = self._gnss_fix(now)
         if gnss == VOTE_STILL or gnss == VOTE_MOVING:
-            if not self._gnss_fix(now):
+            if not fix:
                 gnss = VOTE_NO_FIX
             elif self._gnss_frozen(now):
                 gnss = VOTE_FROZEN
+        elif gnss != VOTE_ABSENT and not fix and self._fresh(S_FIX, now) and self.w_last[S_FIX] < 1.0:
+            gnss = VOTE_NO_FIX  # a receiver that says so, not one that went quiet
         motor = self._vote(S_MOTOR_I, now, self.params[P_MOTOR_ACTIVE])
         pedal = self._vote(S_CADENCE, now, self.params[P_PEDAL_ACTIVE])
         if wheel == VOTE_MOVING or gnss == VOTE_MOVING or motor == VOTE_MOVING or pedal == VOTE_MOVING:
@@ -883,14 +912,21 @@ class Kernel:
         if not self.lim_lo[sid] <= value <= self.lim_hi[sid]:  # a NaN fails too
             self._refuse(sid, t, REFUSED_RANGE)
             return False
-        rate = self.lim_rate[sid]
-        if rate > 0.0 and self.seen[sid]:
-            dt = t - self.w_last_time[sid]
-            if dt < self.params[P_RATE_MIN]:
-                dt = self.params[P_RATE_MIN]
-            if abs(value - self.w_last[sid]) > rate * dt:
-                self._refuse(sid, t, REFUSED_RATE)
-                return False
+        return self.lim_rate[sid] == 0.0 or self._rate_ok(sid, t, value)
+
+    def _rate_ok(self, sid, t, value):
+        """The rate half of _accept (the decode loop tests a row's range itself), against
+        the last value believed from the same source: two sources of one signal may
+        disagree by more than it can change (a controller and a display both reporting the
+        motor's temperature, each with its own sensor)."""
+        if not self.seen[sid] or self.sig_src[sid] != self.source:
+            return True
+        dt = t - self.w_last_time[sid]
+        if dt < self.params[P_RATE_MIN]:
+            dt = self.params[P_RATE_MIN]
+        if abs(value - self.w_last[sid]) > self.lim_rate[sid] * dt:
+            self._refuse(sid, t, REFUSED_RATE)
+            return False
         return True
 
     def _refuse(self, sid, t, reason):
@@ -1332,7 +1368,11 @@ class Kernel:
                 value = float(raw)
             value = value * self.sig_factor[s] + self.sig_offset[s]
             if out is None:
-                if self._accept(self.sig_id[s], t, value):
+                # _accept with the row's own range (see _row_limits); one call of _sample,
+                # which the C compiler then inlines.
+                if not self.row_lo[s] <= value <= self.row_hi[s]:
+                    self._refuse(self.sig_id[s], t, REFUSED_RANGE)
+                elif self.row_rate[s] == 0.0 or self._rate_ok(self.sig_id[s], t, value):
                     self._sample(self.sig_id[s], t, value)
             else:
                 out.append((self.sig_id[s], value))
@@ -1663,7 +1703,10 @@ class Kernel:
                 self.src_live[s] += 1
 
     def _quality(self):
-        """Each source's rate of refused values, decaying with quality_tau_s."""
+        """Each source's rate of refused values, decaying with quality_tau_s (nothing to do
+        on a bus that never sent an unbelievable value)."""
+        if self.refused == 0:
+            return 0
         tau = self.params[P_QUALITY_TAU]
         decay = math.exp(-self.tick / tau)
         for s in range(MAX_SOURCES):
