@@ -50,6 +50,9 @@ port = {port}
 
 [outbox]
 path = "outbox.sqlite"
+
+[fusion]
+rate_scale = {speed}                # ebike-sim --speed: its vehicle's values change that much faster
 """
 
 
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "--seed", str(args.seed), "--manifest", str(run / "manifest.jsonl"),
                                           "--wait-open", "60"], run / "sim.log")))
         wait_for("the simulator's ptys", lambda: log_has(run / "sim.log", "ready"), 20)
-        (run / "agent.toml").write_text(CONFIG.format(device=DEVICE, run=run, host=broker.host, port=broker.port))
+        (run / "agent.toml").write_text(CONFIG.format(device=DEVICE, run=run, host=broker.host, port=broker.port,
+                                                      speed=args.speed))
         procs.append(("agent", spawn(["agent", "run", "--config", str(run / "agent.toml")], run / "agent.log")))
         print(f"broker {broker.address}, logs and databases in {run}; Ctrl-C stops everything", flush=True)
         tty = sys.stdout.isatty()

@@ -157,10 +157,7 @@ def _gnss_outage(ride):
 
     def regain(v):
         ride.gnss_fix = True
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, "gnss-lost", lose, until=t1)
-    ride.at(t1, "gnss-restored", regain)
+    ride.episode("gnss-lost", lose, "gnss-restored", regain)
 
 
 def _receiver_fault(ride, name, **details):
@@ -172,10 +169,7 @@ def _receiver_fault(ride, name, **details):
 
     def clear(v):
         ride.gnss_fault = None
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, name, go, until=t1, **details)
-    ride.at(t1, name + "-cleared", clear)
+    ride.episode(name, go, name + "-cleared", clear, details)
 
 
 def _gnss_stuck(ride):
@@ -196,10 +190,7 @@ def _wheel_magnet(ride):
 
     def replug(v):
         v.wheel_sensor = True
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, "wheel-magnet", unplug, speed_kmh=0.0, until=t1)
-    ride.at(t1, "wheel-magnet-cleared", replug)
+    ride.episode("wheel-magnet", unplug, "wheel-magnet-cleared", replug, {"speed_kmh": 0.0})
 
 
 def _can_noise(ride):
@@ -224,19 +215,14 @@ def _bms_fault(ride):
     def clear(v):
         v.protection &= ~0x0200
         v.discharge_on = True
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, "bms-protection", trip, protection=0x0200, discharge_on=False, until=t1)
-    ride.at(t1, "bms-recovered", clear, protection=0, discharge_on=True)
+    ride.episode("bms-protection", trip, "bms-recovered", clear, {"protection": 0x0200, "discharge_on": False},
+                 {"protection": 0, "discharge_on": True})
 
 
 def _unplug(ride):
     # The CPython glue closes the bus's pty and removes its link at "unplug", makes a
     # new pty at the same path at "replug"; the vehicle itself rides on unchanged.
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, "unplug", _nop, bus=ride.unplug_bus, until=t1)
-    ride.at(t1, "replug", _nop, bus=ride.unplug_bus)
+    ride.episode("unplug", _nop, "replug", _nop, {"bus": ride.unplug_bus}, {"bus": ride.unplug_bus})
 
 
 CONTROLLER_FAULT = 0x21
@@ -248,10 +234,7 @@ def _controller_fault(ride):
 
     def clear(v):
         v.fault_code = 0
-    t0 = ride.start(0.3)
-    t1 = ride.until(0.3)
-    ride.at(t0, "controller-fault", trip, code=CONTROLLER_FAULT, until=t1)
-    ride.at(t1, "controller-recovered", clear, code=0)
+    ride.episode("controller-fault", trip, "controller-recovered", clear, {"code": CONTROLLER_FAULT}, {"code": 0})
 
 
 SCENARIOS = {
@@ -380,6 +363,17 @@ class Ride:
     def at(self, t, what, apply, **details):
         """Schedule ``apply(vehicle)`` at sim time ``t``; recorded as a fault record then."""
         self._events.append((t, what, apply, details))
+
+    def episode(self, what, apply, end, end_apply, details=None, end_details=None):
+        """A fault from ``start(0.3)`` to ``until(0.3)``: ``what`` (its record says
+        ``until`` when it ends), then ``end``."""
+        t1 = self.until(0.3)
+        on = {}
+        for k in details or {}:
+            on[k] = details[k]
+        on["until"] = t1
+        self.at(self.start(0.3), what, apply, **on)
+        self.at(t1, end, end_apply, **(end_details or {}))
 
     def _fire(self, t):
         while self._events and self._events[0][0] <= t + 1e-9:

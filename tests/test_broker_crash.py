@@ -32,6 +32,7 @@ from tests.helpers import log_has, spawn, stop, wait_for
 from tests.test_power_cut import committed
 
 DEVICE = "crash-bike-1"
+SIM_SPEED = 10  # ebike-sim --speed: the agent's rate_scale too
 
 
 def arrivals(db: Path) -> list[int]:
@@ -50,7 +51,8 @@ def agent_config(tmp_path: Path, broker: Mosquitto) -> Path:
                       f'[[sources]]\nname = "can0"\nkind = "slcan"\nport = "{tmp_path / "can"}"\n'
                       f'protocol = "bafang-can"\n'
                       f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nack_timeout = 2.0\n'
-                      f'[outbox]\npath = "outbox.sqlite"\ncommit_interval = 0.2\n[windows]\nlive = 0.25\n')
+                      f'[outbox]\npath = "outbox.sqlite"\ncommit_interval = 0.2\n[windows]\nlive = 0.25\n'
+                      f'[fusion]\nrate_scale = {SIM_SPEED}\n')
     return config
 
 
@@ -64,7 +66,7 @@ def test_broker_sigkill_loses_nothing_and_live_data_goes_first(tmp_path: Path, m
     consumer = spawn(["agent", "ingest", "--broker", broker.address, "--db", str(cloud_db),
                       "--client-id", f"crash-ingest-{os.getpid()}"], ingest_log)
     sim = spawn(["firmware_sim", "--slcan", str(tmp_path / "can"), "--nmea", str(tmp_path / "gps"),
-                 "--speed", "10", "--duration", "3600", "--wait-open", "60"], tmp_path / "sim.log")
+                 "--speed", str(SIM_SPEED), "--duration", "3600", "--wait-open", "60"], tmp_path / "sim.log")
     agent = None
     try:
         wait_for("the consumer to subscribe", lambda: log_has(ingest_log, "subscribed to"), 20)

@@ -29,10 +29,12 @@ RIDE_S = 120
 SPEEDUP = 20
 
 
-def agent_config(tmp: Path, broker: Mosquitto, device: str = DEVICE, sources: str = "", extra: str = "") -> Path:
+def agent_config(tmp: Path, broker: Mosquitto, device: str = DEVICE, sources: str = "", extra: str = "",
+                 sim_speed: float = 1.0) -> Path:
     """GNSS first: the ride starts when the SLCAN channel opens, and pyserial flushes a
     port's input on open, so a receiver opened later would lose its first sentences.
-    ``sources``: more [[sources]] tables; ``extra``: more tables after [outbox]."""
+    ``sources``: more [[sources]] tables; ``extra``: more tables after [outbox];
+    ``sim_speed``: the simulator's --speed (the rates values may change at scale with it)."""
     path = tmp / "agent.toml"
     path.write_text(f"""
 device_id = "{device}"
@@ -59,6 +61,9 @@ port = {broker.port}
 [outbox]
 path = "outbox.sqlite"
 commit_interval = 0.5
+
+[fusion]
+rate_scale = {sim_speed}
 {extra}""")
     return path
 
@@ -134,7 +139,8 @@ def test_ride_from_simulator_to_cloud(tmp_path: Path, mosquitto: Mosquitto) -> N
         "--speed", str(SPEEDUP), "--duration", str(RIDE_S), "--seed", "3", "--manifest", str(manifest)])
     agent = None
     try:
-        agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto))], agent_log)
+        agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto, sim_speed=SPEEDUP))],
+                      agent_log)
         live = wait_for("buffer stats from the running agent", lambda: _buffer_stats(tmp_path), 20)
         assert live["source"] == "agent" and "in_flight" in live
         assert wait_for("the simulated ride to end", lambda: sim.poll() is not None, RIDE_S / SPEEDUP + 60,

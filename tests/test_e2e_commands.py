@@ -100,7 +100,7 @@ class Fleet:
 
 
 def agent_config(tmp: Path, broker: Mosquitto, device: str, fleet: Fleet, uarts: dict[str, str],
-                 commands: str = "", stationary_s: float = 0.5) -> Path:
+                 commands: str = "", stationary_s: float = 0.5, sim_speed: float = 1.0) -> Path:
     """test_e2e's SLCAN (Bafang) and NMEA sources, ``uarts`` (name -> protocol) beside
     them, and the fleet's key trusted."""
     sources = "".join(f"""
@@ -112,7 +112,7 @@ protocol = "{proto}"
 baudrate = 9600
 {"poll_interval = 0.5" if proto == "jbd" else ""}
 """ for name, proto in uarts.items())
-    return e2e.agent_config(tmp, broker, device, sources, f"""
+    return e2e.agent_config(tmp, broker, device, sources, sim_speed=sim_speed, extra=f"""
 [commands]
 keys = {{ fleet = "{fleet.public_path}" }}
 revoked = ["fleet-old"]
@@ -181,7 +181,8 @@ def test_speed_limit_and_lock_during_a_ride(tmp_path: Path, mosquitto: Mosquitto
     parts.append(fleet)
     sim = start_sim(tmp_path, "commute", 220, 4, uarts)
     parts.append(sim)
-    agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto, device, fleet, uarts))],
+    agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto, device, fleet, uarts,
+                                                                sim_speed=4))],
                   tmp_path / "agent.log")
     parts.append(agent)
     wait_for("the vehicle to ride faster than 20 km/h", lambda: moving(tmp_path, 20.5), 60, interval=0.1)

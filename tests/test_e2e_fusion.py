@@ -40,7 +40,8 @@ def test_fault_alarms_and_snapshot_reach_the_cloud(tmp_path: Path, mosquitto: Mo
     agent = None
     seen_active: set[str] = set()
     try:
-        agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto))], agent_log)
+        agent = spawn(["agent", "run", "--config", str(agent_config(tmp_path, mosquitto, sim_speed=SPEEDUP))],
+                      agent_log)
 
         def ride_over() -> bool:
             st = status_now(tmp_path / "control.sock")
@@ -92,7 +93,7 @@ def test_trip_and_energy_carry_on_when_the_agent_restarts(tmp_path: Path, mosqui
     sim = spawn(["firmware_sim", "--slcan", str(tmp_path / "can"), "--nmea", str(tmp_path / "gps"),
                  "--scenario", "commute", "--speed", "10", "--duration", "600", "--wait-open", "60"],
                 tmp_path / "sim.log")
-    config = agent_config(tmp_path, mosquitto)
+    config = agent_config(tmp_path, mosquitto, sim_speed=10)
     saved: list[dict[str, float]] = []
     try:
         wait_for("the simulator's ptys", lambda: log_has(tmp_path / "sim.log", "ready"), 20)

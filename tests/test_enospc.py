@@ -141,7 +141,7 @@ def test_the_agent_rides_on_through_a_full_disk_and_says_so(small_disk: Path, tm
     """The agent process with its outbox on the small disk: filled mid-ride, the agent keeps
     running, its status says the disk is full, and once there is room again it commits and
     delivers again, every number it ever committed either delivered or announced."""
-    config = agent_config(tmp_path, mosquitto)
+    config = agent_config(tmp_path, mosquitto, sim_speed=10)
     config.write_text(config.read_text().replace('path = "outbox.sqlite"', f'path = "{small_disk / "outbox.sqlite"}"'))
     consumer, sim = start_consumer_and_sim(tmp_path, mosquitto, "disk-full-ingest",
                                            ["--speed", "10", "--duration", "600", "--seed", "4"])

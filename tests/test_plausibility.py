@@ -18,15 +18,10 @@ from agent.fusion import _kernel_py as kp
 from agent.fusion import motion
 from agent.signals import BY_ID, ID_SPACE, limits, signal_id
 from devtools import ride
+from tests.test_fusion import BMS_SOC, FIX, GNSS_SPEED, LAT, LON, SPEED
 
-SPEED = signal_id("Vehicle.Speed")
-GNSS_SPEED = signal_id("Vehicle.LEV.GNSS.Speed")
-FIX = signal_id("Vehicle.LEV.GNSS.FixQuality")
-LAT = signal_id("Vehicle.CurrentLocation.Latitude")
-LON = signal_id("Vehicle.CurrentLocation.Longitude")
 MOTOR_I = signal_id("Vehicle.LEV.Controller.MotorCurrent")
 CADENCE = signal_id("Vehicle.LEV.Pedal.Cadence")
-SOC = signal_id("Vehicle.Powertrain.TractionBattery.StateOfCharge.Current")
 CTRL_TEMP = signal_id("Vehicle.LEV.Controller.Temperature")
 STILL_KMH = 1.0
 
@@ -43,7 +38,7 @@ def seen(k: Any) -> dict[int, float]:
 
 # --- Range and rate ------------------------------------------------------------------
 
-@pytest.mark.parametrize(("sid", "value"), [(SPEED, -0.5), (SPEED, 273.0), (SOC, 100.5), (SOC, -1.0),
+@pytest.mark.parametrize(("sid", "value"), [(SPEED, -0.5), (SPEED, 273.0), (BMS_SOC, 100.5), (BMS_SOC, -1.0),
                                             (CTRL_TEMP, 500.0), (SPEED, float("nan")), (SPEED, float("inf"))])
 def test_a_value_outside_its_range_is_not_sampled_and_is_counted(kernel_cls: Any, sid: int, value: float) -> None:
     k = kernel(kernel_cls)
@@ -58,9 +53,9 @@ def test_a_value_outside_its_range_is_not_sampled_and_is_counted(kernel_cls: Any
 
 def test_the_edges_of_a_range_are_believed(kernel_cls: Any) -> None:
     k = kernel(kernel_cls)
-    sig = BY_ID[SOC]
-    k.feed_values([SOC, SOC], [10.0, 100.0], [sig.minimum, sig.maximum])
-    assert seen(k)[SOC] == sig.maximum and k.counters()["refused"] == 0
+    sig = BY_ID[BMS_SOC]
+    k.feed_values([BMS_SOC, BMS_SOC], [10.0, 100.0], [sig.minimum, sig.maximum])
+    assert seen(k)[BMS_SOC] == sig.maximum and k.counters()["refused"] == 0
 
 
 def test_a_jump_faster_than_the_signal_can_change_is_refused_until_time_allows_it(kernel_cls: Any) -> None:
@@ -98,7 +93,7 @@ def bafang(kernel_cls: Any, soc_max: float | None = None) -> Any:
     dbc = compile_dbc(profile_path("bafang"))
     if soc_max is not None:
         for s, sid in enumerate(dbc.sig_id):
-            if sid == SOC:
+            if sid == BMS_SOC:
                 dbc.sig_max[s] = soc_max
     k = kernel_cls(dbc.id_space, 1.0)
     k.set_can_tables(*dbc.kernel_tables())
@@ -125,10 +120,10 @@ def test_a_dbc_range_narrows_only_its_own_rows(kernel_cls: Any) -> None:
     k.feed_frames([soc_key, soc_key], [bytes([40, 0, 0, 0, 0, 0, 0, 0]), bytes([45, 0, 0, 0, 0, 0, 0, 0])],
                   [10.0, 20.0])
     k.feed_frames([soc_key], [bytes([60, 0, 0, 0, 0, 0, 0, 0])], [30.0])
-    assert seen(k)[SOC] == 45.0 and (SOC, 1, 0) in k.refusals(0)
+    assert seen(k)[BMS_SOC] == 45.0 and (BMS_SOC, 1, 0) in k.refusals(0)
     k.source = 2
-    k.feed_values([SOC], [40.0], [60.0])
-    assert seen(k)[SOC] == 60.0 and k.refusals(2) == []
+    k.feed_values([BMS_SOC], [40.0], [60.0])
+    assert seen(k)[BMS_SOC] == 60.0 and k.refusals(2) == []
 
 
 def test_a_dbc_range_that_holds_no_believable_value_refuses_the_start(kernel_cls: Any, tmp_path: Path) -> None:
@@ -173,7 +168,7 @@ def test_data_quality_is_raised_per_source_when_refusals_persist_and_clears(kern
         k.source = 1
         out += k.feed_values([SPEED], [t], [300.0 if round(t * 10) % 5 == 0 else 20.0])
         k.source = 0
-        out += k.feed_values([SOC], [t], [50.0 if round(t * 10) % 80 else 101.0])
+        out += k.feed_values([BMS_SOC], [t], [50.0 if round(t * 10) % 80 else 101.0])
         t = round(t + 0.1, 6)
     raised = [o for o in out if o[0] == kp.OUT_ALARM and o[2] == kp.A_DATA_QUALITY]
     assert [(o[3], o[5]) for o in raised] == [(1, 1)]

@@ -21,6 +21,7 @@ from tests.helpers import log_has, spawn, stop, wait_for
 
 CUTS = int(os.environ.get("EBIKE_POWER_CUTS", "20"))
 DEVICE = "cut-bike-1"
+SIM_SPEED = 10  # ebike-sim --speed: the agent's rate_scale too
 
 
 def committed(outbox: Path) -> tuple[int, int]:
@@ -69,12 +70,15 @@ commit_interval = 0.2
 
 [windows]
 live = 0.25
+
+[fusion]
+rate_scale = {SIM_SPEED}
 """)
     cloud_db, outbox = tmp_path / "cloud.sqlite", tmp_path / "outbox.sqlite"
     consumer = spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(cloud_db),
                       "--client-id", f"cut-ingest-{os.getpid()}"], tmp_path / "ingest.log")
     sim = spawn(["firmware_sim", "--slcan", str(tmp_path / "can"), "--nmea", str(tmp_path / "gps"),
-                 "--speed", "10", "--duration", "3600", "--wait-open", "60"], tmp_path / "sim.log")
+                 "--speed", str(SIM_SPEED), "--duration", "3600", "--wait-open", "60"], tmp_path / "sim.log")
     agent = None
     try:
         wait_for("the consumer to subscribe", lambda: log_has(tmp_path / "ingest.log", "subscribed to"), 20)

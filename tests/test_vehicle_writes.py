@@ -27,6 +27,7 @@ from agent.dbc.compile import compile_dbc, profile_path
 from agent.errors import SourceError
 from agent.protocols import bafang, jbd, kt, protocol
 from agent.runtime import UartHandler
+from agent.signals import BY_NAME
 from agent.sources.base import CAN_EFF_FLAG, PACKED_FRAME, Source
 from agent.sources.candump import CandumpSource
 from agent.sources.slcan import EXTENDED_FLAG, SlcanParser, SlcanSource
@@ -173,11 +174,15 @@ def test_speed_limit_write_is_obeyed_by_the_simulated_controller(kmh: float, dat
     assert ride.vehicle.speed_limit_kmh == 25.0
     assert ride.can_write(can_id, payload) is True
     assert ride.vehicle.speed_limit_kmh == pytest.approx(kmh, abs=1e-9)
-    # The controller's 32/03 reports it, read by the agent's own DBC tables and kernel.
+    # The controller's 32/03 reports it, read by the agent's own DBC tables and kernel;
+    # a limit beyond what any two-wheeler rides (the field's top, 655.35) is not believed.
     sid, sdata, _values = sim_bafang.controller_32_03(ride.vehicle.speed_limit_kmh, 0, 2200)
     assert sdata[:2] == data
-    signals = _decoder().decode(sid | EXTENDED_FLAG, sdata)["signals"]
-    assert signals[SPEED_LIMIT] == pytest.approx(kmh, abs=1e-9)
+    decoded = _decoder().decode(sid | EXTENDED_FLAG, sdata)
+    if kmh <= BY_NAME[SPEED_LIMIT].maximum:
+        assert decoded["signals"][SPEED_LIMIT] == pytest.approx(kmh, abs=1e-9)
+    else:
+        assert decoded["refused"][SPEED_LIMIT].startswith("out of range: 655.35 km/h")
 
 
 def test_the_rider_cruises_at_the_new_limit() -> None:

@@ -166,12 +166,14 @@ PARAMS = (
     ("gnss_frozen_s", 3.0, "s", "a GNSS fix whose position has not moved this long while its speed says "
                                 "moving is frozen"),
     ("quality_tau_s", 2.0, "s", "time constant of a source's rate of refused values (data_quality)"),
+    ("rate_scale", 1.0, "x", "every signal's max_rate times this: 1 on a vehicle, N behind a simulator running N "
+                             "times faster than real time (ebike-sim --speed N)"),
 )
 (P_TICK, P_CELLS, P_DESIGN_AH, P_NOMINAL_V, P_RESERVE, P_STALE_PERIODS, P_STALE_MIN,
  P_HEALTH_PERIODS, P_HEALTH_MIN, P_CAPTURE_BEFORE, P_CAPTURE_AFTER, P_SPEED_Q, P_WHEEL_R,
  P_GNSS_R, P_SOC_BMS_TAU, P_REST_A, P_REST_TIME, P_SOC_OCV_TAU, P_SOH_SWING,
  P_CONSUMPTION_KM, P_MOVING, P_WHEEL_CHECK_MIN, P_RISE_WINDOW, P_FULL_SOC, P_RATE_MIN,
- P_MOTOR_ACTIVE, P_PEDAL_ACTIVE, P_GNSS_FROZEN, P_QUALITY_TAU) = range(29)
+ P_MOTOR_ACTIVE, P_PEDAL_ACTIVE, P_GNSS_FROZEN, P_QUALITY_TAU, P_RATE_SCALE) = range(30)
 
 # Why a decoded value was refused (``refusals``).
 REFUSED_RANGE = 0
@@ -924,7 +926,7 @@ class Kernel:
         dt = t - self.w_last_time[sid]
         if dt < self.params[P_RATE_MIN]:
             dt = self.params[P_RATE_MIN]
-        if abs(value - self.w_last[sid]) > self.lim_rate[sid] * dt:
+        if abs(value - self.w_last[sid]) > self.lim_rate[sid] * self.params[P_RATE_SCALE] * dt:
             self._refuse(sid, t, REFUSED_RATE)
             return False
         return True

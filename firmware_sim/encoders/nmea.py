@@ -126,12 +126,13 @@ def gga(t, lat, lon, fix_quality, satellites, hdop, alt, talker="GN"):
 def rmc(t, lat, lon, speed_kmh, course, talker="GN", fix=True):
     """RMC: time, status A, position, speed over ground (knots), course, date, mode A.
 
-    Without a fix: status V, mode N, position, speed and course empty. The speed is
-    printed as given, so a faulty receiver's negative speed keeps its sign.
+    Without a fix: status V, mode N, position, speed and course empty; what it says is
+    "no fix" (fix quality 0). The speed is printed as given, so a faulty receiver's
+    negative speed keeps its sign.
     """
     hms, date = utc_fields(t)
     if not fix:
-        return _finish(f"{talker}RMC,{hms},V,,,,,,,{date},,,N"), {}
+        return _finish(f"{talker}RMC,{hms},V,,,,,,,{date},,,N"), {"Vehicle.LEV.GNSS.FixQuality": 0}
     lat_s, ns, lat_v = _coord(lat, 2, "N", "S")
     lon_s, ew, lon_v = _coord(lon, 3, "E", "W")
     kn_s, kn_v = _fixed(speed_kmh / KNOTS_KMH, 3)
