@@ -17,7 +17,8 @@ def _line(st: dict[str, Any]) -> str:
     return (f"{st['device_id']} kernel={st['kernel']} {st['frames_per_s']:.0f} frames/s "
             f"records={st['records_committed']} buffered={ob['records']} "
             f"batches sent/acked={up['batches_sent']}/{up['batches_acked']} "
-            f"broker={'up' if up['connected'] else 'down'} sources=[{sources}]")
+            f"broker={'up' if up['connected'] else 'down'} sources=[{sources}] "
+            f"motion={st['motion']['verdict']} ({st['motion']['why']})")
 
 
 def _status(args: argparse.Namespace) -> int:
