@@ -26,7 +26,10 @@ class Signal(NamedTuple):
     unit: str
     minimum: float
     maximum: float
-    max_rate: float  # largest believable change per second; 0: not checked
+    # Largest believable change per second (0: not checked); at least one step of what a
+    # sensor reports (1 %, 1 C) within the kernel's rate_min_s, so a reading that ticks by
+    # one step between two frames of one read is believed.
+    max_rate: float
     description: str
 
 
@@ -37,7 +40,7 @@ _TEMP_BASE = _CELL_BASE + MAX_CELLS
 
 _FIXED: tuple[tuple[int, str, str, float, float, float, str], ...] = (
     (1, "Vehicle.Speed", "km/h", 0, 150, 60, "vehicle speed from the wheel (controller)"),
-    (2, "Vehicle.TraveledDistance", "km", 0, 1e6, 0.1, "odometer"),
+    (2, "Vehicle.TraveledDistance", "km", 0, 1e6, 0.2, "odometer"),
     (3, "Vehicle.CurrentLocation.Latitude", "deg", -90, 90, 0, "WGS84 latitude, + north"),
     (4, "Vehicle.CurrentLocation.Longitude", "deg", -180, 180, 0, "WGS84 longitude, + east"),
     (5, "Vehicle.CurrentLocation.Altitude", "m", -500, 9000, 0, "altitude above mean sea level"),
@@ -46,10 +49,10 @@ _FIXED: tuple[tuple[int, str, str, float, float, float, str], ...] = (
     (8, "Vehicle.LEV.GNSS.FixQuality", "enum", 0, 8, 0, "NMEA GGA fix quality, 0 = no fix"),
     (9, "Vehicle.LEV.GNSS.Satellites", "count", 0, 99, 0, "satellites used in the fix"),
     (10, "Vehicle.LEV.GNSS.HDOP", "ratio", 0, 99.99, 0, "horizontal dilution of precision"),
-    (11, "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 0, 200, 100, "pack voltage"),
+    (11, "Vehicle.Powertrain.TractionBattery.CurrentVoltage", "V", 0, 200, 0, "pack voltage"),
     (12, "Vehicle.Powertrain.TractionBattery.CurrentCurrent", "A", -500, 500, 0, "pack current, + = charging"),
     (13, "Vehicle.Powertrain.TractionBattery.CurrentPower", "W", -100000, 100000, 0, "pack power, + = charging"),
-    (14, "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current", "%", 0, 100, 5, "state of charge"),
+    (14, "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current", "%", 0, 100, 20, "state of charge"),
     (15, "Vehicle.Powertrain.TractionBattery.StateOfHealth", "%", 0, 150, 0, "state of health"),
     (16, "Vehicle.Powertrain.TractionBattery.CellVoltage.Min", "V", 0, 5, 0, "lowest cell voltage"),
     (17, "Vehicle.Powertrain.TractionBattery.CellVoltage.Max", "V", 0, 5, 0, "highest cell voltage"),
@@ -63,7 +66,7 @@ _FIXED: tuple[tuple[int, str, str, float, float, float, str], ...] = (
     (25, "Vehicle.LEV.Battery.DischargeEnabled", "bool", 0, 1, 0, "discharge FET on"),
     (26, "Vehicle.Powertrain.ElectricMotor.Temperature", "C", -50, 400, 20, "motor temperature"),
     (27, "Vehicle.LEV.Controller.Temperature", "C", -50, 400, 20, "motor controller temperature"),
-    (28, "Vehicle.LEV.Controller.Voltage", "V", 0, 200, 100, "DC bus voltage seen by the controller"),
+    (28, "Vehicle.LEV.Controller.Voltage", "V", 0, 200, 0, "DC bus voltage seen by the controller"),
     (29, "Vehicle.LEV.Controller.MotorCurrent", "A", -500, 500, 0, "motor current"),
     (30, "Vehicle.LEV.Controller.FaultCode", "code", 0, 4294967295, 0, "live fault code, 0 = none"),
     (31, "Vehicle.LEV.SpeedLimit", "km/h", 0, 150, 0, "assistance cut-off speed"),

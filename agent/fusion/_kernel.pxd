@@ -201,7 +201,8 @@ cdef class Kernel:
     cdef double[::1] sig_max
     cdef double[::1] row_lo
     cdef double[::1] row_hi
-    cdef double[::1] row_rate
+    cdef unsigned long long[::1] row_raw_lo
+    cdef unsigned long long[::1] row_raw_hi
     cdef double[::1] lim_lo
     cdef double[::1] lim_hi
     cdef double[::1] lim_rate
@@ -262,8 +263,13 @@ cdef class Kernel:
     @cython.locals(m=int, out=list)
     cpdef object decode_frame(self, long long key, const unsigned char[::1] data)
 
-    @cython.locals(be=cython.ulonglong, first=int, s=int, mux=int, raw=cython.ulonglong, value=double)
+    @cython.locals(be=cython.ulonglong, first=int, s=int, mux=int, raw=cython.ulonglong)
     cdef int _decode(self, int m, unsigned long long le, double t, list out) except -1
+
+    cdef double _value(self, int s, unsigned long long raw) noexcept
+
+    @cython.locals(value=double)
+    cdef int _row_slow(self, int s, unsigned long long raw, double t) except -1
 
     cdef unsigned long long _raw(self, int s, unsigned long long le, unsigned long long be) noexcept
 
@@ -277,6 +283,8 @@ cdef class Kernel:
     cdef int _vote(self, int sid, double t, double limit) noexcept
 
     cdef bint _accept(self, int sid, double t, double value) noexcept
+
+    cdef bint _row_accept(self, int s, double t, double value) noexcept
 
     @cython.locals(dt=double)
     cdef bint _rate_ok(self, int sid, double t, double value) noexcept

@@ -159,8 +159,8 @@ PARAMS = (
     ("wheel_check_min_kmh", 8.0, "km/h", "wheel and GNSS speed are compared above this"),
     ("temp_rise_window_s", 5.0, "s", "span the rate of temperature rise is measured over"),
     ("full_soc_pct", 99.0, "%", "charging at or above this SoC is over-charge"),
-    ("rate_min_s", 0.02, "s", "a value's change is judged over at least this (the frames of one read share a "
-                              "time; a turn of the agent's loop lasts about 10 ms)"),
+    ("rate_min_s", 0.05, "s", "a value's change is judged over at least this (the frames of one read share a "
+                              "time)"),
     ("motor_active_a", 1.0, "A", "motor current above this is motion (stationary decision)"),
     ("pedal_active_rpm", 5.0, "rpm", "cadence above this is motion (stationary decision)"),
     ("gnss_frozen_s", 3.0, "s", "a GNSS fix whose position has not moved this long while its speed says "
@@ -673,12 +673,16 @@ class Kernel:
         self._row_limits()
 
     def _row_limits(self):
-        """Each CAN table row's range and rate for the decode loop: its signal's limits,
-        narrowed by the DBC's range of the row."""
+        """Each CAN table row's range: its signal's limits, narrowed by the DBC's range of
+        the row. The decode loop tests the raw bits against ``row_raw_lo``-``row_raw_hi``
+        (no float, no "no value" test): the raw values of a believable value, for an
+        unsigned row without a rate whose "no value" lies outside them; an empty span
+        (1 to 0) sends every value of any other row to _row_slow."""
         n = len(self.sig_id)
         self.row_lo = _zeros("d", n)
         self.row_hi = _zeros("d", n)
-        self.row_rate = _zeros("d", n)
+        self.row_raw_lo = _filled("Q", 1, n)
+        self.row_raw_hi = _zeros("Q", n)
         for s in range(n):
             sid = self.sig_id[s]
             lo = self.lim_lo[sid] if self.lim_lo[sid] > self.sig_min[s] else self.sig_min[s]
@@ -687,8 +691,37 @@ class Kernel:
                 raise ValueError("signal row %d (id %d): its DBC range holds no believable value" % (s, sid))
             self.row_lo[s] = lo
             self.row_hi[s] = hi
-            self.row_rate[s] = self.lim_rate[sid]
+            if not self.sig_signed[s] and self.lim_rate[sid] == 0.0:
+                span = self._raw_span(s, lo, hi)
+                if span[0] <= span[1] and not (self.sig_has_na[s] and span[0] <= self.sig_na[s] <= span[1]):
+                    self.row_raw_lo[s] = span[0]
+                    self.row_raw_hi[s] = span[1]
         return 0
+
+    def _raw_span(self, s, lo, hi):
+        """The raw values of unsigned row ``s`` whose value (as _value computes it) lies
+        in ``[lo, hi]``: one span, the value being monotonic in the raw; (1, 0) if none."""
+        f = self.sig_factor[s]
+        o = self.sig_offset[s]
+        top = self.sig_mask[s]
+        if f == 0.0:
+            return (0, top) if lo <= o <= hi else (1, 0)
+        a = (lo - o) / f
+        b = (hi - o) / f
+        if f < 0.0:
+            a, b = b, a
+        r_lo = 0 if not a > 0.0 else (top if a >= top else int(a))
+        r_hi = top if not b < top else (0 if b <= 0.0 else int(b))
+        # Float rounding: settle both ends on exactly what _value gives.
+        while r_lo <= r_hi and not lo <= float(r_lo) * f + o <= hi:
+            r_lo += 1
+        while r_lo > 0 and lo <= float(r_lo - 1) * f + o <= hi:
+            r_lo -= 1
+        while r_hi >= r_lo and not lo <= float(r_hi) * f + o <= hi:
+            r_hi -= 1
+        while r_hi < top and lo <= float(r_hi + 1) * f + o <= hi:
+            r_hi += 1
+        return (r_lo, r_hi) if r_lo <= r_hi else (1, 0)
 
     def set_can_source(self, source):
         """The source whose health the CAN messages count towards."""
@@ -915,6 +948,13 @@ class Kernel:
             self._refuse(sid, t, REFUSED_RANGE)
             return False
         return self.lim_rate[sid] == 0.0 or self._rate_ok(sid, t, value)
+
+    def _row_accept(self, s, t, value):
+        """_accept for a value of CAN table row ``s``, by the row's own range."""
+        if not self.row_lo[s] <= value <= self.row_hi[s]:
+            self._refuse(self.sig_id[s], t, REFUSED_RANGE)
+            return False
+        return self.lim_rate[self.sig_id[s]] == 0.0 or self._rate_ok(self.sig_id[s], t, value)
 
     def _rate_ok(self, sid, t, value):
         """The rate half of _accept (the decode loop tests a row's range itself), against
@@ -1361,23 +1401,34 @@ class Kernel:
                 continue
             # _raw() written out: this is the hottest line of the agent.
             raw = ((be if self.sig_big_endian[s] else le) >> self.sig_shift[s]) & self.sig_mask[s]
-            if self.sig_has_na[s] and raw == self.sig_na[s]:
-                self.no_value += 1
-                continue
-            if self.sig_signed[s] and (raw >> (self.sig_length[s] - 1)) & 1:
-                value = -float((~raw & self.sig_mask[s]) + 1)
+            if out is not None:
+                if self.sig_has_na[s] and raw == self.sig_na[s]:
+                    self.no_value += 1
+                else:
+                    out.append((self.sig_id[s], self._value(s, raw)))
+            elif self.row_raw_lo[s] <= raw <= self.row_raw_hi[s]:
+                # A believable raw value of an unsigned row without a rate (see
+                # _row_limits): _value written out, and no other test.
+                self._sample(self.sig_id[s], t, float(raw) * self.sig_factor[s] + self.sig_offset[s])
             else:
-                value = float(raw)
-            value = value * self.sig_factor[s] + self.sig_offset[s]
-            if out is None:
-                # _accept with the row's own range (see _row_limits); one call of _sample,
-                # which the C compiler then inlines.
-                if not self.row_lo[s] <= value <= self.row_hi[s]:
-                    self._refuse(self.sig_id[s], t, REFUSED_RANGE)
-                elif self.row_rate[s] == 0.0 or self._rate_ok(self.sig_id[s], t, value):
-                    self._sample(self.sig_id[s], t, value)
-            else:
-                out.append((self.sig_id[s], value))
+                self._row_slow(s, raw, t)
+
+    def _value(self, s, raw):
+        """The physical value of raw bits of row ``s``."""
+        if self.sig_signed[s] and (raw >> (self.sig_length[s] - 1)) & 1:
+            return -float((~raw & self.sig_mask[s]) + 1) * self.sig_factor[s] + self.sig_offset[s]
+        return float(raw) * self.sig_factor[s] + self.sig_offset[s]
+
+    def _row_slow(self, s, raw, t):
+        """A raw value the decode loop's one test did not pass: "no value", a signed or
+        rated row, or a value out of the row's range."""
+        if self.sig_has_na[s] and raw == self.sig_na[s]:
+            self.no_value += 1
+            return 0
+        value = self._value(s, raw)
+        if self._row_accept(s, t, value):
+            self._sample(self.sig_id[s], t, value)
+        return 0
 
     def _raw(self, s, le, be):
         if self.sig_big_endian[s]:
