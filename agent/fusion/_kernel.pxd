@@ -203,6 +203,7 @@ cdef class Kernel:
     cdef double[::1] row_hi
     cdef unsigned long long[::1] row_raw_lo
     cdef unsigned long long[::1] row_raw_hi
+    cdef signed char[::1] row_rated
     cdef double[::1] lim_lo
     cdef double[::1] lim_hi
     cdef double[::1] lim_rate
@@ -263,7 +264,7 @@ cdef class Kernel:
     @cython.locals(m=int, out=list)
     cpdef object decode_frame(self, long long key, const unsigned char[::1] data)
 
-    @cython.locals(be=cython.ulonglong, first=int, s=int, mux=int, raw=cython.ulonglong)
+    @cython.locals(be=cython.ulonglong, first=int, s=int, mux=int, raw=cython.ulonglong, value=double)
     cdef int _decode(self, int m, unsigned long long le, double t, list out) except -1
 
     cdef double _value(self, int s, unsigned long long raw) noexcept

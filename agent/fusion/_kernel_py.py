@@ -676,13 +676,14 @@ class Kernel:
         """Each CAN table row's range: its signal's limits, narrowed by the DBC's range of
         the row. The decode loop tests the raw bits against ``row_raw_lo``-``row_raw_hi``
         (no float, no "no value" test): the raw values of a believable value, for an
-        unsigned row without a rate whose "no value" lies outside them; an empty span
-        (1 to 0) sends every value of any other row to _row_slow."""
+        unsigned row whose "no value" lies outside them; an empty span (1 to 0) sends
+        every value of any other row to _row_slow. ``row_rated``: the signal has a rate."""
         n = len(self.sig_id)
         self.row_lo = _zeros("d", n)
         self.row_hi = _zeros("d", n)
         self.row_raw_lo = _filled("Q", 1, n)
         self.row_raw_hi = _zeros("Q", n)
+        self.row_rated = _zeros("b", n)
         for s in range(n):
             sid = self.sig_id[s]
             lo = self.lim_lo[sid] if self.lim_lo[sid] > self.sig_min[s] else self.sig_min[s]
@@ -691,7 +692,8 @@ class Kernel:
                 raise ValueError("signal row %d (id %d): its DBC range holds no believable value" % (s, sid))
             self.row_lo[s] = lo
             self.row_hi[s] = hi
-            if not self.sig_signed[s] and self.lim_rate[sid] == 0.0:
+            self.row_rated[s] = 1 if self.lim_rate[sid] > 0.0 else 0
+            if not self.sig_signed[s]:
                 span = self._raw_span(s, lo, hi)
                 if span[0] <= span[1] and not (self.sig_has_na[s] and span[0] <= self.sig_na[s] <= span[1]):
                     self.row_raw_lo[s] = span[0]
@@ -1407,9 +1409,11 @@ class Kernel:
                 else:
                     out.append((self.sig_id[s], self._value(s, raw)))
             elif self.row_raw_lo[s] <= raw <= self.row_raw_hi[s]:
-                # A believable raw value of an unsigned row without a rate (see
-                # _row_limits): _value written out, and no other test.
-                self._sample(self.sig_id[s], t, float(raw) * self.sig_factor[s] + self.sig_offset[s])
+                # A believable raw value of an unsigned row (see _row_limits): _value
+                # written out, and the rate where the signal has one.
+                value = float(raw) * self.sig_factor[s] + self.sig_offset[s]
+                if self.row_rated[s] == 0 or self._rate_ok(self.sig_id[s], t, value):
+                    self._sample(self.sig_id[s], t, value)
             else:
                 self._row_slow(s, raw, t)
 
