@@ -112,6 +112,18 @@ def test_a_can_value_beyond_the_catalogue_range_is_refused(kernel_cls: Any) -> N
     assert k.refusals(0) == [(SPEED, 1, 0)]
 
 
+@pytest.mark.parametrize(("raw", "believed"), [(15000, True), (14999, True), (15001, False), (65535, False), (0, True)])
+def test_the_raw_span_of_a_can_row_ends_exactly_at_its_range(kernel_cls: Any, raw: int, believed: bool) -> None:
+    """The decode loop tests raw bits against a span worked out once from the range
+    (0.01 km/h steps, 150 km/h the top): exactly the values the range believes, no float
+    rounding letting 150.01 through or keeping 150.00 out."""
+    k = bafang(kernel_cls)
+    k.feed_frames([frame_key(0x02F83201, True)], [bytes([raw & 0xFF, raw >> 8, 0x5E, 1, 0x3C, 0x0F, 60, 55])],
+                  [10.0])
+    assert (SPEED in seen(k)) == believed
+    assert k.refusals(0) == ([] if believed else [(SPEED, 1, 0)])
+
+
 def test_a_dbc_range_narrows_only_its_own_rows(kernel_cls: Any) -> None:
     """A DBC declaring SoC [0|50] has the CAN bus's SoC 60 refused, while a BMS on a UART
     saying 60 % is believed: a DBC speaks for its own frames only."""

@@ -283,9 +283,7 @@ cdef class Kernel:
     @cython.locals(v=double)
     cdef int _vote(self, int sid, double t, double limit) noexcept
 
-    cdef bint _accept(self, int sid, double t, double value) noexcept
-
-    cdef bint _row_accept(self, int s, double t, double value) noexcept
+    cdef bint _accept(self, int sid, double t, double value, double lo, double hi) noexcept
 
     @cython.locals(dt=double)
     cdef bint _rate_ok(self, int sid, double t, double value) noexcept

@@ -777,7 +777,7 @@ class Kernel:
                 continue
             t = times[i]
             self._advance(t)
-            if self._accept(sid, t, values[i]):
+            if self._accept(sid, t, values[i], self.lim_lo[sid], self.lim_hi[sid]):
                 self._sample(sid, t, values[i])
         return self._take_closed()
 
@@ -943,23 +943,17 @@ class Kernel:
 
     # Range and rate -------------------------------------------------------------------
 
-    def _accept(self, sid, t, value):
-        """Whether a decoded value is believed: inside its signal's range and, where the
-        signal has a rate, no further from the last value believed than that allows."""
-        if not self.lim_lo[sid] <= value <= self.lim_hi[sid]:  # a NaN fails too
+    def _accept(self, sid, t, value, lo, hi):
+        """Whether a decoded value is believed: inside ``[lo, hi]`` (its signal's range, or
+        a CAN row's) and, where the signal has a rate, no further from the last value
+        believed than that allows."""
+        if not lo <= value <= hi:  # a NaN fails too
             self._refuse(sid, t, REFUSED_RANGE)
             return False
         return self.lim_rate[sid] == 0.0 or self._rate_ok(sid, t, value)
 
-    def _row_accept(self, s, t, value):
-        """_accept for a value of CAN table row ``s``, by the row's own range."""
-        if not self.row_lo[s] <= value <= self.row_hi[s]:
-            self._refuse(self.sig_id[s], t, REFUSED_RANGE)
-            return False
-        return self.lim_rate[self.sig_id[s]] == 0.0 or self._rate_ok(self.sig_id[s], t, value)
-
     def _rate_ok(self, sid, t, value):
-        """The rate half of _accept (the decode loop tests a row's range itself), against
+        """The rate half of _accept (the decode loop tests a row's raw span itself), against
         the last value believed from the same source: two sources of one signal may
         disagree by more than it can change (a controller and a display both reporting the
         motor's temperature, each with its own sensor)."""
@@ -1430,7 +1424,7 @@ class Kernel:
             self.no_value += 1
             return 0
         value = self._value(s, raw)
-        if self._row_accept(s, t, value):
+        if self._accept(self.sig_id[s], t, value, self.row_lo[s], self.row_hi[s]):
             self._sample(self.sig_id[s], t, value)
         return 0
 
