@@ -406,6 +406,21 @@ def test_sigkill_while_commands_run_never_runs_one_twice(tmp_path: Path, mosquit
         with sqlite3.connect(outbox) as db:
             return dict(db.execute("SELECT id, state FROM command_journal").fetchall())
 
+    def all_ended() -> bool:
+        ended = states()
+        return all(ended.get(cid) in ("executed", "failed") for cid in sent)
+
+    # How long this machine takes to handle a burst: the kills fall inside that window,
+    # whatever the machine's speed.
+    agent = spawn(["agent", "run", "--config", str(config)], tmp_path / "agent-calibrate.log")
+    parts.append(agent)
+    wait_connected(tmp_path)
+    wait_speed_known(tmp_path)
+    began = time.monotonic()
+    burst(8)
+    wait_for("the calibration burst to end", all_ended, 60, interval=0.005)
+    window = time.monotonic() - began
+    assert stop(agent) == 0
     mid_way = 0
     for kill in range(KILLS):
         log = tmp_path / f"agent{kill}.log"
@@ -415,19 +430,18 @@ def test_sigkill_while_commands_run_never_runs_one_twice(tmp_path: Path, mosquit
         wait_speed_known(tmp_path)
         burst(8)
         # A random moment: verifying, journalling, writing to the bus, reporting.
-        time.sleep(rng.uniform(0.0, 0.1))
+        time.sleep(rng.uniform(0.0, window))
         assert agent.poll() is None, log.read_text()
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         # Caught mid-way: some command of the burst was on its way, waiting, or running.
-        ended = states()
-        mid_way += any(ended.get(cid) not in ("executed", "failed") for cid in sent)
+        mid_way += not all_ended()
         if kill % 5 == 0:
             burst(2)  # waits in the broker's session for the next start
     agent = spawn(["agent", "run", "--config", str(config)], tmp_path / "agent-final.log")
     parts.append(agent)
     wait_connected(tmp_path)
-    wait_for("every command to end", lambda: all(states().get(cid) in ("executed", "failed") for cid in sent), 60)
+    wait_for("every command to end", all_ended, 60)
     assert stop(agent) == 0
     final = states()
     obeyed: dict[int, int] = {}
