@@ -488,14 +488,40 @@ def load(path: str) -> Config:
 
 
 def read_raw(path: str) -> dict[str, Any]:
-    """The TOML document of ``path``, not yet validated."""
+    """The TOML document of ``path``, not yet validated. Every way the file itself can
+    fail (absent, unreadable, not UTF-8, not TOML) is a ConfigError of key ``-``."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            data = f.read()
     except OSError as e:
         raise ConfigError(path, "-", f"cannot read: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "-", "not a UTF-8 TOML file") from e
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "-", f"not valid TOML: {e}") from e
+        raise ConfigError(path, "-", _toml_fault(str(e), text)) from e
+
+
+_TOML_AT = re.compile(r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$", re.S)
+
+
+def _toml_fault(message: str, text: str) -> str:
+    """tomllib's ``msg (at line L, column C)`` as ``line L, column C: not valid TOML: msg``,
+    the place first, as a technician looks for it; "end of document" gets the file's last
+    position."""
+    m = _TOML_AT.match(message)
+    if m is None:
+        return f"not valid TOML: {message}"
+    if m["line"] is None:
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+    else:
+        line, col = int(m["line"]), int(m["col"])
+    msg = m["msg"]
+    return f"line {line}, column {col}: not valid TOML: {msg[:1].lower()}{msg[1:]}"
 
 
 def merged(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:

@@ -358,7 +358,7 @@ def test_cli_keys_generate_and_command_sign(tmp_path: Path, cache: c.ReplayCache
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
     again = _cli("keys", "generate", "--out", str(keys), "--kid", "fleet-2026")
-    assert again.returncode == 1 and "never overwritten" in again.stderr
+    assert again.returncode == 2 and "never overwritten" in again.stderr
 
     signed = _cli("command", "sign", "--key", str(private), "--kid", "fleet-2026", "--device", DEVICE,
                   "--ttl", "120", "set_speed_limit", "kmh=30", "allow_above_legal=true")

@@ -474,14 +474,14 @@ def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_config_check(tmp_path: Path) -> None:
     """``config check`` is what an installer runs before a restart: ok and exit 0, or the
-    exact refusal on stderr and exit 1."""
+    exact refusal on stderr and exit 2 (a configuration that cannot be used)."""
     good = write(tmp_path, minimal(), "good.toml")
     bad = write(tmp_path, minimal(tail="[broker]\nport = 70000"), "bad.toml")
     ok = run_agent("config", "check", str(good))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(f"ok: {good}")
     fail = run_agent("config", "check", str(bad))
-    assert fail.returncode == 1
+    assert fail.returncode == 2
     assert fail.stdout == ""
     assert fail.stderr.strip().splitlines()[-1] == f"error: {bad}:broker.port: must be a TCP port, 1-65535"
 
@@ -490,8 +490,50 @@ def test_cli_run_refuses_a_bad_config(tmp_path: Path) -> None:
     """``run`` must stop before it opens anything when the file is wrong."""
     bad = write(tmp_path, minimal(sources=SOURCES.replace('"gnss"', '"can0"')), "bad.toml")
     proc = run_agent("run", "--config", str(bad))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:sources[1].name: duplicate source name 'can0'"
+
+
+FILE_FAULTS = {
+    # name: (how the file is made, the message after "error: <file>: ")
+    "not-utf8": (lambda p: p.write_bytes(b'device_id = "bike-1"\n# caf\xe9\n\x89PNG\x00'), "not a UTF-8 TOML file"),
+    "syntax": (lambda p: p.write_text('device_id = "x"\n[[sources]\n'),
+               "line 2, column 10: not valid TOML: expected ']]' at the end of an array declaration"),
+    "duplicate-key": (lambda p: p.write_text('device_id = "x"\ndevice_id = "y"\n'),
+                      "line 2, column 16: not valid TOML: cannot overwrite a value"),
+    "ends-early": (lambda p: p.write_text('device_id = "x"\nport = '),
+                   "line 2, column 8: not valid TOML: invalid value"),
+    "absent": (lambda p: None, "cannot read: No such file or directory"),
+    "directory": (lambda p: p.mkdir(), "cannot read: Is a directory"),
+}
+CONFIG_COMMANDS = {
+    "run": ("run", "--config"),
+    "config-check": ("config", "check"),
+    "status": ("status", "--config"),
+    "buffer-stats": ("buffer", "stats", "--config"),
+}
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+@pytest.mark.parametrize("fault", FILE_FAULTS)
+def test_cli_file_faults_are_clean_errors(tmp_path: Path, command: str, fault: str) -> None:
+    """Whatever is wrong with the file itself, every command that reads a configuration
+    names the file and the fault (line and column for TOML), exit 2, no traceback."""
+    make, message = FILE_FAULTS[fault]
+    path = tmp_path / "agent.toml"
+    make(path)
+    proc = run_agent(*CONFIG_COMMANDS[command], str(path))
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == f"error: {path}: {message}\n"
+
+
+def test_file_faults_keep_the_key_convention(tmp_path: Path) -> None:
+    """Through the API the file-level faults stay ``<file>:-: <reason>``, as before."""
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b"\xff\xfe")
+    assert_refusal(path, "-", "not a UTF-8 TOML file")
+    path.write_text('device_id = "x"\n[[sources]\n')
+    assert refused(path).reason.startswith("line 2, column 10: not valid TOML: ")
 
 
 def test_fusion_alarm_and_reporting_tables(tmp_path: Path) -> None:

@@ -132,18 +132,20 @@ def test_frames_on_the_command_line() -> None:
     """0x096C = 2412 -> 24.12 km/h; 0x051F = 1311 -> 13.11 A; 0x0D84 = 3460 -> 34.6 V;
     0x40 - 40 = 24 C; motor FF = no sensor, so no motor temperature at all."""
     proc = agent("decode", "--protocol", "bafang-can", FRAME, "123#00", "02F83201#6C09")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, "a given frame did not decode"
     first, unknown, short = (json.loads(line) for line in proc.stdout.splitlines())
     assert first["ok"] is True and first["frame"] == FRAME
     assert_signals(first["signals"], FRAME_SIGNALS)
-    assert unknown["ok"] is True and unknown["signals"] == {}
-    assert short["ok"] is False and short["error"]
+    assert unknown == {"ok": False, "frame": "123#00", "error": "unknown id: no message of the DBC has it"}
+    assert short["ok"] is False and short["error"].startswith("truncated: ")
+    good = agent("decode", "--protocol", "bafang-can", FRAME, FRAME)
+    assert good.returncode == 0, good.stderr
 
 
 def test_slcan_format_and_stdin() -> None:
     slcan = agent("decode", "--protocol", "bafang-can", "--format", "slcan", "T02F8320186C091F05840D40FF",
                   "t12")
-    assert slcan.returncode == 0, slcan.stderr
+    assert slcan.returncode == 1, slcan.stderr
     good, bad = (json.loads(line) for line in slcan.stdout.splitlines())
     assert good["ok"] is True
     assert_signals(good["signals"], FRAME_SIGNALS)
@@ -297,3 +299,157 @@ def test_surron_capture_gives_the_state_its_file_name_says(shared_data: Path) ->
 def test_uart_protocol_refuses_a_can_format() -> None:
     out = agent("decode", "--protocol", "surron", "--format", "candump", "00")
     assert out.returncode == 1 and "does not carry protocol surron" in out.stderr
+
+
+# --- the per-frame contract, over every protocol -------------------------------------
+# One JSON line per FRAME argument, in order; a failure names its fault; exit 1 when
+# any given frame did not decode, 0 when all did. Valid frames come from the
+# simulator's encoders, the faults are made here.
+
+def good_uart_frames() -> dict[str, bytes]:
+    from firmware_sim.encoders import daly, jbd, kt, ninebot, surron
+
+    return {
+        "jbd": jbd.basic_info(52.1, -3.2, 8000, 10000, 12, 0, 80, True, True, 13, [25.0])[0],
+        "daly": daly.soc_frame(52.1, -3.2, 80)[0],
+        "ninebot": ninebot.bms_block(8000, 80, -3.2, 52.1, 25, 26)[0],
+        "kt-lcd3": kt.controller_frame(25, 2200, 80, 0, True, False, 10, 40)[0],
+        "surron": surron.response(surron.P_VOLTAGE, 4, 62.0, -3, 75, 99, 1, 2, 3, [3.9] * 4)[0],
+    }
+
+
+def flipped(frame: bytes, index: int, mask: int = 0x01) -> bytes:
+    out = bytearray(frame)
+    out[index] ^= mask
+    return bytes(out)
+
+
+GARBAGE = b"\x00\x11\x22\x33"  # no start byte of any protocol
+
+
+def uart_cases(proto: str, good: bytes) -> list[tuple[str, str | None]]:
+    """(hex FRAME argument, expected error prefix or None for a frame that decodes)."""
+    cases: list[tuple[bytes, str | None]] = [
+        (good, None),
+        (flipped(good, -3), "checksum: "),  # a byte the check covers
+        (good[:-1], "truncated: "),
+        (good + b"\x00", "length: "),
+        (good + good, "length: 2 frames"),
+        (GARBAGE, "no frame: "),
+        (b"", "no frame: "),
+    ]
+    length_field = {"daly": (3, 0x0F), "ninebot": (2, 0x0D)}  # 08 -> 07; 0C -> 01 (< 2)
+    if proto in length_field:
+        cases.append((flipped(good, *length_field[proto]), "length: "))
+    if proto == "surron":
+        cases.append((flipped(good, 1), "unknown id: "))  # BMS address 0116 -> 0117
+    return [(frame.hex(" "), want) for frame, want in cases]
+
+
+def assert_one_line_each(proc: subprocess.CompletedProcess[str], cases: list[tuple[str, str | None]]) -> None:
+    objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(objs) == len(cases), proc.stdout
+    for (text, want), obj in zip(cases, objs, strict=True):
+        if want is None:
+            assert obj["ok"] is True and obj["signals"], (text, obj)
+        else:
+            assert obj["ok"] is False and obj["error"].startswith(want), (text, want, obj)
+    assert proc.returncode == (0 if all(want is None for _text, want in cases) else 1), proc.stderr
+
+
+@pytest.mark.parametrize("proto", ["jbd", "daly", "ninebot", "kt-lcd3", "surron"])
+def test_uart_given_frames_one_line_each_naming_the_fault(proto: str) -> None:
+    cases = uart_cases(proto, good_uart_frames()[proto])
+    assert_one_line_each(agent("decode", "--protocol", proto, *(text for text, _want in cases)), cases)
+    good = cases[:1]
+    assert_one_line_each(agent("decode", "--protocol", proto, good[0][0], good[0][0]), good * 2)
+
+
+def nmea_cases() -> list[tuple[str, str | None]]:
+    from firmware_sim.encoders import nmea
+
+    good = nmea.gga(3600.0, 48.1, 11.5, 1, 8, 0.9, 520.0)[0].decode().strip()
+    return [
+        (good, None),
+        (good.replace("4806.0000", "4806.0001"), "bad checksum"),
+        (good[:30], "no checksum"),
+        ("garbage", "sentence does not start with '$'"),
+        ("", "no frame: "),
+    ]
+
+
+CAN_CASES = {
+    "candump": [
+        (FRAME, None),
+        ("02F83201#6C09", "truncated: "),
+        (FRAME + "00", "classic CAN data longer than 8 bytes"),
+        ("nonsense", "no '#' in frame"),
+        ("", "no frame: "),
+    ],
+    "slcan": [
+        ("T02F8320186C091F05840D40FF", None),
+        ("T02F8320126C09", "truncated: "),
+        ("t12", "not an SLCAN data frame"),
+        ("", "no frame: "),
+    ],
+}
+
+
+@pytest.mark.parametrize("fmt", ["candump", "slcan", "nmea"])
+def test_can_and_nmea_given_frames_one_line_each_naming_the_fault(fmt: str) -> None:
+    proto = "nmea" if fmt == "nmea" else "bafang-can"
+    cases = nmea_cases() if fmt == "nmea" else CAN_CASES[fmt]
+    args = ("decode", "--protocol", proto, "--format", fmt)
+    assert_one_line_each(agent(*args, *(text for text, _want in cases)), cases)
+    assert_one_line_each(agent(*args, cases[0][0]), cases[:1])
+
+
+def test_unknown_can_id_given_is_a_fault_and_in_a_capture_is_counted(tmp_path: Path) -> None:
+    """A given frame the profile has no message for did not decode (exit 1); in a
+    capture (real ones are full of them) it is a frame with ``message: null``, exit 0."""
+    proc = agent("decode", "--protocol", "bafang-can", "123#00")
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": False, "frame": "123#00",
+                                       "error": "unknown id: no message of the DBC has it"}
+    capture = tmp_path / "capture.log"
+    capture.write_text(f"(0.000000) can0 123#00\n(0.010000) can0 {FRAME}\n")
+    proc = agent("decode", "--protocol", "bafang-can", "--file", str(capture))
+    assert proc.returncode == 0, proc.stderr
+    unknown = json.loads(proc.stdout.splitlines()[0])
+    assert unknown["ok"] is True and unknown["message"] is None and unknown["signals"] == {}
+
+
+@pytest.mark.parametrize("proto", ["jbd", "daly", "ninebot", "kt-lcd3", "surron", "nmea"])
+def test_stats_count_bytes_outside_frames(tmp_path: Path, proto: str) -> None:
+    """``--stats`` on a capture with garbage around a good and a bad frame: the good one
+    decodes, the bad one is counted by its fault, and every byte outside a frame is
+    counted, NMEA included (its checksums are the decoder's, so a bad one is ``bad``)."""
+    if proto == "nmea":
+        good, bad = (text.encode() + b"\r\n" for text, _want in nmea_cases()[:2])
+    else:
+        good = good_uart_frames()[proto]
+        bad = flipped(good, -3)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(GARBAGE + good + bad + GARBAGE)
+    fmt = "nmea" if proto == "nmea" else "raw"
+    proc = agent("decode", "--protocol", proto, "--format", fmt, "--stats", "--file", str(path))
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["ok"] == 1
+    if proto == "nmea":
+        assert (stats["bad"], stats["dropped"], stats["garbage_bytes"]) == ({"bad checksum": 1}, {}, 2 * len(GARBAGE))
+    else:
+        assert (stats["bad"], stats["dropped"]) == ({}, {"checksum": 1})
+        assert stats["garbage_bytes"] == 2 * len(GARBAGE) + len(bad)
+
+
+def test_a_capture_with_bad_frames_still_exits_0(tmp_path: Path) -> None:
+    """The exit status speaks for FRAME arguments; a capture's damage is in its lines."""
+    path = tmp_path / "bms.hex"
+    good = good_uart_frames()["daly"]
+    path.write_text(f"{good.hex(' ')}\n{flipped(good, -3).hex(' ')}\n")
+    proc = agent("decode", "--protocol", "daly", "--file", str(path))
+    assert proc.returncode == 0, proc.stderr
+    objs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [o["ok"] for o in objs] == [True, False, False]
+    assert objs[1]["error"] == "1 candidate frames dropped: checksum"

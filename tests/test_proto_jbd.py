@@ -100,6 +100,24 @@ def test_three_extra_bytes_quirk():
     assert strict.bad == {"trailer": 1}
 
 
+@pytest.mark.parametrize("quirk", [True, False])
+def test_bad_checksum_at_the_end_of_the_stream_is_a_checksum(quirk: bool) -> None:
+    """The last frame of a read, with a bad checksum: the quirk form would need 3 more
+    bytes, but the line went quiet, so the plain form's fault is counted, not
+    "truncated"; a frame that really stops short still is."""
+    good = frame(4, CELLS)
+    bad_chk = good[:-3] + bytes([good[-3] ^ 1]) + good[-2:]
+    fr = jbd.framer(quirk)
+    assert fr.feed(bad_chk) + fr.flush() == []
+    assert next(iter(fr.bad)) == "checksum" and fr.pending == 0
+    cut = jbd.framer(quirk)
+    assert cut.feed(good[:-1]) + cut.flush() == []
+    assert next(iter(cut.bad)) == "truncated"
+    after = jbd.framer(quirk)
+    assert after.feed(bad_chk) + after.feed(good) == [good]
+    assert after.bad == {"checksum": 1}
+
+
 def test_malformed_content_raises():
     with pytest.raises(DecodeError):
         jbd.decode(frame(3, BASIC[:-2]))  # says 2 NTCs, carries 1

@@ -1,7 +1,7 @@
 """``ebike-agent``: one module per subcommand, each with ``add_subparser`` (cantools' layout).
 
-Errors print as ``error: <message>`` with a non-zero exit; ``--debug`` re-raises them
-with the traceback instead.
+Errors print as ``error: <message>`` with a non-zero exit (2 for a configuration that
+cannot be used, 1 otherwise); ``--debug`` re-raises them with the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 
 from agent import __version__
 from agent.cli import alarms_cmd, buffer, command, config_cmd, decode, ingest, keys, run, signals_cmd, status
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 _COMMANDS = (run, decode, config_cmd, signals_cmd, alarms_cmd, status, ingest, keys, command, buffer)
+# A configuration (or DBC) that cannot be used: like argparse's usage errors, the input is at fault.
+EXIT_CONFIG = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
+    except ConfigError as e:
+        if args.debug:
+            raise
+        # A fault of the file as a whole (key "-") has no key to name.
+        print(f"error: {e.path}: {e.reason}" if e.key == "-" else f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except AgentError as e:
         if args.debug:
             raise

@@ -60,18 +60,20 @@ class CanDecoder:
         try:
             rows = self.kernel.decode_frame(key, data)
         except ValueError as e:
-            raise DecodeError(str(e)) from e
+            # The kernel refuses only on length: fewer bytes than the message, or more than 8.
+            raise DecodeError(f"{'truncated' if len(data) < 8 else 'length'}: {e}") from e
         if rows is None:
             return {"signals": {}, "message": None}
         return {**believed(((sid, self.dbc.signal_name(sid), value) for sid, value in rows), self.lo, self.hi),
                 "message": self.dbc.msg_names[self.dbc.msg_index[key]]}
 
 
-def _candump_frames(lines: Iterable[str]) -> Iterator[tuple[str, int, bytes | DecodeError]]:
-    """(text, key, payload or the reason it is unusable) per non-blank line."""
+def _candump_frames(lines: Iterable[str], given: str = "") -> Iterator[tuple[str, int, bytes | DecodeError]]:
+    """(text, key, payload or the reason it is unusable) per non-blank line; a line that
+    does not parse is named ``given`` (a FRAME argument) or by its number."""
     for line_no, item in candump.read_candump(lines):
         if isinstance(item, DecodeError):
-            yield f"line {line_no}", 0, item
+            yield given or f"line {line_no}", 0, item
             continue
         _t, _iface, can_id, flags, data = item
         text = candump.format_candump_line(item).split(" ", 2)[2]
@@ -98,9 +100,8 @@ def _slcan_frames(lines: Iterable[str]) -> Iterator[tuple[str, int, bytes | Deco
             yield text, 0, DecodeError("not an SLCAN data frame")
 
 
-def _can(dbc: CompiledDbc, fmt: str, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    decoder = CanDecoder(dbc)
-    frames = _slcan_frames(lines) if fmt == "slcan" else _candump_frames(lines)
+def _can(decoder: CanDecoder, fmt: str, lines: Iterable[str], given: str = "") -> Iterator[dict[str, Any]]:
+    frames = _slcan_frames(lines) if fmt == "slcan" else _candump_frames(lines, given)
     for text, key, data in frames:
         if isinstance(data, DecodeError):
             yield {"ok": False, "frame": text, "error": data.reason}
@@ -114,20 +115,20 @@ def _can(dbc: CompiledDbc, fmt: str, lines: Iterable[str]) -> Iterator[dict[str,
 def _nmea(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
         text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            yield {"ok": True, "frame": text, **believed(_catalogue_rows(nmea.decode_sentence(text)), *UART_LIMITS)}
-        except DecodeError as e:
-            yield {"ok": False, "frame": text, "error": e.reason}
+        if text and not text.startswith("#"):
+            yield _sentence(text)
 
 
-def _uart_chunks(fmt: str, source: str | None, frames: list[str]) -> Iterator[bytes]:
-    """The byte stream of a UART capture (or of FRAME arguments, one hex frame each)."""
-    if source is None:
-        for text in frames:
-            yield _hex(text)
-    elif fmt == "raw":
+def _sentence(text: str) -> dict[str, Any]:
+    try:
+        return {"ok": True, "frame": text, **believed(_catalogue_rows(nmea.decode_sentence(text)), *UART_LIMITS)}
+    except DecodeError as e:
+        return {"ok": False, "frame": text, "error": e.reason}
+
+
+def _uart_chunks(fmt: str, source: str) -> Iterator[bytes]:
+    """The byte stream of a UART capture."""
+    if fmt == "raw":
         yield from _chunks(source)
     else:
         lines = _read_lines(source) if source != "-" else sys.stdin.read().splitlines()
@@ -146,18 +147,63 @@ def _hex(text: str) -> bytes:
         raise AgentError(f"not hex bytes: {text.strip()[:40]!r}") from e
 
 
-def uart_decode(proto: UartProtocol, chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-    """One object per frame the framer finds; then one per reason bytes were dropped."""
-    framer = proto.framer()
+def _framed(proto: UartProtocol, framer: Any, chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """One object per frame ``framer`` finds in the stream, up to its end."""
     for chunk in chunks:
         for frame in framer.feed(chunk):
             yield _uart_frame(proto, frame)
-    for frame in framer.flush():
+    # The capture ended: the binary framers drop what waits; NMEA's line end completes it.
+    flush = getattr(framer, "flush", None)
+    for frame in flush() if flush is not None else framer.feed(b"\n"):
         yield _uart_frame(proto, frame)
+
+
+def uart_decode(proto: UartProtocol, chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """One object per frame the framer finds; then one per reason bytes were dropped."""
+    framer = proto.framer()
+    yield from _framed(proto, framer, chunks)
     for reason, count in sorted(framer.bad.items()):
         yield {"ok": False, "frame": None, "error": f"{count} candidate frames dropped: {reason}"}
     if framer.garbage_bytes:
         yield {"ok": False, "frame": None, "error": f"{framer.garbage_bytes} bytes outside any frame"}
+
+
+# The framers' reasons for dropping a candidate, as a technician reads them.
+FRAMING_FAULTS = {
+    "checksum": "checksum: the check bytes do not match the frame",
+    "truncated": "truncated: fewer bytes than the frame's length says",
+    "length": "length: the length field is not one the protocol allows",
+    "trailer": "trailer: the frame does not end with the protocol's end byte",
+    "status": "status: not a status byte the protocol knows",
+    "address": "unknown id: not a device address the protocol knows",
+}
+
+
+def given_uart_frame(proto: UartProtocol, text: str) -> dict[str, Any]:
+    """One FRAME argument as exactly one object: decoded when the protocol's framer takes
+    all of its bytes as one frame, else the framer's reason, as the agent would count it."""
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        return {"ok": False, "frame": text, "error": "not hex bytes"}
+    framer = proto.framer()
+    found = framer.feed(data) + framer.flush()
+    if len(found) == 1 and len(found[0]) == len(data):
+        return _uart_frame(proto, found[0])
+    return {"ok": False, "frame": data.hex(" ").upper(), "error": _framing_fault(data, found, framer.bad)}
+
+
+def _framing_fault(data: bytes, found: list[bytes], dropped: dict[str, int]) -> str:
+    """Why ``data`` is not one frame. ``dropped`` counts in stream order, so its first
+    reason is that of the first candidate: the frame given, when it starts at byte 0."""
+    if len(found) > 1:
+        return f"length: {len(found)} frames in one argument, give one each"
+    if dropped and not (found and data.startswith(found[0])):
+        reason = next(iter(dropped))
+        return FRAMING_FAULTS.get(reason, reason)
+    if found:
+        return f"length: the frame is {len(found[0])} bytes, {len(data)} were given"
+    return "no frame: no frame start in these bytes" if data else "no frame: no bytes given"
 
 
 def _uart_frame(proto: UartProtocol, frame: bytes) -> dict[str, Any]:
@@ -173,23 +219,22 @@ def _uart_frame(proto: UartProtocol, frame: bytes) -> dict[str, Any]:
 
 
 def uart_stats(proto: UartProtocol, chunks: Iterable[bytes]) -> dict[str, Any]:
+    """Counts for a whole UART or NMEA capture: frames by outcome, the candidates the
+    framer dropped by reason, and the bytes outside any frame."""
     t0 = time.perf_counter()
     ok = not_understood = 0
     bad_content: dict[str, int] = {}
-    for item in uart_decode(proto, chunks):
+    framer = proto.framer()
+    for item in _framed(proto, framer, chunks):
         if item["ok"]:
             ok += 1
             not_understood += "understood" in item
-        elif item["frame"] is not None:
+        else:
             bad_content[item["error"].split(":")[0]] = bad_content.get(item["error"].split(":")[0], 0) + 1
     elapsed = time.perf_counter() - t0
     return {"frames": ok + sum(bad_content.values()), "ok": ok, "not_understood": not_understood,
-            "bad": bad_content, "frames_per_s": ok / elapsed if elapsed > 0 else 0.0}
-
-
-def _compact_frames(frames: list[str]) -> list[str]:
-    """``ID#DATA`` arguments as candump lines, so one parser serves both."""
-    return [f"(0.000000) can0 {f}" for f in frames]
+            "bad": bad_content, "dropped": dict(framer.bad), "garbage_bytes": framer.garbage_bytes,
+            "frames_per_s": ok / elapsed if elapsed > 0 else 0.0}
 
 
 STATS_CHUNK = 1 << 20
@@ -244,28 +289,51 @@ def _decode(args: argparse.Namespace) -> int:
     fmt = args.format or allowed[0]
     if fmt not in allowed:
         raise AgentError(f"format {fmt} does not carry protocol {proto} (use {', '.join(allowed)})")
-    if kind == "uart":
-        uart = protocol(proto)
-        chunks = _uart_chunks(fmt, args.file, args.frames)
-        if args.stats:
-            print(json.dumps(uart_stats(uart, chunks)))
-            return 0
-        for obj in uart_decode(uart, chunks):
+    if not args.file:
+        failed = 0
+        for obj in given_frames(kind, proto, fmt, args.frames):
             print(json.dumps(obj))
-        return 0
+            failed += not obj["ok"]
+        return 1 if failed else 0
     if args.stats:
-        if kind == "nmea":
-            raise AgentError("--stats reads CAN and binary UART captures")
-        print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, _chunks(args.file))))
+        if kind == "can":
+            print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, _chunks(args.file))))
+        else:
+            chunks = _chunks(args.file) if kind == "nmea" else _uart_chunks(fmt, args.file)
+            print(json.dumps(uart_stats(protocol(proto), chunks)))
         return 0
-    if args.file:
-        lines = sys.stdin.read().splitlines() if args.file == "-" else _read_lines(args.file)
+    if kind == "uart":
+        out = uart_decode(protocol(proto), _uart_chunks(fmt, args.file))
     else:
-        lines = _compact_frames(args.frames) if fmt == "candump" else args.frames
-    out = _nmea(lines) if kind == "nmea" else _can(compile_dbc(dbc_for(proto)), fmt, lines)
+        lines = sys.stdin.read().splitlines() if args.file == "-" else _read_lines(args.file)
+        out = _nmea(lines) if kind == "nmea" else _can(CanDecoder(compile_dbc(dbc_for(proto))), fmt, lines)
     for obj in out:
         print(json.dumps(obj))
     return 0
+
+
+def given_frames(kind: str, proto: str, fmt: str, frames: list[str]) -> Iterator[dict[str, Any]]:
+    """Exactly one object per FRAME argument, in order, so a script can pair them up;
+    an argument that holds no frame at all says so rather than vanishing."""
+    if kind == "uart":
+        uart = protocol(proto)
+        for text in frames:
+            yield given_uart_frame(uart, text)
+        return
+    decoder = CanDecoder(compile_dbc(dbc_for(proto))) if kind == "can" else None
+    for text in frames:
+        if not text.strip():
+            yield {"ok": False, "frame": text, "error": "no frame: empty argument"}
+        elif decoder is None:
+            yield _sentence(text.strip())
+        else:
+            line = f"(0.000000) can0 {text.strip()}" if fmt == "candump" else text
+            for obj in _can(decoder, fmt, [line], given=text):
+                # Asked about this very frame, an id the DBC has no message for is the
+                # answer's fault (in a capture, such frames are only counted).
+                if obj["ok"] and obj["message"] is None:
+                    obj = {"ok": False, "frame": obj["frame"], "error": "unknown id: no message of the DBC has it"}
+                yield obj
 
 
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -12,7 +12,9 @@ A protocol describes itself with a small spec object and the ``Framer`` does the
   string when the header already rules the candidate out (Sur-Ron's address).
 - ``check(buf, s, length)``: None for a good frame, a reason string ("checksum",
   "trailer", ...) for a bad one, or a larger int: "check again at this length"
-  (JBD's firmware quirk).
+  (JBD's firmware quirk). A spec whose ``check`` can ask that also has
+  ``fault(buf, s, length)``: the reason the form of ``length`` bytes failed, counted
+  when the line goes quiet before the longer form is complete.
 
 A bad candidate moves the search ONE byte past its start, never past its end, so a
 real frame that begins inside garbage or inside a false start is still found. A
@@ -67,8 +69,18 @@ class Framer:
 
     def flush(self) -> list:
         """The line went quiet: a waiting candidate will not complete, so drop its start
-        (counted as "truncated") and frame what follows it. Call on an idle gap."""
+        (counted as "truncated", see ``_cut_short``) and frame what follows it. Call on an
+        idle gap."""
         return self._scan(True)
+
+    def _cut_short(self, buf, s: int, length: int) -> str:
+        """Why a candidate the line left unfinished is dropped: "truncated", unless its
+        length field's form was complete and failed, and only a longer form ``check``
+        asked for is missing: then that failure is the fault (JBD's bad checksum)."""
+        first = self.spec.length(buf, s)
+        if length > first:
+            return self.spec.fault(buf, s, first)
+        return "truncated"
 
     def _scan(self, idle: bool) -> list:
         buf = self._buf
@@ -123,7 +135,7 @@ class Framer:
                 self.garbage_bytes += 1
                 pos = s + 1
             elif idle:
-                self._count("truncated")
+                self._count(self._cut_short(buf, s, length))
                 self.garbage_bytes += 1
                 pos = s + 1
             else:

@@ -102,6 +102,11 @@ class _Spec:
             return None
         return fault
 
+    def fault(self, buf, s: int, length: int):
+        """The plain form's fault, when the line went quiet before a quirk form could
+        complete: a frame with a bad checksum is not "truncated"."""
+        return _plain_fault(buf, s, length)
+
 
 class JbdFramer(Framer):
     """A ``Framer`` that also counts the BMS's error replies (status 80)."""
