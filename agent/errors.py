@@ -6,6 +6,8 @@
      |    +-- SourceUnavailableError   the device is absent now; retried with backoff
      +-- DecodeError (+ValueError)     a frame or sentence is malformed
      +-- StoreError             the outbox could not be read or written
+     |    +-- StorageUnwritable        its filesystem refuses writes: read-only, denied, full
+     +-- AlreadyRunning         another agent holds this outbox
      +-- UplinkError            the broker link or a batch failed
      +-- CommandRejected        a cloud command failed verification
 """
@@ -45,6 +47,20 @@ class DecodeError(AgentError, ValueError):
 
 class StoreError(AgentError):
     """The durable outbox could not do what was asked."""
+
+
+class StorageUnwritable(StoreError):
+    """The outbox's file or directory cannot be written for a reason of the storage's
+    (``cause``, in words), not of the file's content: the agent runs from memory."""
+
+    def __init__(self, path: str, cause: str) -> None:
+        super().__init__(f"outbox {path} cannot be written: {cause}")
+        self.path = path
+        self.cause = cause
+
+
+class AlreadyRunning(AgentError):
+    """Another agent holds the outbox's lock: this one must not touch anything."""
 
 
 class UplinkError(AgentError):

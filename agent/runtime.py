@@ -26,9 +26,10 @@ from agent.control import trial
 from agent.control.executor import Executor, Outcome
 from agent.control.server import ControlServer
 from agent.dbc.compile import CompiledDbc, compile_isolated, profile_path
-from agent.errors import ConfigError, DecodeError, SourceError, SourceUnavailableError
+from agent.errors import ConfigError, DecodeError, SourceError, SourceUnavailableError, StoreError
 from agent.fusion import motion
 from agent.fusion._kernel_py import (
+    A_STORAGE_FAILED,
     ALARM_NAMES,
     MOTION_STILL,
     OUT_ALARM,
@@ -45,6 +46,8 @@ from agent.signals import BY_ID, BY_NAME, ID_SPACE, limits
 from agent.sources import make_source
 from agent.sources.base import Source
 from agent.sources.candump import line_time
+from agent.store.lock import OutboxLock
+from agent.store.memory import Storage
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, Outbox
 from agent.uplink import wire
 from agent.uplink.commands import Command, ReplayCache
@@ -258,7 +261,7 @@ def _one_dbc(cfg: Config) -> CompiledDbc | None:
     return compile_isolated(paths.pop()) if paths else None
 
 
-def send_batches(outbox: Outbox, uplink: Uplink, device_id: str, max_records: int,
+def send_batches(outbox: Outbox | Storage, uplink: Uplink, device_id: str, max_records: int,
                  newest_live_first: bool = False, deflate: bool = False) -> None:
     """Fill the uplink's window with batches leased from the outbox, each sized to what the
     broker takes; rows of a batch paho refuses go back to the outbox."""
@@ -279,13 +282,17 @@ class Runtime:
     """The agent: owns every part of the path and the loop that drives them."""
 
     def __init__(self, cfg: Config) -> None:
+        # Before any port, socket or file: a second agent on this outbox stops here.
+        self.lock = OutboxLock(cfg.outbox.path)
         self.cfg = cfg
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex
         self.dbc = _one_dbc(cfg)
         self.kernel = make_kernel(cfg, self.dbc)
-        self.outbox = Outbox(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
-                             gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
+        self.outbox = Storage(cfg.outbox.path, int(cfg.outbox.quota_mb * 1024 * 1024),
+                              gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
+        self.storage_failed = bool(self.outbox.failed)
+        self.kernel.set_condition(A_STORAGE_FAILED, float(self.storage_failed))
         self.saved_state: list[float] = []
         self._restore_kernel_state()
         self.state_saved = time.monotonic()
@@ -316,12 +323,43 @@ class Runtime:
         self.trial: tuple[Command, float] | None = None
         self.replay: ReplayCache | None = None
         self.executor: Executor | None = None
-        if cfg.commands.enabled:
-            # The replay cache and the command journal live in the outbox's file.
-            self.replay = ReplayCache(cfg.outbox.path)
-            self.executor = Executor(cfg.commands, cfg.device_id, self.replay, self, self._result)
-            for cmd in self.executor.resume(time.time()):
-                self._resume_trial(cmd)
+        self._start_commands()
+
+    def _start_commands(self) -> None:
+        """The replay cache and the command journal live in the outbox's file: while it
+        cannot be written, no command is taken (each waits, unacknowledged, in the broker's
+        session), since none could be kept from running twice."""
+        if not self.cfg.commands.enabled or self.executor is not None:
+            return
+        if self.outbox.failed:
+            log.error("commands are not taken while the outbox cannot be written (%s)", self.outbox.failed)
+            return
+        try:
+            self.replay = ReplayCache(self.cfg.outbox.path)
+        except StoreError as e:
+            log.error("commands are not taken: %s", e)
+            return
+        self.executor = Executor(self.cfg.commands, self.cfg.device_id, self.replay, self, self._result)
+        for cmd in self.executor.resume(time.time()):
+            self._resume_trial(cmd)
+
+    def _stop_commands(self, e: StoreError) -> None:
+        log.error("commands are not taken until the command journal can be written again: %s", e)
+        self.executor = None
+        if self.replay is not None:
+            self.replay.close()
+            self.replay = None
+
+    def _watch_storage(self) -> None:
+        """``storage_failed`` follows the outbox; back on the file, commands resume."""
+        if self.outbox.retry():
+            self._start_commands()
+        failed = bool(self.outbox.failed)
+        if failed != self.storage_failed:
+            self.storage_failed = failed
+            self.kernel.set_condition(A_STORAGE_FAILED, float(failed))
+            if failed:
+                self._stop_commands(StoreError(self.outbox.failed))
 
     def _restore_kernel_state(self) -> None:
         """Trip, energy counters and the measured SoH carry on across restarts."""
@@ -387,6 +425,7 @@ class Runtime:
                 self._records(handler.tick(src, now, self.kernel), now)
         self._records(self.kernel.close_due(now), now)
         self._commit(force=self.urgent)
+        self._watch_storage()
         self._send()
         self._commands(time.time())
         if time.monotonic() - self.state_saved >= STATE_SAVE_S:
@@ -464,11 +503,15 @@ class Runtime:
         """Commands received, what waits on the interlock, and a configuration on trial."""
         if self.executor is None:
             return
-        for envelope, token in self.uplink.take_commands(COMMANDS_PER_TURN):
-            self.executor.receive(envelope, now)
-            self.uplink.command_done(token)
-        if self.executor.pending:
-            self.executor.step(now)
+        try:
+            for envelope, token in self.uplink.take_commands(COMMANDS_PER_TURN):
+                self.executor.receive(envelope, now)
+                self.uplink.command_done(token)
+            if self.executor.pending:
+                self.executor.step(now)
+        except StoreError as e:
+            self._stop_commands(e)
+            return
         if self.trial is not None:
             self._judge_trial(now)
         if self.urgent:
@@ -677,6 +720,7 @@ class Runtime:
         self.outbox.close()
         if self.replay is not None:
             self.replay.close()
+        self.lock.close()
         log.info("agent stopped: %d records committed%s", self.records, "; restarting" if self.restart else "")
         logging.getLogger().removeHandler(self.recent_log)
 

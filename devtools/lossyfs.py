@@ -13,6 +13,11 @@ directory only ever holds what was made durable. A power cut kills this process:
   directory as it is now reaches it or not, then the process exits without unmounting;
 - SIGTERM: a clean shutdown (sync, then unmount).
 
+SIGUSR2 turns the filesystem read-only, or back: every write, create, truncate,
+rename, unlink, fsync of unsynced bytes and open for writing then fails with EROFS, as a
+worn SD card's does (the kernel remounts it read-only under the files held open; a
+``mount -o remount,ro`` refuses while a file is open for writing).
+
 After a cut, ``fusermount3 -u -z`` detaches the dead mount and a new mount over the same
 backing directory shows what survived. ``LossyMount`` does all that for the tests.
 
@@ -93,6 +98,11 @@ class Volume:
             self.nodes[ino] = Node(ino, bytearray(path.read_bytes() if path.exists() else b""))
         self.next_ino = max([pyfuse3.ROOT_INODE, *self.names.values()]) + 1
         self.mounted_ns = time.time_ns()
+        self.read_only = False
+
+    def writable(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
 
     def node(self, ino: int) -> Node:
         try:
@@ -252,6 +262,7 @@ class LossyOps(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode != pyfuse3.ROOT_INODE:
+            self.volume.writable()
             node = self.volume.node(inode)
             if fields.update_size:
                 self.volume.truncate(node, attr.st_size)
@@ -273,10 +284,13 @@ class LossyOps(pyfuse3.Operations):
             self.volume.nodes[ino].lookups += 1
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.volume.fsyncdir()
+        if not self.volume.read_only:
+            self.volume.fsyncdir()
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.volume.node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.volume.writable()
         if flags & os.O_TRUNC:
             self.volume.truncate(node, 0)
         return pyfuse3.FileInfo(fh=inode)
@@ -284,6 +298,7 @@ class LossyOps(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._root(parent_inode)
+        self.volume.writable()
         if name in self.volume.names:
             if flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
@@ -296,20 +311,26 @@ class LossyOps(pyfuse3.Operations):
         return bytes(self.volume.node(fh).data[off:off + size])
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.volume.writable()
         self.volume.write(self.volume.node(fh), off, buf)
         return len(buf)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.volume.fsync(self.volume.node(fh))
+        node = self.volume.node(fh)
+        if node.dirty or node.size_dirty:
+            self.volume.writable()
+        self.volume.fsync(node)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._root(parent_inode)
+        self.volume.writable()
         self.volume.unlink(name)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._root(parent_inode_old)
         self._root(parent_inode_new)
+        self.volume.writable()
         self.volume.rename(name_old, name_new, flags)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -325,8 +346,13 @@ async def _serve(volume: Volume, seed: int) -> None:
     """The FUSE loop, and the signals that end it: a clean stop or a torn power cut."""
     async with trio.open_nursery() as nursery:
         async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                           signal.SIGUSR2) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGUSR2:
+                        volume.read_only = not volume.read_only
+                        print(f"read-only {volume.read_only}", flush=True)
+                        continue
                     if signum == signal.SIGUSR1:
                         volume.torn(random.Random(seed))
                         os._exit(0)  # no unmount, no cleanup: the power is off
@@ -371,6 +397,7 @@ class LossyMount:
         self.mountpoint = mountpoint
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ro = False
 
     def start(self, seed: int = 0) -> LossyMount:
         self.backing.mkdir(parents=True, exist_ok=True)
@@ -392,6 +419,21 @@ class LossyMount:
         """Power off: the process dies with what it held (SIGKILL), or after leaving a
         random part of it on the disk (SIGUSR1); the dead mount is detached."""
         self._end(signal.SIGUSR1 if torn else signal.SIGKILL)
+
+    def read_only(self, on: bool) -> None:
+        """Writes refused with EROFS from now on (or allowed again), under the open files."""
+        assert self.proc is not None
+        if on == self.ro:
+            return
+        self.ro = on
+        mark = f"read-only {on}"
+        seen = self.log.read_text(errors="replace").count(mark)
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.log.read_text(errors="replace").count(mark) <= seen:
+            if time.monotonic() > deadline:
+                raise OSError(f"lossyfs did not switch to {mark}: {self.log.read_text(errors='replace')}")
+            time.sleep(0.01)
 
     def stop(self) -> None:
         """Clean shutdown: everything synced, unmounted."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
+import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +63,31 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker = Mosquitto(str(tmp_path_factory.mktemp("mosquitto")))
     broker.start()
     yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory any user can reach (pytest's own are root's alone), root's to write:
+    for what runs as an unprivileged user."""
+    path = Path(tempfile.mkdtemp(prefix="ebike-shared-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of the test's own (its log holds only the test's clients; the test may
+    stop, kill or freeze it): resumed if frozen, then stopped."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = Mosquitto(str(workdir)).start()
+    yield broker
+    if broker.proc is not None and broker.proc.poll() is None:
+        broker.proc.send_signal(signal.SIGCONT)
     broker.stop()
 
 

@@ -9,7 +9,7 @@ import sys
 
 from agent import config
 from agent.control import trial
-from agent.errors import AgentError
+from agent.errors import AgentError, AlreadyRunning
 from agent.runtime import Runtime
 
 DEFAULT_CONFIG = "/etc/ebike-agent/agent.toml"
@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     except AgentError as e:
         # A remote configuration that cannot even start is put back here: nothing else
         # would, and the vehicle would be left without its agent.
-        if trial.read(args.config) is None:
+        if trial.read(args.config) is None or isinstance(e, AlreadyRunning):
             raise
         log.error("the configuration on trial does not start (%s): rolling back to the previous one", e)
         config.roll_back(args.config)

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from agent.errors import AlreadyRunning
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 0.5
@@ -26,8 +28,13 @@ class ControlServer:
         self.sock: socket.socket | None = None
 
     def start(self, selector: selectors.BaseSelector) -> None:
+        """A socket left by a dead agent is removed; one that answers belongs to a live
+        agent (of another outbox: the outbox lock keeps out those of the same) and is
+        never touched."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if os.path.exists(self.path):
+            if _answers(self.path):
+                raise AlreadyRunning(f"another ebike-agent is serving the control socket {self.path}")
             os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(self.path)
@@ -63,6 +70,19 @@ class ControlServer:
             self.sock = None
             if os.path.exists(self.path):
                 os.unlink(self.path)
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(REQUEST_TIMEOUT)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _read_line(conn: socket.socket) -> bytes:

@@ -222,6 +222,7 @@ A_GNSS_LOST = 19
 A_COMM_LOST = 20
 A_WHEEL_IMPLAUSIBLE = 21
 A_DATA_QUALITY = 22
+A_STORAGE_FAILED = 23
 ABOVE = 1
 BELOW = -1
 # Scale of a threshold: as given, or per cell (times the ``cells`` parameter).
@@ -282,9 +283,11 @@ ALARMS = (
     (A_DATA_QUALITY, "data_quality", 1, SPECIAL, ABOVE, 0.5, 0.2, 5.0, 10.0,
      PER_VALUE, "per source: values refused (out of range, or changing faster than possible) per second, "
                 "averaged over quality_tau_s (instance = source)"),
+    (A_STORAGE_FAILED, "storage_failed", 1, SPECIAL, ABOVE, 0.5, 0.5, 0.0, 0.0,
+     PER_VALUE, "1 while the outbox cannot be written (set by the agent, which runs from memory meanwhile)"),
 )
 ALARM_NAMES = dict((row[0], row[1]) for row in ALARMS)
-MAX_ALARM_CODE = A_DATA_QUALITY
+MAX_ALARM_CODE = A_STORAGE_FAILED
 # Alarms with one instance per source; their states follow the rows', a block each.
 PER_SOURCE = (A_COMM_LOST, A_DATA_QUALITY)
 NO_READING = -1000.0
@@ -845,6 +848,14 @@ class Kernel:
                 out.append((sid, self.w_last[sid], self.w_last_time[sid], self.sig_src[sid],
                             not self._fresh(sid, now)))
         return out
+
+    def set_condition(self, code, value):
+        """The value of a special alarm that the agent, not the fusion, observes
+        (``storage_failed``); judged with the next fusion step like any other."""
+        if code != A_STORAGE_FAILED:
+            raise ValueError("alarm %d is not set from outside the kernel" % code)
+        self.spec_ok[code] = 1
+        self.spec_value[code] = value
 
     def alarms(self):
         """Active alarms: ``(code, instance, level, raised_at, value)``."""

@@ -18,6 +18,7 @@ room again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -27,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import StoreError
+from agent.errors import StorageUnwritable, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ class Outbox:
             (page,) = self.db.execute("PRAGMA page_size").fetchone()
             self.db.execute(f"PRAGMA wal_autocheckpoint={max(16, self.ballast_bytes // page // 4)}")
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"cannot open outbox {path}: {e}") from e
+            if hasattr(self, "db"):
+                self.db.close()
+            raise _failure(path, f"cannot open outbox {path}", e) from e
         self._restore_ballast()
 
     def _clamp_quota(self, configured: int) -> tuple[int, int]:
@@ -163,9 +166,15 @@ class Outbox:
         return True
 
     def _open(self) -> sqlite3.Connection:
+        """A connection set up, or none left open: the agent retries a failed storage
+        every few seconds and must not leak a file handle each time."""
         db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _open_checked(self) -> sqlite3.Connection:
@@ -175,14 +184,20 @@ class Outbox:
         last_seq = 0
         try:
             db = self._open()
-            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
-            if verdict == "ok":
-                db.executescript(_SCHEMA)
-                return db
-            reason = str(verdict)
-            last_seq = _salvage_last_seq(db)
+            try:
+                (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+                if verdict == "ok":
+                    db.executescript(_SCHEMA)
+                    return db
+                reason = str(verdict)
+                last_seq = _salvage_last_seq(db)
+            except BaseException:
+                db.close()
+                raise
             db.close()
         except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                raise  # the storage's fault, not the file's: never moved aside
             reason = str(e)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.moved_aside = f"{self.path}.corrupt-{stamp}"
@@ -208,7 +223,7 @@ class Outbox:
         dropped = self._enforce_quota()
         if dropped and self.gap_body is not None:
             # Tell the cloud what went and why, as an alarm-lane record of its own.
-            self._store([(LANE_ALARM, time.time(), self.gap_body(_runs(dropped), "quota"))])
+            self._store([(LANE_ALARM, time.time(), self.gap_body(seq_runs(dropped), "quota"))])
         return seqs
 
     def _store(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
@@ -236,7 +251,7 @@ class Outbox:
     def _announcement(self) -> list[tuple[int, float, bytes]]:
         if not self.unannounced or self.gap_body is None:
             return []
-        return [(LANE_ALARM, time.time(), self.gap_body(_runs(self.unannounced), "disk-full"))]
+        return [(LANE_ALARM, time.time(), self.gap_body(seq_runs(self.unannounced), "disk-full"))]
 
     def _insert(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
         (first,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
@@ -266,7 +281,7 @@ class Outbox:
                     done = work()
             except sqlite3.Error as e:
                 if not _disk_full(e):
-                    raise StoreError(f"outbox {self.path}: {what} failed: {e}") from e
+                    raise _failure(self.path, f"outbox {self.path}: {what} failed", e) from e
                 self._disk_full_now(str(e))
                 continue
             self.wal_debt += size + PAGE_GUESS
@@ -317,7 +332,7 @@ class Outbox:
             (_, frames, copied) = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as e:
             if not _disk_full(e):
-                raise StoreError(f"outbox {self.path}: checkpoint failed: {e}") from e
+                raise _failure(self.path, f"outbox {self.path}: checkpoint failed", e) from e
             self._disk_full_now(f"checkpoint: {e}")
             return False
         if frames == copied:
@@ -344,7 +359,7 @@ class Outbox:
                     break  # the disk is full even for a delete; the next append makes room
                 dropped += gone
         except sqlite3.Error as e:
-            raise StoreError(f"outbox {self.path}: quota enforcement failed: {e}") from e
+            raise _failure(self.path, f"outbox {self.path}: quota enforcement failed", e) from e
         self.dropped += len(dropped)
         self.leased.difference_update(dropped)
         return dropped
@@ -360,8 +375,6 @@ class Outbox:
         with ``newest_live_first`` (after a reconnect) alarms, then the newest live window,
         so the cloud sees the vehicle as it is now before the backlog. ``max_bytes`` bounds
         the bodies plus ``overhead`` bytes per record (what the batch adds around each)."""
-        out: list[tuple[int, bytes]] = []
-        size = 0
         try:
             if newest_live_first:
                 cur = self.db.execute(
@@ -369,19 +382,9 @@ class Outbox:
                     " seq = (SELECT max(seq) FROM records WHERE lane = ?) DESC, lane, seq", (LANE_ALARM, LANE_LIVE))
             else:
                 cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
-            for seq, body in cur:
-                if seq in self.leased:
-                    continue
-                if out and size + len(body) + overhead > max_bytes:
-                    break
-                out.append((seq, bytes(body)))
-                size += len(body) + overhead
-                if len(out) >= max_records:
-                    break
+            return lease_from(cur, self.leased, max_records, max_bytes, overhead)
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: read failed: {e}") from e
-        self.leased.update(seq for seq, _ in out)
-        return out
 
     def release(self, seqs: Iterable[int]) -> None:
         """Give leased rows back (the message carrying them failed); they will be sent again."""
@@ -405,6 +408,26 @@ class Outbox:
             log.warning("outbox %s: disk full: %d acknowledged rows kept for now", self.path, len(seqs))
             return
         self.acked += len(seqs)
+
+    def adopt(self, rows: list[tuple[int, int, float, bytes]], next_seq: int) -> None:
+        """Store ``(seq, lane, time, body)`` rows numbered elsewhere (while the agent ran
+        from memory) under their own numbers, and go on numbering above ``next_seq``."""
+        def put() -> int:
+            self.db.executemany("INSERT OR IGNORE INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)", rows)
+            self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='next_seq'", (next_seq,))
+            return len(rows)
+
+        if self._write(put, "storing the records kept in memory", sum(len(r[3]) for r in rows)) is None:
+            raise StorageUnwritable(self.path, "no space left on device")
+        self.appended += len(rows)
+
+    def next_seq(self) -> int:
+        """The number the next record gets; 0 when the file cannot be read."""
+        try:
+            (value,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        except sqlite3.Error:
+            return 0
+        return int(value)
 
     def save_state(self, values: Mapping[str, float]) -> bool:
         """Keep the fusion kernel's counters (trip, energy, SoH) for the next start;
@@ -434,6 +457,71 @@ class Outbox:
         return _Txn(self.db)
 
 
+def _corrupt(e: sqlite3.Error) -> bool:
+    """SQLite itself says the file is not a database, or a malformed one."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def unwritable_cause(path: str, e: BaseException) -> str:
+    """Why the storage under ``path`` refuses it, in a technician's words; '' when the
+    failure is not the storage's (the directory, filesystem, permissions or space)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.stat(directory)
+    except PermissionError:
+        return f"permission denied (on the way to {directory})"
+    except OSError:
+        return f"its directory {directory} does not exist"
+    err = e.errno if isinstance(e, OSError) else None
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only or err == errno.EROFS:
+        return f"read-only filesystem ({directory})"
+    if err in (errno.EACCES, errno.EPERM) or not os.access(directory, os.W_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"permission denied ({directory})"
+    if err == errno.ENOSPC or (isinstance(e, sqlite3.Error) and _disk_full(e)):
+        return f"no space left on device ({directory})"
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM):
+        # SQLite keeps the errno to itself: a file made beside the outbox tells it.
+        probe = _probe_write(path)
+        return probe or f"{getattr(e, 'sqlite_errorname', 'SQLITE_ERROR')}: {e}"
+    return ""
+
+
+_ERRNO_WORDS = {errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+                errno.EIO: "input/output error (the storage is failing)"}
+
+
+def _probe_write(path: str) -> str:
+    """Words for what a write beside ``path`` meets; '' if it succeeds."""
+    probe = path + ".probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        words = _ERRNO_WORDS.get(e.errno or 0, os.strerror(e.errno or 0))
+        return f"{words} ({os.path.dirname(os.path.abspath(path))})"
+    return ""
+
+
+def _failure(path: str, what: str, e: BaseException) -> StoreError:
+    """The error for a failed open or write: StorageUnwritable when the storage is to
+    blame (the agent then runs from memory), else a StoreError with SQLite's words."""
+    cause = unwritable_cause(path, e)
+    return StorageUnwritable(path, cause) if cause else StoreError(f"{what}: {e}")
+
+
 def _disk_full(e: sqlite3.Error) -> bool:
     """SQLite's word for ENOSPC: on the database or WAL, or growing the -shm index."""
     code = getattr(e, "sqlite_errorcode", 0)
@@ -447,7 +535,26 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+def lease_from(rows: Iterable[tuple[int, bytes]], leased: set[int], max_records: int, max_bytes: int,
+               overhead: int) -> list[tuple[int, bytes]]:
+    """The next ``(seq, body)`` of ``rows`` (in sending order) not in ``leased``, within
+    the batch's limits, now added to ``leased``: the outbox's and the memory queue's rule."""
+    out: list[tuple[int, bytes]] = []
+    size = 0
+    for seq, body in rows:
+        if seq in leased:
+            continue
+        if out and size + len(body) + overhead > max_bytes:
+            break
+        out.append((seq, bytes(body)))
+        size += len(body) + overhead
+        if len(out) >= max_records:
+            break
+    leased.update(seq for seq, _ in out)
+    return out
+
+
+def seq_runs(seqs: list[int]) -> list[tuple[int, int]]:
     """Sorted sequence numbers as contiguous ``(first, last)`` runs."""
     runs: list[tuple[int, int]] = []
     for seq in sorted(seqs):
