@@ -92,6 +92,7 @@ class CommandsConfig:
 
     keys: tuple[tuple[str, str], ...] = ()  # (key id, PEM text); none = commands are off
     revoked: tuple[str, ...] = ()
+    ack_keys: tuple[tuple[str, str], ...] = ()  # (key id, PEM text); any = only signed acks are taken
     clock_skew: float = 60.0
     stationary_s: float = 3.0
     stationary_kmh: float = 1.0
@@ -273,6 +274,9 @@ _COMMANDS: Schema = (
     # Key id -> PEM file of a fleet public key (Ed25519); several, so keys can rotate.
     ("keys", dict, {}, None),
     ("revoked", list, [], None),
+    # Key id -> PEM file of a consumer's public key: when any, the cloud's acks must be
+    # signed by one of them (ebike-agent ingest --ack-key); never a command key.
+    ("ack_keys", dict, {}, None),
     ("clock_skew", float, 60.0, _non_negative),
     # The interlock: lock, and a speed limit below the current speed, wait until the
     # vehicle has been below stationary_kmh for stationary_s.
@@ -334,28 +338,35 @@ def _commands(path: str, raw: Any) -> CommandsConfig:
     from agent.uplink.commands import load_public_key  # imported here: that module imports this one
 
     got = _table(path, "commands", raw, _COMMANDS)
-    keys = []
-    for kid, key_path in got["keys"].items():
-        where = f"commands.keys.{kid}"
-        if not isinstance(key_path, str) or not key_path:
-            raise ConfigError(path, where, "must be the path of a PEM public key file")
-        if not 0 < len(kid.encode()) <= 64:
-            raise ConfigError(path, where, "a key id is 1 to 64 UTF-8 bytes")
-        full = _resolve(path, key_path)
-        try:
-            with open(full, "rb") as f:
-                pem = f.read()
-        except OSError as e:
-            raise ConfigError(path, where, f"cannot read {full}: {e.strerror or e}") from e
-        try:
-            load_public_key(pem)
-        except ValueError as e:
-            raise ConfigError(path, where, f"{full}: {e}") from e
-        keys.append((kid, pem.decode("ascii", "replace")))
+    keys: list[tuple[str, str]] = []
+    ack_keys: list[tuple[str, str]] = []
+    for table, out in (("keys", keys), ("ack_keys", ack_keys)):
+        for kid, key_path in got[table].items():
+            where = f"commands.{table}.{kid}"
+            if not isinstance(key_path, str) or not key_path:
+                raise ConfigError(path, where, "must be the path of a PEM public key file")
+            if not 0 < len(kid.encode()) <= 64:
+                raise ConfigError(path, where, "a key id is 1 to 64 UTF-8 bytes")
+            full = _resolve(path, key_path)
+            try:
+                with open(full, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise ConfigError(path, where, f"cannot read {full}: {e.strerror or e}") from e
+            try:
+                load_public_key(pem)
+            except ValueError as e:
+                raise ConfigError(path, where, f"{full}: {e}") from e
+            out.append((kid, pem.decode("ascii", "replace")))
+    for kid, text in ack_keys:
+        if kid in dict(keys) or text in dict(keys).values():
+            raise ConfigError(path, f"commands.ack_keys.{kid}", "is a command key too: the consumer's key "
+                              "signs acks only (give it its own pair: ebike-agent keys generate)")
     revoked = got["revoked"]
     if not all(isinstance(kid, str) and kid for kid in revoked):
         raise ConfigError(path, "commands.revoked", "must be a list of key ids")
-    return CommandsConfig(keys=tuple(keys), revoked=tuple(revoked), clock_skew=got["clock_skew"],
+    return CommandsConfig(keys=tuple(keys), revoked=tuple(revoked), ack_keys=tuple(ack_keys),
+                          clock_skew=got["clock_skew"],
                           stationary_s=got["stationary_s"], stationary_kmh=got["stationary_kmh"],
                           config_trial_s=got["config_trial_s"], max_pending=got["max_pending"],
                           kt_assist_level=got["kt_assist_level"])

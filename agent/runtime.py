@@ -297,7 +297,8 @@ class Runtime:
         self._restore_kernel_state()
         self.state_saved = time.monotonic()
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
-                             birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled)
+                             birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled,
+                             ack_keys=dict(cfg.commands.ack_keys), revoked=cfg.commands.revoked)
         self.sources = [make_source(s) for s in cfg.sources]
         self.handlers = [_handler(c, s, i, self.kernel)
                          for i, (c, s) in enumerate(zip(cfg.sources, self.sources, strict=True))]

@@ -149,7 +149,7 @@ def reconnect_once(workdir: Path, backlog: list[tuple[int, float, bytes]], seed:
         stored = cloud.handle(topic, payload)
         arrived.extend(stored)
         if stored:
-            sub.publish(*ack_for(topic, stored))
+            sub.publish(*ack_for(topic, stored, payload))
 
     sub = Subscriber(f"bench-cloud-{uuid.uuid4().hex[:6]}", mqtt.host, mqtt.port,
                      f"ebike/v1/{vehicle.device}/telemetry", on_message)

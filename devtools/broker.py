@@ -33,11 +33,14 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    """One mosquitto process on 127.0.0.1:<free port>, with its own config and log."""
+    """One mosquitto process on 127.0.0.1:<free port>, with its own config and log.
+    ``users`` (name -> password): only they may connect (a password file, no anonymous
+    clients)."""
 
-    def __init__(self, workdir: str | None = None, extra_config: str = "") -> None:
+    def __init__(self, workdir: str | None = None, extra_config: str = "", users: dict[str, str] | None = None) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix="ebike-mosquitto-")
         self.extra_config = extra_config
+        self.users = users or {}
         self.host = "127.0.0.1"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,11 +48,12 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         binary = mosquitto_path()
+        auth = self._password_file() if self.users else "allow_anonymous true\n"
         for _attempt in range(3):
             self.port = free_port()
             conf = os.path.join(self.workdir, "mosquitto.conf")
             with open(conf, "w") as f:
-                f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                f.write(f"listener {self.port} 127.0.0.1\n{auth}persistence false\n"
                         f"log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
                         f"{self.extra_config}")
             with open(self.log_path, "ab") as log:
@@ -58,6 +62,18 @@ class Mosquitto:
                 return self
             self.stop()
         raise RuntimeError(f"mosquitto did not start; see {self.log_path}")
+
+    def _password_file(self) -> str:
+        """Write the users' password file with mosquitto_passwd; the config lines using it."""
+        passwd = shutil.which("mosquitto_passwd", path=SEARCH_PATH)
+        if passwd is None:
+            raise BrokerMissing("mosquitto_passwd is not installed (it comes with the mosquitto package)")
+        path = os.path.join(self.workdir, "passwords")
+        for i, (name, password) in enumerate(self.users.items()):
+            subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), path, name, password], check=True,
+                           capture_output=True, timeout=30)
+        # As root, mosquitto drops to its own user, which may not read a private work dir.
+        return f"allow_anonymous false\npassword_file {path}\n" + ("user root\n" if os.geteuid() == 0 else "")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT

@@ -89,7 +89,7 @@ class Cloud:
         self.payloads.append((topic, payload))
         stored = self.ingest.handle(topic, payload)
         if stored and self.acking:
-            self.sub.publish(*ack_for(topic, stored))
+            self.sub.publish(*ack_for(topic, stored, payload))
 
     def stored(self, device: str) -> list[int]:
         return [s for (s,) in self.ingest.db.execute("SELECT seq FROM records WHERE device=? ORDER BY seq",
@@ -173,7 +173,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         broker.proc.send_signal(19)  # SIGSTOP
         link.append(4)
         link.step()
-        in_flight = sorted(s for seqs in link.uplink.inflight.values() for s in seqs)
+        in_flight = sorted(s for digest in link.uplink.inflight.values() for s in link.uplink.batches[digest])
         assert in_flight == [7, 8, 9, 10]
         broker.proc.kill()
         broker.proc.wait(5)
@@ -321,10 +321,11 @@ def test_broker_ack_mode_deletes_on_puback(tmp_path: Path, mosquitto: Mosquitto,
     assert link.uplink.records_acked == 7
 
 
-def test_forged_or_bad_acks_delete_nothing_they_should_not(tmp_path: Path, mosquitto: Mosquitto,
-                                                          parts: list[Link | Cloud]) -> None:
-    """An ack covering every sequence number only takes the rows this agent has out; a
-    garbled ack is counted and ignored."""
+def test_forged_or_bad_acks_delete_nothing(tmp_path: Path, mosquitto: Mosquitto, parts: list[Link | Cloud]) -> None:
+    """Through the broker: a garbled ack, an old-format ack covering every sequence
+    number, and one of the new format with a made-up digest delete nothing; each is
+    counted. The cloud's own acks then empty the outbox. (tests/test_acks.py has each
+    case of the check on its own.)"""
     link = Link(tmp_path, mosquitto, ack_timeout=30.0)
     cloud = Cloud(tmp_path, mosquitto, link.prefix + "telemetry")
     cloud.acking = False
@@ -338,11 +339,18 @@ def test_forged_or_bad_acks_delete_nothing_they_should_not(tmp_path: Path, mosqu
     assert 0 < out < 100
     cloud.sub.publish(link.prefix + "ack", b"\xff\x00garbage")
     cloud.sub.publish(link.prefix + "ack", cbor2.dumps([1, [[1, 2**64 - 1]]]))
-    pump("both acks seen", None, cloud, lambda: link.uplink.events.qsize() >= 2, 10)
+    cloud.sub.publish(link.prefix + "ack", wire.encode_ack(b"\x00" * wire.DIGEST_BYTES, list(range(1, 101))))
+    pump("the three acks seen", None, cloud, lambda: link.uplink.events.qsize() >= 3, 10)
     link.outbox.ack(link.uplink.poll()[0])
-    assert link.uplink.bad_acks == 1 and link.uplink.cloud_acks == 1
-    assert link.uplink.records_acked == out
-    assert link.outbox.stats()["records"] == 100 - out, "the forged range deleted rows that were never sent"
+    status = link.uplink.status()
+    assert status["acks_refused"] == 3 and status["cloud_acks"] == 0 and status["records_acked"] == 0
+    assert status["acks_refused_by"] == {"malformed": 2, "unknown_batch": 1}
+    assert link.outbox.stats()["records"] == 100, "a forged ack deleted rows"
+    cloud.acking = True
+    for topic, payload in cloud.payloads:  # what the consumer received so far, acked now
+        cloud.sub.publish(*ack_for(topic, cloud.ingest.handle(topic, payload), payload))
+    pump("the cloud's acks to empty the outbox", link, cloud, lambda: link.outbox.stats()["records"] == 0, 20)
+    assert cloud.stored(link.device) == list(range(1, 101))
 
 
 def test_two_consumers_share_the_subscription(tmp_path: Path, mosquitto: Mosquitto,
@@ -506,9 +514,9 @@ def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch
     rt.uplink.start()
     try:
         deadline = time.monotonic() + 20
-        while rt.outbox.dropped == 0 and time.monotonic() < deadline:
+        while rt.outbox.stats()["dropped"] == 0 and time.monotonic() < deadline:
             rt.step(0.02)
-        assert rt.outbox.dropped > 0, "the quota never bit"
+        assert rt.outbox.stats()["dropped"] > 0, "the quota never bit"
         for _ in range(20):
             rt.step(0.02)
         monkeypatch.setattr(devtools.broker, "free_port", lambda: port)
@@ -531,7 +539,7 @@ def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch
         assert report["gaps"] == {}, "a dropped record was not announced"
         announced = {s for a, b in report["announced_drops"]["quota-bike"] for s in range(a, b + 1)}
         stored = set(cloud.stored("quota-bike"))
-        assert len(announced) == rt.outbox.dropped and not announced & stored
+        assert len(announced) == rt.outbox.stats()["dropped"] and not announced & stored
         assert stored | announced == set(range(1, rt.outbox.stats()["last_seq"] + 1)), \
             "every sequence number is either in the cloud or announced as dropped"
     finally:

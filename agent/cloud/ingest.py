@@ -14,7 +14,17 @@ import time
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.wire import KIND_CHANGE, KIND_GAP, KIND_WINDOW, decode_batch, encode_ack, record_bytes, window_values
+from agent.uplink.commands import Signer
+from agent.uplink.wire import (
+    KIND_CHANGE,
+    KIND_GAP,
+    KIND_WINDOW,
+    batch_digest,
+    decode_batch,
+    encode_ack,
+    record_bytes,
+    window_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +83,12 @@ def _record_time(rec: dict[str, Any]) -> int:
     return int(rec["t"])
 
 
-def ack_for(topic: str, seqs: list[int]) -> tuple[str, bytes]:
-    """The device's ack topic (beside the telemetry topic it published on) and payload."""
-    return topic.rsplit("/", 1)[0] + "/ack", encode_ack(seqs)
+def ack_for(topic: str, seqs: list[int], payload: bytes, signer: Signer | None = None) -> tuple[str, bytes]:
+    """The device's ack topic (beside the telemetry topic it published on) and the ack of
+    the batch ``payload`` (its digest and the ``seqs`` stored); with ``signer``, a
+    COSE_Sign1 of it, for devices that require signed acks."""
+    ack = encode_ack(batch_digest(payload), seqs)
+    return topic.rsplit("/", 1)[0] + "/ack", signer.sign(ack) if signer is not None else ack
 
 
 class Ingest:

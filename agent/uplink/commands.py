@@ -221,21 +221,34 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
     return wire.dumps(["Signature1", protected, b"", payload])
 
 
+class Signer:
+    """An Ed25519 private key and its key id, loaded once, that makes COSE_Sign1
+    messages of the one shape this module accepts: commands, and the consumer's acks
+    (one per batch, so the key is not read again for each)."""
+
+    def __init__(self, private_pem: bytes, kid: str) -> None:
+        try:
+            self.key = _load_private_key(private_pem)
+        except ValueError as e:
+            raise ConfigError("<private key>", "key", str(e)) from e
+        self.kid = kid
+        self.protected = wire.dumps({HDR_ALG: ALG_EDDSA, HDR_KID: kid.encode()})
+
+    def sign(self, payload: bytes) -> bytes:
+        """``payload`` in a tagged COSE_Sign1 with an empty unprotected header."""
+        signature = self.key.sign(_sig_structure(self.protected, payload))
+        return wire.tagged(COSE_SIGN1_TAG, [self.protected, {}, payload, signature])
+
+
 def sign_command(private_pem: bytes, kid: str, device: str, name: str, args: Mapping[str, Any],
                  issued_at: int, expires_at: int, command_id: str | None = None) -> bytes:
     """A COSE_Sign1 command envelope. Checks nothing about the command itself (tests sign
     bad ones on purpose): callers that mean it use ``check_arguments`` first."""
-    try:
-        key = _load_private_key(private_pem)
-    except ValueError as e:
-        raise ConfigError("<private key>", "key", str(e)) from e
     payload = wire.dumps({
         "v": VERSION, "id": command_id or new_command_id(), "dev": device, "cmd": name,
         "args": dict(args), "iat": int(issued_at), "exp": int(expires_at), "kid": kid,
     })
-    protected = wire.dumps({HDR_ALG: ALG_EDDSA, HDR_KID: kid.encode()})
-    signature = key.sign(_sig_structure(protected, payload))
-    return wire.tagged(COSE_SIGN1_TAG, [protected, {}, payload, signature])
+    return Signer(private_pem, kid).sign(payload)
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,20 +276,48 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
 
 
-def _parse(data: bytes) -> tuple[_Envelope | None, str | None, str]:
-    """The envelope, or (None, command id if readable, why it is malformed)."""
+def _sign1(data: bytes) -> tuple[tuple[bytes, Any, bytes, bytes] | None, str]:
+    """(protected, unprotected, payload, signature) of a tagged COSE_Sign1, or (None, why not)."""
     try:
         outer = _loads(data, "envelope")
     except ValueError as e:
-        return None, None, str(e)
+        return None, str(e)
     if not isinstance(outer, tuple) or len(outer) != 2 or outer[0] != COSE_SIGN1_TAG:
-        return None, None, "not a COSE_Sign1 (tag 18)"
+        return None, "not a COSE_Sign1 (tag 18)"
     msg = outer[1]
     if not isinstance(msg, list | tuple) or len(msg) != 4:
-        return None, None, "COSE_Sign1 must be [protected, unprotected, payload, signature]"
+        return None, "COSE_Sign1 must be [protected, unprotected, payload, signature]"
     protected, unprotected, payload, signature = msg
     if not (isinstance(protected, bytes) and isinstance(payload, bytes) and isinstance(signature, bytes)):
-        return None, None, "protected header, payload and signature must be byte strings"
+        return None, "protected header, payload and signature must be byte strings"
+    return (protected, unprotected, payload, signature), ""
+
+
+def _header_kid(protected: bytes) -> tuple[str | None, str]:
+    """The key id of a protected header that is exactly {alg: EdDSA, kid}, or (None, why not)."""
+    try:
+        header = _loads(protected, "protected header")
+    except ValueError as e:
+        return None, str(e)
+    if not isinstance(header, Mapping) or set(header) != {HDR_ALG, HDR_KID}:
+        return None, "protected header must be exactly {1: alg, 4: kid}"
+    if header[HDR_ALG] != ALG_EDDSA or isinstance(header[HDR_ALG], bool):
+        return None, f"algorithm {header[HDR_ALG]!r} is not EdDSA (-8)"
+    raw_kid = header[HDR_KID]
+    if not isinstance(raw_kid, bytes):
+        return None, "kid must be a byte string"
+    try:
+        return raw_kid.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, "kid is not UTF-8"
+
+
+def _parse(data: bytes) -> tuple[_Envelope | None, str | None, str]:
+    """The envelope, or (None, command id if readable, why it is malformed)."""
+    parts, why = _sign1(data)
+    if parts is None:
+        return None, None, why
+    protected, unprotected, payload, signature = parts
     # The payload first, so that later rejections can name the command.
     try:
         body = _loads(payload, "payload")
@@ -290,21 +331,9 @@ def _parse(data: bytes) -> tuple[_Envelope | None, str | None, str]:
         why = "the unprotected header must be an empty map"
     if why:
         return None, command_id, why
-    try:
-        header = _loads(protected, "protected header")
-    except ValueError as e:
-        return None, command_id, str(e)
-    if not isinstance(header, Mapping) or set(header) != {HDR_ALG, HDR_KID}:
-        return None, command_id, "protected header must be exactly {1: alg, 4: kid}"
-    if header[HDR_ALG] != ALG_EDDSA or isinstance(header[HDR_ALG], bool):
-        return None, command_id, f"algorithm {header[HDR_ALG]!r} is not EdDSA (-8)"
-    raw_kid = header[HDR_KID]
-    if not isinstance(raw_kid, bytes):
-        return None, command_id, "kid must be a byte string"
-    try:
-        kid = raw_kid.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, command_id, "kid is not UTF-8"
+    kid, why = _header_kid(protected)
+    if kid is None:
+        return None, command_id, why
     if kid != body["kid"]:
         return None, command_id, "kid in the header and the payload differ"
     if len(signature) != _SIGNATURE_LEN:
@@ -451,6 +480,64 @@ def _command_from(body: bytes) -> Command:
     return Command(cid, device, name, dict(args), iat, exp, kid)
 
 
+def _trusted(keys: Mapping[str, bytes | str]) -> dict[str, Ed25519PublicKey]:
+    """The public keys (PEM) by key id, loaded; a key that is not Ed25519 is a ConfigError."""
+    out = {}
+    for kid, pem in keys.items():
+        try:
+            out[kid] = load_public_key(pem)
+        except ValueError as e:
+            raise ConfigError("<fleet keys>", kid, str(e)) from e
+    return out
+
+
+def _check_signature(kid: str, protected: bytes, payload: bytes, signature: bytes,
+                     keys: Mapping[str, Ed25519PublicKey], revoked: Collection[str]) -> tuple[str, str]:
+    """('', '') when a trusted key that is not revoked made ``signature``; else a reason
+    code (unknown_key, revoked_key, bad_signature) and a detail."""
+    key = keys.get(kid)
+    if key is None:
+        return ("revoked_key" if kid in revoked else "unknown_key"), kid
+    if kid in revoked:
+        return "revoked_key", kid
+    try:
+        key.verify(signature, _sig_structure(protected, payload))
+    except InvalidSignature:
+        return "bad_signature", f"not signed by {kid}"
+    return "", ""
+
+
+class SignedMessages:
+    """Opens COSE_Sign1 messages that are not commands (the consumer's acks): the same
+    shape, keys and checks as a command's envelope, with the payload left to the caller."""
+
+    def __init__(self, keys: Mapping[str, bytes | str], revoked: Collection[str]) -> None:
+        """``keys``: the public keys (PEM) trusted for these messages, by key id."""
+        self.keys = _trusted(keys)
+        self.revoked = frozenset(revoked)
+
+    def open(self, data: bytes, check: bool = True) -> tuple[bytes | None, str, str]:
+        """(payload, '', '') if a trusted key that is not revoked signed it; otherwise
+        (None, reason, detail), the reason one of malformed, unknown_key, revoked_key,
+        bad_signature. ``check=False``: the structure only, for a reader that does not
+        require signatures."""
+        parts, why = _sign1(data)
+        if parts is None:
+            return None, "malformed", why
+        protected, unprotected, payload, signature = parts
+        if not isinstance(unprotected, Mapping) or unprotected:
+            return None, "malformed", "the unprotected header must be an empty map"
+        kid, why = _header_kid(protected)
+        if kid is None:
+            return None, "malformed", why
+        if len(signature) != _SIGNATURE_LEN:
+            return None, "malformed", f"an Ed25519 signature has 64 bytes, not {len(signature)}"
+        if not check:
+            return payload, "", ""
+        reason, detail = _check_signature(kid, protected, payload, signature, self.keys, self.revoked)
+        return (None, reason, detail) if reason else (payload, "", "")
+
+
 class Verifier:
     """Decides whether a command may run; see ``verify`` for the order of the checks."""
 
@@ -458,12 +545,7 @@ class Verifier:
                  clock_skew: float, replay: ReplayCache) -> None:
         """``keys``: the fleet's trusted public keys (PEM) by key id."""
         self.device_id = device_id
-        self.keys: dict[str, Ed25519PublicKey] = {}
-        for kid, pem in keys.items():
-            try:
-                self.keys[kid] = load_public_key(pem)
-            except ValueError as e:
-                raise ConfigError("<fleet keys>", kid, str(e)) from e
+        self.keys = _trusted(keys)
         self.revoked = frozenset(revoked)
         self.clock_skew = float(clock_skew)
         self.replay = replay
@@ -490,15 +572,10 @@ class Verifier:
             raise CommandRejected("malformed", command_id, why)
         body = env.body
         cid: str = body["id"]
-        key = self.keys.get(env.kid)
-        if key is None:
-            raise CommandRejected("revoked_key" if env.kid in self.revoked else "unknown_key", cid, env.kid)
-        if env.kid in self.revoked:
-            raise CommandRejected("revoked_key", cid, env.kid)
-        try:
-            key.verify(env.signature, _sig_structure(env.protected, env.payload))
-        except InvalidSignature as e:
-            raise CommandRejected("bad_signature", cid, f"not signed by {env.kid}") from e
+        reason, detail = _check_signature(env.kid, env.protected, env.payload, env.signature, self.keys,
+                                          self.revoked)
+        if reason:
+            raise CommandRejected(reason, cid, detail)
         if body["dev"] != self.device_id:
             raise CommandRejected("wrong_device", cid, f"for {body['dev']!r}")
         if now > body["exp"] + self.clock_skew:

@@ -9,6 +9,7 @@ CDDL is checked against.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import struct
@@ -25,6 +26,15 @@ VERSION_DEFLATE = 2
 # A deflated batch may inflate to at most this: a hostile payload cannot make the
 # consumer allocate more.
 MAX_INFLATED = 64 * 1024 * 1024
+# The ack (docs/wire.cddl): version 1 carried ranges only and anyone could forge it.
+ACK_VERSION = 2
+# 64 bits of SHA-256: an ack is forged only by guessing the digest of a batch in flight
+# (at most a few dozen at a time), one MQTT publish per guess, about 2^59 publishes on
+# average; collisions do not matter, the device chose what it hashed. 8 bytes per ack.
+DIGEST_BYTES = 8
+# An ack (signed or not) longer than this is refused unread: a whole batch of scattered
+# sequence numbers is a few KiB of ranges.
+MAX_ACK = 64 * 1024
 # cbor2's own errors, plus what its decoder lets through on hostile input.
 DECODE_ERRORS = (cbor2.CBORError, ValueError, TypeError, EOFError, OverflowError, RecursionError,
                  UnicodeDecodeError)
@@ -217,32 +227,45 @@ def record_bytes(record: dict[str, Any]) -> bytes:
     return cbor2.dumps(record)
 
 
-def encode_ack(seqs: list[int]) -> bytes:
-    """``[version, [[first, last], ...]]``: the sequence numbers a consumer has stored."""
+def batch_digest(payload: bytes) -> bytes:
+    """What names a batch in its ack: the first ``DIGEST_BYTES`` of the SHA-256 of the
+    exact payload bytes published. Only someone who saw the batch can name it, so an
+    ack cannot be made up without it; computed once per batch on each side."""
+    return hashlib.sha256(payload).digest()[:DIGEST_BYTES]
+
+
+def encode_ack(digest: bytes, seqs: list[int]) -> bytes:
+    """``[2, digest, [[first, last], ...]]``: the consumer stored these sequence numbers
+    of the batch whose payload has this ``batch_digest``."""
     ranges: list[list[int]] = []
     for seq in sorted(set(seqs)):
         if ranges and seq == ranges[-1][1] + 1:
             ranges[-1][1] = seq
         else:
             ranges.append([seq, seq])
-    return cbor2.dumps([VERSION, ranges])
+    return cbor2.dumps([ACK_VERSION, digest, ranges])
 
 
-def decode_ack(payload: bytes) -> list[tuple[int, int]]:
-    """The ranges of an ack message; anything off the CDDL is a DecodeError."""
+def decode_ack(payload: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+    """The batch digest and ranges of an (unsigned) ack; anything off the CDDL, or longer
+    than ``MAX_ACK`` bytes, is a DecodeError."""
+    if len(payload) > MAX_ACK:
+        raise DecodeError(f"ack of {len(payload)} bytes > {MAX_ACK}")
     try:
-        msg = cbor2.loads(payload)
-    except (cbor2.CBORDecodeError, ValueError, EOFError) as e:
-        raise DecodeError(f"ack is not CBOR: {e}") from e
-    if not isinstance(msg, list) or len(msg) != 2 or msg[0] != VERSION or not isinstance(msg[1], list):
-        raise DecodeError("ack must be [1, [[first, last], ...]]")
+        msg = strict_loads(payload, "ack", 4)
+    except ValueError as e:
+        raise DecodeError(str(e)) from e
+    if (not isinstance(msg, list) or len(msg) != 3 or type(msg[0]) is not int or msg[0] != ACK_VERSION
+            or not isinstance(msg[1], bytes) or len(msg[1]) != DIGEST_BYTES
+            or not isinstance(msg[2], list) or not msg[2]):
+        raise DecodeError(f"ack must be [{ACK_VERSION}, digest ({DIGEST_BYTES} bytes), [+ [first, last]]]")
     out = []
-    for r in msg[1]:
+    for r in msg[2]:
         if (not isinstance(r, list) or len(r) != 2 or not _uint(r[0]) or not _uint(r[1])
                 or not 1 <= r[0] <= r[1]):
             raise DecodeError("ack range must be [first, last] with 1 <= first <= last")
         out.append((r[0], r[1]))
-    return out
+    return msg[1], out
 
 
 # What a batch adds around each record body: its 2-array head and a sequence number (at
