@@ -344,8 +344,8 @@ class Runtime:
         for cmd in self.executor.resume(time.time()):
             self._resume_trial(cmd)
 
-    def _stop_commands(self, e: StoreError) -> None:
-        log.error("commands are not taken until the command journal can be written again: %s", e)
+    def _stop_commands(self, why: str) -> None:
+        log.error("commands are not taken until the command journal can be written again: %s", why)
         self.executor = None
         if self.replay is not None:
             self.replay.close()
@@ -360,7 +360,7 @@ class Runtime:
             self.storage_failed = failed
             self.kernel.set_condition(A_STORAGE_FAILED, float(failed))
             if failed:
-                self._stop_commands(StoreError(self.outbox.failed))
+                self._stop_commands(self.outbox.failed)
 
     def _restore_kernel_state(self) -> None:
         """Trip, energy counters and the measured SoH carry on across restarts."""
@@ -511,7 +511,7 @@ class Runtime:
             if self.executor.pending:
                 self.executor.step(now)
         except StoreError as e:
-            self._stop_commands(e)
+            self._stop_commands(str(e))
             return
         if self.trial is not None:
             self._judge_trial(now)

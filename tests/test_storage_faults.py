@@ -6,6 +6,8 @@ calls malformed. Real files and real mounts: the tests run as root (as CI does).
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,8 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from agent.errors import AlreadyRunning, StorageUnwritable
+from agent.control.server import ControlServer
+from agent.errors import AgentError, AlreadyRunning, StorageUnwritable
 from agent.store import memory
 from agent.store.lock import OutboxLock
 from agent.store.memory import MemoryQueue, Storage
@@ -223,3 +226,22 @@ def test_outbox_lock_on_a_read_only_filesystem_excludes_the_file_holder(mount: R
     with pytest.raises(AlreadyRunning):
         OutboxLock(path)
     on_file.close()
+
+
+def test_control_socket_start_removes_only_a_dead_agents_socket(tmp_path: Path) -> None:
+    """A socket nobody answers on is a dead agent's: removed. One that answers belongs to
+    a live agent, and a path that is not a socket at all is someone's file: both kept."""
+    path = tmp_path / "control.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    with pytest.raises(AlreadyRunning, match="serving the control socket"):
+        ControlServer(str(path), dict).start(selectors.DefaultSelector())
+    live.close()  # a killed agent: the socket file stays, nothing listens
+    server = ControlServer(str(path), dict)
+    server.start(selectors.DefaultSelector())
+    server.close()
+    path.write_text("not a socket")
+    with pytest.raises(AgentError, match="exists and is not a socket"):
+        ControlServer(str(path), dict).start(selectors.DefaultSelector())
+    assert path.read_text() == "not a socket"

@@ -230,7 +230,8 @@ def uart_stats(proto: UartProtocol, chunks: Iterable[bytes]) -> dict[str, Any]:
             ok += 1
             not_understood += "understood" in item
         else:
-            bad_content[item["error"].split(":")[0]] = bad_content.get(item["error"].split(":")[0], 0) + 1
+            fault = item["error"].split(":")[0]
+            bad_content[fault] = bad_content.get(fault, 0) + 1
     elapsed = time.perf_counter() - t0
     return {"frames": ok + sum(bad_content.values()), "ok": ok, "not_understood": not_understood,
             "bad": bad_content, "dropped": dict(framer.bad), "garbage_bytes": framer.garbage_bytes,

@@ -8,10 +8,11 @@ import logging
 import os
 import selectors
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
-from agent.errors import AlreadyRunning
+from agent.errors import AgentError, AlreadyRunning
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class ControlServer:
         agent (of another outbox: the outbox lock keeps out those of the same) and is
         never touched."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise AgentError(f"control_socket {self.path} exists and is not a socket: not removed")
             if _answers(self.path):
                 raise AlreadyRunning(f"another ebike-agent is serving the control socket {self.path}")
             os.unlink(self.path)

@@ -173,7 +173,7 @@ class Storage:
         if start <= 0:
             start = time.time_ns() // 1000
         if self.disk is not None:
-            self.disk.db.close()
+            self.disk.close()
             self.disk = None
         if self.memory is None:
             self.memory = MemoryQueue(start, self.gap_body, self.memory_bytes)
