@@ -16,15 +16,16 @@ from typing import Any
 
 import tomli_w
 
+from agent.commands.keys import load_public_key
 from agent.errors import ConfigError
-from agent.fusion._kernel_py import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+from agent.fusion.spec import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+from agent.protocols import UART_PROTOCOLS
 from agent.signals import BY_NAME
+from agent.sources.kinds import KINDS
 
-SOURCE_KINDS = ("uart", "slcan", "socketcan", "candump", "python-can")
-CAN_KINDS = ("slcan", "socketcan", "candump", "python-can")
-UART_PROTOCOLS = ("nmea", "jbd", "daly", "ninebot", "kt-lcd3", "surron")
+CAN_KINDS = tuple(name for name, kind in KINDS.items() if kind.can)
 CAN_PROTOCOLS = ("bafang-can",)  # and dbc:<path>
-POLLED_PROTOCOLS = ("jbd", "daly", "ninebot")
+POLLED_PROTOCOLS = tuple(name for name, (_module, polled) in UART_PROTOCOLS.items() if polled)
 PARITIES = ("N", "E", "O", "M", "S")
 STOPBITS = (1.0, 1.5, 2.0)
 SLCAN_BITRATES = (10000, 20000, 50000, 100000, 125000, 250000, 500000, 800000, 1000000)
@@ -105,7 +106,7 @@ class CommandsConfig:
         return bool(self.keys)
 
 
-# An alarm row as the kernel takes it (see ALARMS in agent/fusion/_kernel_py.py).
+# An alarm row as the kernel takes it (see ALARMS in agent/fusion/spec.py).
 AlarmRow = tuple[int, str, int, int, int, float, float, float, float, int, str]
 REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE}
 
@@ -156,7 +157,7 @@ def _one_of(options: tuple[Any, ...]) -> Check:
 def _protocol(v: str) -> str | None:
     if v in UART_PROTOCOLS or v in CAN_PROTOCOLS or (v.startswith("dbc:") and len(v) > 4):
         return None
-    return f"must be one of {', '.join(UART_PROTOCOLS + CAN_PROTOCOLS)} or dbc:<path>"
+    return f"must be one of {', '.join((*UART_PROTOCOLS, *CAN_PROTOCOLS))} or dbc:<path>"
 
 
 def _bytesize(v: int) -> str | None:
@@ -190,7 +191,7 @@ Schema = tuple[tuple[str, type, Any, Check | None], ...]
 
 _SOURCE: Schema = (
     ("name", str, REQUIRED, None),
-    ("kind", str, REQUIRED, _one_of(SOURCE_KINDS)),
+    ("kind", str, REQUIRED, _one_of(tuple(KINDS))),
     ("port", str, "", None),  # required by every kind but python-can: checked in _source()
     ("protocol", str, REQUIRED, _protocol),
     ("bitrate", int, 250000, _one_of(SLCAN_BITRATES)),
@@ -205,22 +206,6 @@ _SOURCE: Schema = (
     ("interface", str, "", None),
     ("channel", str, "", None),
 )
-_SERIAL_KEYS = ("port", "baudrate", "bytesize", "parity", "stopbits")
-# Keys a kind uses besides name, kind and protocol; any other key written for it is refused,
-# since it would be silently ignored.
-_KIND_KEYS = {
-    "uart": _SERIAL_KEYS + ("poll_interval", "poll_timeout"),
-    "slcan": _SERIAL_KEYS + ("bitrate", "poll_interval", "poll_timeout"),
-    "socketcan": ("port", "poll_interval", "poll_timeout"),
-    "candump": ("port", "replay_speed", "loop", "poll_interval", "poll_timeout"),
-    "python-can": ("interface", "channel", "bitrate", "poll_interval", "poll_timeout"),
-}
-_KIND_HINTS = {
-    ("socketcan", "bitrate"): "the interface's bitrate is set outside the agent (ip link set can0 type can bitrate N)",
-    ("python-can", "port"): "python-can takes interface and channel",
-}
-_CAN_LABELS = {"slcan": "an SLCAN adapter", "socketcan": "a SocketCAN interface", "candump": "a candump log",
-               "python-can": "a python-can bus"}
 _BROKER: Schema = (
     ("host", str, "127.0.0.1", None),
     ("port", int, 1883, _port),
@@ -335,8 +320,6 @@ def _reporting(path: str, raw: Any) -> tuple[tuple[int, int, float], ...]:
 def _commands(path: str, raw: Any) -> CommandsConfig:
     """[commands]: the trusted keys are read (and checked to be Ed25519) here, so a bad
     key file refuses the start instead of every command later."""
-    from agent.uplink.commands import load_public_key  # imported here: that module imports this one
-
     got = _table(path, "commands", raw, _COMMANDS)
     keys: list[tuple[str, str]] = []
     ack_keys: list[tuple[str, str]] = []
@@ -459,17 +442,18 @@ def _source(path: str, where: str, raw: Any) -> SourceConfig:
     """One [[sources]] table: the schema, then what depends on its kind and protocol."""
     src = SourceConfig(**_table(path, where, raw, _SOURCE))
     kind, protocol = src.kind, src.protocol
+    spec = KINDS[kind]
     for key in raw:
-        if key not in ("name", "kind", "protocol") and key not in _KIND_KEYS[kind]:
-            hint = _KIND_HINTS.get((kind, key), f"it takes {', '.join(_KIND_KEYS[kind])}")
+        if key not in ("name", "kind", "protocol") and key not in spec.keys:
+            hint = spec.hints.get(key, f"it takes {', '.join(spec.keys)}")
             raise ConfigError(path, f"{where}.{key}", f"does not apply to kind {kind} ({hint})")
-    if kind == "uart" and protocol not in UART_PROTOCOLS:
+    if not spec.can and protocol not in UART_PROTOCOLS:
         raise ConfigError(path, f"{where}.protocol",
-                          f"a UART source speaks {', '.join(UART_PROTOCOLS)} "
+                          f"{spec.label} speaks {', '.join(UART_PROTOCOLS)} "
                           f"(CAN needs kind {', '.join(CAN_KINDS)})")
-    if kind in CAN_KINDS and protocol in UART_PROTOCOLS:
+    if spec.can and protocol in UART_PROTOCOLS:
         raise ConfigError(path, f"{where}.protocol",
-                          f"{_CAN_LABELS[kind]} carries CAN: bafang-can or dbc:<path>, not {protocol}")
+                          f"{spec.label} carries CAN: bafang-can or dbc:<path>, not {protocol}")
     if src.poll_interval > 0 and protocol not in POLLED_PROTOCOLS:
         raise ConfigError(path, f"{where}.poll_interval",
                           f"{protocol} is not polled: only {', '.join(POLLED_PROTOCOLS)} take a poll_interval > 0")

@@ -70,7 +70,7 @@ class UplinkError(AgentError):
 class CommandRejected(AgentError):
     """A command from the cloud failed verification and was not run.
 
-    ``reason`` is a machine-readable code (agent.uplink.commands.REASONS) that goes back
+    ``reason`` is a machine-readable code (agent.commands.envelope.REASONS) that goes back
     to the cloud on ``cmd/result``; ``command_id`` is the command's id when it could be read.
     """
 

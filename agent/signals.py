@@ -76,7 +76,7 @@ _FIXED: tuple[tuple[int, str, str, float, float, float, str], ...] = (
     (35, "Vehicle.LEV.TripDistance", "km", 0, 1e6, 0, "trip distance"),
     (36, "Vehicle.LEV.Range", "km", 0, 2000, 0, "remaining range"),
     (37, "Vehicle.LEV.WheelSizeCode", "code", 0, 65535, 0, "Bafang wheel size code"),
-    # Derived by the fusion kernel (agent/fusion/_kernel_py.py uses these ids).
+    # Derived by the fusion kernel (agent/fusion/spec.py names these ids).
     (38, "Vehicle.LEV.Fused.Speed", "km/h", 0, 150, 0, "wheel and GNSS speed in a Kalman filter"),
     (39, "Vehicle.LEV.Fused.Latitude", "deg", -90, 90, 0, "GNSS latitude, dead-reckoned without a fix"),
     (40, "Vehicle.LEV.Fused.Longitude", "deg", -180, 180, 0, "GNSS longitude, dead-reckoned without a fix"),

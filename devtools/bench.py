@@ -46,11 +46,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent import wire
 from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, load_cantools, profile_path
 from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
-from agent.uplink import wire
 from devtools import bench_uplink, bench_wire, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures

@@ -28,13 +28,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.cloud.ingest import Ingest, ack_for
+from agent import wire
 from agent.config import BrokerConfig
-from agent.runtime import send_batches
+from agent.fleet.ingest import Ingest, ack_for
+from agent.fleet.subscriber import Subscriber
 from agent.signals import SIGNALS
 from agent.store.outbox import LANE_HISTORY, LANE_LIVE, Outbox
-from agent.uplink import wire
-from agent.uplink.mqtt import Subscriber, Uplink
+from agent.uplink.mqtt import Uplink
+from agent.uplink.pump import Pump
 from devtools import broker as brokers
 from devtools.procs import log_has, spawn, stop, wait_for
 
@@ -78,8 +79,8 @@ def ride(seconds: int, seed: int, start: float = 1.7e9) -> list[tuple[int, float
 
 
 class Vehicle:
-    """The agent's outbox and uplink, stepped as the runtime's loop steps them: after each
-    (re)connect the first batch carries the newest live window."""
+    """The agent's outbox and uplink, and the runtime's send stage between them (after
+    each (re)connect the first batch carries the newest live window)."""
 
     def __init__(self, workdir: Path, host: str, port: int) -> None:
         self.device = f"bench-{uuid.uuid4().hex[:8]}"
@@ -87,20 +88,12 @@ class Vehicle:
         self.outbox = Outbox(str(workdir / f"{self.device}.sqlite"), 1 << 30)
         state = wire.state_message(True, uuid.uuid4().hex, "bench", "py")
         self.uplink = Uplink(self.device, self.cfg, f"ebike/v1/{self.device}/", birth=state, death=state)
-        self.seen_connects = 0
+        self.pump = Pump(self.outbox, self.uplink, self.device, self.cfg)
 
     def load(self, records: list[tuple[int, float, bytes]]) -> int:
         for i in range(0, len(records), 1000):
             self.outbox.append(records[i:i + 1000])
         return len(records)
-
-    def step(self) -> None:
-        acked, failed = self.uplink.poll()
-        self.outbox.ack(acked)
-        self.outbox.release(failed)
-        fresh = self.uplink.connects != self.seen_connects
-        self.seen_connects = self.uplink.connects
-        send_batches(self.outbox, self.uplink, self.device, self.cfg.max_batch_records, fresh, self.cfg.deflate)
 
     def run_until(self, what: str, done: Callable[[], bool], timeout: float,
                   also: Callable[[], object] = lambda: None) -> float:
@@ -108,7 +101,7 @@ class Vehicle:
         started = time.monotonic()
 
         def turn() -> bool:
-            self.step()
+            self.pump.turn()
             also()
             return done()
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from agent.fusion._kernel_py import OUT_WINDOW, WIN_LIVE
+from agent import wire
 from agent.fusion.kernel import Kernel
+from agent.fusion.spec import OUT_WINDOW, WIN_LIVE
 from agent.signals import BY_NAME, ID_SPACE
-from agent.uplink import wire
 from devtools import ride
 
 HZ = 10

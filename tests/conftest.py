@@ -16,8 +16,8 @@ import cbor2
 import pycddl
 import pytest
 
+from agent import wire
 from agent.fusion.kernel import KERNELS
-from agent.uplink import wire
 from devtools.broker import Mosquitto
 
 REPO = Path(__file__).resolve().parents[1]

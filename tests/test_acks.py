@@ -26,8 +26,10 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent.uplink import commands, wire
-from agent.uplink.mqtt import Subscriber, Uplink
+from agent import wire
+from agent.fleet.signing import Signer, generate_key_pair
+from agent.fleet.subscriber import Subscriber
+from agent.uplink.mqtt import Uplink
 from devtools.broker import Mosquitto
 from tests.helpers import log_has, spawn, stop, wait_for
 from tests.test_e2e import agent_config
@@ -39,7 +41,7 @@ PER_BATCH = 5
 
 def keypair(tmp_path: Path, kid: str) -> tuple[Path, Path]:
     """(private, public) PEM files of a new Ed25519 pair."""
-    private, public = commands.generate_key_pair()
+    private, public = generate_key_pair()
     (tmp_path / f"{kid}.key.pem").write_bytes(private)
     (tmp_path / f"{kid}.pub.pem").write_bytes(public)
     return tmp_path / f"{kid}.key.pem", tmp_path / f"{kid}.pub.pem"
@@ -58,7 +60,7 @@ def sent(tmp_path: Path, broker: Mosquitto, made: list[Link | Cloud], **uplink: 
     connect(link, cloud)
     link.append(BATCHES * PER_BATCH)
     pump("every batch PUBACKed and received", link, cloud,
-         lambda: len(link.uplink.awaiting_seqs) == BATCHES * PER_BATCH and len(cloud.payloads) == BATCHES, 10)
+         lambda: len(link.uplink.window.awaiting_seqs) == BATCHES * PER_BATCH and len(cloud.payloads) == BATCHES, 10)
     return link, cloud
 
 
@@ -124,12 +126,12 @@ def test_forged_acks_delete_nothing_and_are_counted(tmp_path: Path, mosquitto: M
         status = link.uplink.status()
         assert status["acks_refused"] == n and status["last_ack_refused"].startswith(reason + ":"), case
         assert link.outbox.stats()["records"] == BATCHES * PER_BATCH, case
-    assert link.uplink.status()["cloud_acks"] == 0 and link.uplink.records_acked == 0
-    assert len(link.uplink.awaiting_seqs) == BATCHES * PER_BATCH
+    assert link.uplink.status()["cloud_acks"] == 0 and link.uplink.window.records_acked == 0
+    assert len(link.uplink.window.awaiting_seqs) == BATCHES * PER_BATCH
     # The cloud's own acks still work afterwards.
     for _, payload in cloud.payloads:
         deliver(link, wire.encode_ack(wire.batch_digest(payload), seqs_of(payload)))
-    assert link.outbox.stats()["records"] == 0 and link.uplink.records_acked == BATCHES * PER_BATCH
+    assert link.outbox.stats()["records"] == 0 and link.uplink.window.records_acked == BATCHES * PER_BATCH
 
 
 def test_a_replayed_ack_is_refused(tmp_path: Path, mosquitto: Mosquitto, made: list[Link | Cloud]) -> None:
@@ -139,7 +141,7 @@ def test_a_replayed_ack_is_refused(tmp_path: Path, mosquitto: Mosquitto, made: l
     assert sorted(deliver(link, ack)[0]) == seqs_of(payload)
     assert deliver(link, ack) == ([], [])
     assert link.uplink.status()["acks_refused_by"] == {"late": 1}
-    assert link.uplink.records_acked == PER_BATCH and link.outbox.stats()["records"] == (BATCHES - 1) * PER_BATCH
+    assert link.uplink.window.records_acked == PER_BATCH and link.outbox.stats()["records"] == (BATCHES - 1) * PER_BATCH
 
 
 def test_a_partial_ack_deletes_its_part_and_sends_the_rest_again(tmp_path: Path, mosquitto: Mosquitto,
@@ -149,7 +151,7 @@ def test_a_partial_ack_deletes_its_part_and_sends_the_rest_again(tmp_path: Path,
     seqs = seqs_of(payload)
     acked, failed = deliver(link, wire.encode_ack(wire.batch_digest(payload), seqs[:2]))
     assert sorted(acked) == seqs[:2] and sorted(failed) == seqs[2:]
-    assert not set(seqs) & link.uplink.awaiting_seqs
+    assert not set(seqs) & link.uplink.window.awaiting_seqs
     assert link.outbox.stats()["records"] == BATCHES * PER_BATCH - 2
 
 
@@ -157,12 +159,12 @@ def test_refusals_are_logged_now_and_then(tmp_path: Path, mosquitto: Mosquitto, 
                                           caplog: pytest.LogCaptureFixture) -> None:
     """A flood of forged acks is counted in full but logged once per interval."""
     link, _cloud = sent(tmp_path, mosquitto, made)
-    caplog.set_level(logging.WARNING, logger="agent.uplink.mqtt")
+    caplog.set_level(logging.WARNING, logger="agent.uplink.window")
     for _ in range(50):
         deliver(link, wire.encode_ack(os.urandom(wire.DIGEST_BYTES), [1]))
     warnings = [r for r in caplog.records if "cloud ack refused" in r.getMessage()]
-    assert len(warnings) == 1 and link.uplink.acks_refused == 50
-    link.uplink.ack_warned -= 60  # the interval has passed
+    assert len(warnings) == 1 and link.uplink.window.acks_refused == 50
+    link.uplink.window.ack_warned -= 60  # the interval has passed
     deliver(link, b"garbage")
     warnings = [r for r in caplog.records if "cloud ack refused" in r.getMessage()]
     assert len(warnings) == 2 and "49 more refused" in warnings[1].getMessage()
@@ -182,18 +184,18 @@ def test_signed_acks_only_when_required(tmp_path: Path, mosquitto: Mosquitto, ma
     assert link.uplink.status()["signed_acks"] is True
     payloads = [p for _, p in cloud.payloads]
     plain = wire.encode_ack(wire.batch_digest(payloads[0]), seqs_of(payloads[0]))
-    signer = commands.Signer(ingest_key.read_bytes(), "ingest-1")
+    signer = Signer(ingest_key.read_bytes(), "ingest-1")
     refused = [
         ("unsigned", plain),
-        ("bad_signature", commands.Signer(stranger.read_bytes(), "ingest-1").sign(plain)),
-        ("unknown_key", commands.Signer(stranger.read_bytes(), "stranger").sign(plain)),
-        ("revoked_key", commands.Signer(old_key.read_bytes(), "ingest-0").sign(plain)),
+        ("bad_signature", Signer(stranger.read_bytes(), "ingest-1").sign(plain)),
+        ("unknown_key", Signer(stranger.read_bytes(), "stranger").sign(plain)),
+        ("revoked_key", Signer(old_key.read_bytes(), "ingest-0").sign(plain)),
         ("unknown_batch", signer.sign(wire.encode_ack(os.urandom(wire.DIGEST_BYTES), seqs_of(payloads[0])))),
         ("wrong_seqs", signer.sign(wire.encode_ack(wire.batch_digest(payloads[0]), seqs_of(payloads[1])))),
     ]
     for reason, ack in refused:
         assert deliver(link, ack) == ([], []), reason
-        assert link.uplink.last_ack_refused.startswith(reason + ":")
+        assert link.uplink.window.last_ack_refused.startswith(reason + ":")
     assert link.outbox.stats()["records"] == BATCHES * PER_BATCH
     assert sorted(deliver(link, signer.sign(plain))[0]) == seqs_of(payloads[0])
     assert link.outbox.stats()["records"] == (BATCHES - 1) * PER_BATCH
@@ -204,7 +206,7 @@ def test_a_device_not_requiring_signatures_reads_signed_acks(tmp_path: Path, mos
     """A fleet can start signing before its devices require it; the digest still counts."""
     key, _ = keypair(tmp_path, "ingest-1")
     link, cloud = sent(tmp_path, mosquitto, made)
-    signer = commands.Signer(key.read_bytes(), "ingest-1")
+    signer = Signer(key.read_bytes(), "ingest-1")
     payload = cloud.payloads[0][1]
     assert deliver(link, signer.sign(wire.encode_ack(os.urandom(wire.DIGEST_BYTES), seqs_of(payload)))) == ([], [])
     assert sorted(deliver(link, signer.sign(wire.encode_ack(wire.batch_digest(payload), seqs_of(payload))))[0]) \
@@ -238,7 +240,7 @@ class Forger(threading.Thread):
         topic = f"ebike/v1/{DEVICE}/telemetry" if eavesdrop else f"forger/{uuid.uuid4().hex}"
         self.sub = Subscriber(f"forger-{uuid.uuid4().hex[:6]}", broker.host, broker.port, topic,
                               lambda _t, p: self.payloads.append(p), persistent=False)
-        self.signer = commands.Signer(stranger_key, kid)
+        self.signer = Signer(stranger_key, kid)
         self.done = threading.Event()
         self.published = 0
 

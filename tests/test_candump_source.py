@@ -227,8 +227,8 @@ def test_looped_replay_keeps_the_timeline_going(tmp_path: Path) -> None:
     """Each pass of a looped log starts where the last ended: no sample is late, and the
     windows keep moving forward instead of falling back to the log's first second."""
     from agent.dbc.compile import compile_dbc, profile_path
+    from agent.feed import CanTextFeed
     from agent.fusion.kernel import Kernel
-    from agent.runtime import CanTextHandler
 
     log = tmp_path / "loop.log"
     log.write_text("".join(f"({1000 + i * 0.5:.6f}) can0 02F83201#{i:02X}00000000000000\n" for i in range(8)))
@@ -237,14 +237,14 @@ def test_looped_replay_keeps_the_timeline_going(tmp_path: Path) -> None:
     dbc = compile_dbc(profile_path("bafang"))
     kernel = Kernel(dbc.id_space, 1.0)
     kernel.set_can_tables(*dbc.kernel_tables())
-    handler = CanTextHandler("candump")
+    feed = CanTextFeed("candump", kernel)
     assert src.poll_open()
     starts: list[float] = []
     deadline = time.monotonic() + 5
     while src.passes < 4 and time.monotonic() < deadline:
         data = src.read()
         if data:
-            starts += [c[0] for c in handler.feed(data, time.time(), kernel, src.read_pass)]
+            starts += [c[0] for c in feed.feed(data, time.time(), src)]
     src.close()
     assert src.passes >= 4
     assert kernel.counters()["late"] == 0

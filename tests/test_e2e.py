@@ -14,9 +14,9 @@ from typing import Any
 import cbor2
 import pytest
 
+from agent import wire
+from agent.fleet.subscriber import Subscriber
 from agent.signals import signal_id
-from agent.uplink import wire
-from agent.uplink.mqtt import Subscriber
 from devtools.broker import Mosquitto
 from tests.conftest import WIRE_CDDL, WireSchema
 from tests.helpers import log_has, spawn, stop, wait_for

@@ -21,8 +21,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent.uplink import commands as c
-from agent.uplink.mqtt import Subscriber, publish_once
+from agent.fleet.signing import generate_key_pair, sign_command
+from agent.fleet.subscriber import Subscriber, publish_once
 from devtools.broker import Mosquitto
 from tests import test_e2e as e2e
 from tests.helpers import log_has, spawn, stop, wait_for
@@ -39,7 +39,7 @@ class Fleet:
     def __init__(self, tmp: Path, broker: Mosquitto, device: str) -> None:
         self.broker = broker
         self.device = device
-        self.private, public = c.generate_key_pair()
+        self.private, public = generate_key_pair()
         self.public_path = tmp / "fleet.pub.pem"
         self.public_path.write_bytes(public)
         self.results: list[dict[str, Any]] = []
@@ -65,7 +65,7 @@ class Fleet:
         cid = cid or uuid.uuid4().hex
         now = int(time.time())
         fields = {"device": self.device, "iat": now, "exp": now + ttl, "kid": "fleet", "key": self.private} | over
-        return cid, c.sign_command(fields["key"], fields["kid"], fields["device"], name, args or {}, fields["iat"],
+        return cid, sign_command(fields["key"], fields["kid"], fields["device"], name, args or {}, fields["iat"],
                                    fields["exp"], cid)
 
     def publish(self, payload: bytes, expiry: int = 120) -> None:
@@ -254,7 +254,7 @@ def test_attacks_are_rejected_with_their_reason_and_nothing_runs(tmp_path: Path,
     fleet.publish(good)
     fleet.wait(good_id, "executed", 30)
     now = int(time.time())
-    stranger = c.generate_key_pair()[0]
+    stranger = generate_key_pair()[0]
     attacks: list[tuple[str, str | None, bytes]] = [
         ("bad_signature", *fleet.envelope("set_speed_limit", {"kmh": 16}, key=stranger)),
         ("unknown_key", *fleet.envelope("set_speed_limit", {"kmh": 17}, key=stranger, kid="stranger")),

@@ -512,10 +512,9 @@ def test_surron_capture_through_a_pty(tmp_path: Path, mosquitto: Mosquitto, cons
 
 def test_python_can_virtual_bus_in_process(tmp_path: Path, mosquitto: Mosquitto) -> None:
     can = pytest.importorskip("can", minversion="4.3", reason="python-can is not installed (pip install .[can])")
-    from agent import config
+    from agent import config, wire
+    from agent.fleet.subscriber import Subscriber
     from agent.runtime import Runtime
-    from agent.uplink import wire
-    from agent.uplink.mqtt import Subscriber
 
     device, channel = "e2e-pycan", f"e2e-{uuid.uuid4().hex[:8]}"
     cfg = config.parse(str(tmp_path / "agent.toml"), {
@@ -578,7 +577,7 @@ def test_python_can_virtual_bus_in_process(tmp_path: Path, mosquitto: Mosquitto)
             assert latest[signal_id("Vehicle.LEV.Controller.MotorCurrent")] == pytest.approx(5.0, abs=EXACT)
             assert latest[signal_id("Vehicle.LEV.Controller.Temperature")] == pytest.approx(25.0, abs=EXACT)
             assert signal_id("Vehicle.Powertrain.ElectricMotor.Temperature") not in latest  # FF: no sensor
-            run_until("a committed window", lambda: runtime.records >= 1)
+            run_until("a committed window", lambda: runtime.recorder.records >= 1)
             run_until("the broker to ack it", lambda: runtime.uplink.status()["records_acked"] >= 1)
             st = runtime.status()
             src = st["sources"][0]
@@ -588,7 +587,7 @@ def test_python_can_virtual_bus_in_process(tmp_path: Path, mosquitto: Mosquitto)
             if bus is not None:
                 bus.shutdown()
             runtime.shutdown()
-        committed = runtime.records
+        committed = runtime.recorder.records
         wait_for("every record at the subscriber",
                  lambda: len({seq for p in payloads for seq, _ in wire.decode_batch(p)[1]}) >= committed, 10)
     finally:

@@ -11,14 +11,18 @@ from typing import Any
 import cbor2
 import pytest
 
+from agent.commands.actions import VehicleActions
+from agent.commands.catalogue import CATALOGUE, check_arguments
+from agent.commands.envelope import Command
+from agent.commands.executor import Executor, Outcome
+from agent.commands.journal import ReplayCache
 from agent.config import CommandsConfig
-from agent.control.executor import Executor, Outcome
 from agent.errors import SourceError
-from agent.uplink import commands as c
+from agent.fleet.signing import generate_key_pair, sign_command
 
 DEVICE = "bike-exec"
 NOW = 1_800_000_000.0
-KEY = c.generate_key_pair()
+KEY = generate_key_pair()
 
 
 class FakeVehicle:
@@ -39,7 +43,7 @@ class FakeVehicle:
     def motion_words(self, now: float) -> str:
         return f"wheel {self.speed} km/h: moving"
 
-    def act(self, cmd: c.Command, now: float) -> Outcome | None:
+    def act(self, cmd: Command, now: float) -> Outcome | None:
         if self.fail_with is not None:
             raise self.fail_with
         self.done.append((cmd.name, cmd.args))
@@ -52,7 +56,7 @@ class Rig:
         self.cfg = CommandsConfig(keys=(("fleet", KEY[1].decode()),), stationary_s=3.0, **cfg)
         self.vehicle = FakeVehicle()
         self.results: list[dict[str, Any]] = []
-        self.replay = c.ReplayCache(path)
+        self.replay = ReplayCache(path)
         self.ex = self._executor()
 
     def _executor(self) -> Executor:
@@ -60,7 +64,7 @@ class Rig:
 
     def send(self, name: str, args: dict[str, Any] | None = None, cid: str | None = None, now: float = NOW,
              ttl: int = 60) -> None:
-        env = c.sign_command(KEY[0], "fleet", DEVICE, name, c.check_arguments(name, args or {}), int(NOW),
+        env = sign_command(KEY[0], "fleet", DEVICE, name, check_arguments(name, args or {}), int(NOW),
                              int(NOW) + ttl, cid)
         self.ex.receive(env, now)
         self.ex.step(now)
@@ -68,9 +72,9 @@ class Rig:
     def statuses(self, cid: str) -> list[str]:
         return [r["status"] for r in self.results if r["id"] == cid]
 
-    def restart(self) -> list[c.Command]:
+    def restart(self) -> list[Command]:
         self.replay.close()
-        self.replay = c.ReplayCache(self.path)
+        self.replay = ReplayCache(self.path)
         self.ex = self._executor()
         return self.ex.resume(NOW + 1)
 
@@ -145,8 +149,8 @@ def test_a_failing_action_is_reported_failed(rig: Rig) -> None:
 
 def test_rejections_are_answered_and_nothing_runs(rig: Rig) -> None:
     rig.ex.receive(b"\xa0not a command", NOW)
-    stranger = c.generate_key_pair()
-    rig.ex.receive(c.sign_command(stranger[0], "fleet", DEVICE, "lock", {}, int(NOW), int(NOW) + 60, "x1"), NOW)
+    stranger = generate_key_pair()
+    rig.ex.receive(sign_command(stranger[0], "fleet", DEVICE, "lock", {}, int(NOW), int(NOW) + 60, "x1"), NOW)
     assert [(r["id"], r["status"], r["reason"]) for r in rig.results] == [
         (None, "rejected", "malformed"), ("x1", "rejected", "bad_signature")]
     assert rig.vehicle.done == [] and rig.ex.status()["rejected"] == {"malformed": 1, "bad_signature": 1}
@@ -192,3 +196,8 @@ def test_the_journal_is_pruned_with_the_replay_cache(rig: Rig) -> None:
     rig.send("ping", cid="old", ttl=10)
     rig.send("ping", cid="new", now=NOW + 100, ttl=1000)
     assert rig.replay.state_of("old") is None and rig.replay.state_of("new") == "executed"
+
+
+def test_every_command_in_the_catalogue_has_an_action_and_no_other() -> None:
+    """Command names are listed once, in the catalogue; the vehicle's actions follow it."""
+    assert set(VehicleActions.ACTIONS) == set(CATALOGUE)

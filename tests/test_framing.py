@@ -114,6 +114,12 @@ def test_every_registered_binary_protocol_has_a_reference():
     assert names == set(UART_PROTOCOLS) - {"nmea"}
 
 
+def test_the_polled_flag_of_each_protocol_is_what_its_module_polls():
+    """The configuration reads the flag without importing the module: they must agree."""
+    assert {name: flag for name, (_module, flag) in UART_PROTOCOLS.items()} == \
+        {name: protocol(name).polled for name in UART_PROTOCOLS}
+
+
 # --- the property, for every framer ---------------------------------------------------
 
 def _gap(ref):

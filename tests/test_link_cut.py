@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from agent import wire
 from agent.config import BrokerConfig
-from agent.runtime import send_batches
 from agent.store.outbox import LANE_LIVE, Outbox
-from agent.uplink import wire
 from agent.uplink.mqtt import Uplink
+from agent.uplink.pump import send_batches
 from devtools.broker import Mosquitto
 from tests.helpers import wait_for
 

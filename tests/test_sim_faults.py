@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.slcan import EXTENDED_FLAG, SlcanParser
+from agent.protocols.slcan import EXTENDED_FLAG, SlcanParser
 from firmware_sim import cli, scenario
 from firmware_sim.encoders import bafang, nmea
 from firmware_sim.encoders.bafang import slcan_frame

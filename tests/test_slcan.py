@@ -20,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import SourceConfig
+from agent.protocols.slcan import EXTENDED_FLAG, MAX_LINE, SlcanParser
 from agent.sources import make_source
 from agent.sources.base import BACKOFF_FIRST, BACKOFF_MAX, Source
-from agent.sources.slcan import EXTENDED_FLAG, MAX_LINE, SlcanParser, SlcanSource
+from agent.sources.slcan import SlcanSource
 from agent.sources.uart import UartSource
 from tests.helpers import wait_for
 

@@ -26,11 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent import wire
 from agent.config import BrokerConfig
-from agent.runtime import send_batches
 from agent.store.outbox import LANE_LIVE, Outbox
-from agent.uplink import wire
 from agent.uplink.mqtt import Uplink
+from agent.uplink.pump import send_batches
 from devtools.broker import Mosquitto
 from tests.helpers import wait_for
 
@@ -111,7 +111,7 @@ def test_device_certificate_connects_and_delivers(tmp_path: Path, tls_broker: tu
         pump_until("a mutual-TLS connection", uplink, outbox, "bike-a", lambda: uplink.connected)
         outbox.append(rows(7))
         pump_until("every row acknowledged", uplink, outbox, "bike-a", lambda: outbox.stats()["records"] == 0)
-        assert uplink.batches_failed == 0
+        assert uplink.window.batches_failed == 0
     finally:
         uplink.client.loop_stop()
         outbox.close()
@@ -126,7 +126,7 @@ def test_a_device_cannot_publish_as_another(tmp_path: Path, tls_broker: tuple[Mo
         uplink.start()
         pump_until("a mutual-TLS connection", uplink, outbox, "bike-b", lambda: uplink.connected)
         outbox.append(rows(5))
-        pump_until("the broker's refusal", uplink, outbox, "bike-b", lambda: uplink.batches_failed > 0)
+        pump_until("the broker's refusal", uplink, outbox, "bike-b", lambda: uplink.window.batches_failed > 0)
         assert outbox.stats()["records"] == 5, "rows the broker refused were deleted"
         assert "refused" in uplink.last_error
     finally:

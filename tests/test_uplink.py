@@ -17,12 +17,13 @@ import cbor2
 import pytest
 
 import devtools.broker
-from agent.cloud.ingest import Ingest, ack_for
+from agent import wire
 from agent.config import BrokerConfig
-from agent.runtime import send_batches
+from agent.fleet.ingest import Ingest, ack_for
+from agent.fleet.subscriber import Subscriber
 from agent.store.outbox import LANE_LIVE, Outbox
-from agent.uplink import wire
-from agent.uplink.mqtt import Subscriber, Uplink
+from agent.uplink.mqtt import Uplink
+from agent.uplink.pump import send_batches
 from devtools.broker import Mosquitto
 from tests.helpers import wait_for
 
@@ -139,7 +140,7 @@ def test_records_published_acked_and_stored(tmp_path: Path, mosquitto: Mosquitto
     assert seqs == list(range(1, 13))
     pump("every record acked", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
     assert link.outbox.stats()["last_acked"] == 12
-    assert link.uplink.status()["records_acked"] == 12 and link.uplink.batches_acked == 3
+    assert link.uplink.status()["records_acked"] == 12 and link.uplink.window.batches_acked == 3
     pump("the consumer to store them", None, cloud, lambda: len(cloud.stored(link.device)) == 12, 10)
     assert cloud.stored(link.device) == seqs
     assert cloud.ingest.bad_batches == 0 and cloud.ingest.duplicates == 0
@@ -173,7 +174,8 @@ def test_broker_outage_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         broker.proc.send_signal(19)  # SIGSTOP
         link.append(4)
         link.step()
-        in_flight = sorted(s for digest in link.uplink.inflight.values() for s in link.uplink.batches[digest])
+        window = link.uplink.window
+        in_flight = sorted(s for digest in window.inflight.values() for s in window.batches[digest])
         assert in_flight == [7, 8, 9, 10]
         broker.proc.kill()
         broker.proc.wait(5)
@@ -299,9 +301,9 @@ def test_rows_wait_for_the_cloud_ack_and_are_resent_without_it(tmp_path: Path, m
     parts += [link, cloud]
     connect(link, cloud)
     link.append(10)
-    pump("PUBACKs and a resend", link, cloud, lambda: link.uplink.resent_unacked >= 10, 10)
+    pump("PUBACKs and a resend", link, cloud, lambda: link.uplink.window.resent_unacked >= 10, 10)
     assert link.outbox.stats()["records"] == 10, "rows deleted without the cloud's ack"
-    assert link.uplink.batches_acked >= 2 and link.uplink.records_acked == 0
+    assert link.uplink.window.batches_acked >= 2 and link.uplink.window.records_acked == 0
     cloud.acking = True
     pump("the cloud's acks to empty the outbox", link, cloud, lambda: link.outbox.stats()["records"] == 0, 10)
     assert cloud.stored(link.device) == list(range(1, 11))
@@ -318,7 +320,7 @@ def test_broker_ack_mode_deletes_on_puback(tmp_path: Path, mosquitto: Mosquitto,
     pump("the uplink to connect", link, None, lambda: link.uplink.connected, 10)
     link.append(7)
     pump("rows deleted on PUBACK", link, None, lambda: link.outbox.stats()["records"] == 0, 10)
-    assert link.uplink.records_acked == 7
+    assert link.uplink.window.records_acked == 7
 
 
 def test_forged_or_bad_acks_delete_nothing(tmp_path: Path, mosquitto: Mosquitto, parts: list[Link | Cloud]) -> None:
@@ -334,8 +336,8 @@ def test_forged_or_bad_acks_delete_nothing(tmp_path: Path, mosquitto: Mosquitto,
     link.append(100)
     # The window fills with PUBACKed batches awaiting the cloud; the rest waits on disk unsent.
     pump("the window full of PUBACKed batches", link, cloud,
-         lambda: not link.uplink.inflight and not link.uplink.can_send(), 10)
-    out = len(link.uplink.awaiting_seqs)
+         lambda: not link.uplink.window.inflight and not link.uplink.can_send(), 10)
+    out = len(link.uplink.window.awaiting_seqs)
     assert 0 < out < 100
     cloud.sub.publish(link.prefix + "ack", b"\xff\x00garbage")
     cloud.sub.publish(link.prefix + "ack", cbor2.dumps([1, [[1, 2**64 - 1]]]))
@@ -481,7 +483,7 @@ def test_reconnect_waits_double_with_jitter_up_to_two_minutes(tmp_path: Path, mo
         link = links[0]
         link.uplink.start()
         pump("a connection", link, None, lambda: link.uplink.connected, 10)
-        assert link.uplink.backoff_cap == 1.0, "a good connection resets the backoff"
+        assert link.uplink.backoff.cap == 1.0, "a good connection resets the backoff"
     finally:
         for link in links:
             link.close()
@@ -528,7 +530,7 @@ def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch
         rt.sources[0].close()
         rt.sources[0].finished = True  # the ride is over; drain what is kept
         deadline = time.monotonic() + 30
-        while (rt.outbox.stats()["records"] or rt.pending) and time.monotonic() < deadline:
+        while (rt.outbox.stats()["records"] or rt.recorder.pending) and time.monotonic() < deadline:
             rt.step(0.01)
             cloud.sub.loop(0.01)
         assert rt.outbox.stats()["records"] == 0, rt.uplink.status()
@@ -553,7 +555,7 @@ def test_long_outage_small_quota_announces_the_drops(tmp_path: Path, monkeypatch
 def test_the_consumer_stores_every_record_kind(tmp_path: Path) -> None:
     """One batch of each record kind the agent makes: each stored once with its time (a
     change record's is its first change), and the consumer does not fall over on any."""
-    from agent.uplink import commands
+    from agent.commands.envelope import result_message
 
     t = 1_700_000_000.0
     bodies = [
@@ -562,7 +564,7 @@ def test_the_consumer_stores_every_record_kind(tmp_path: Path) -> None:
         wire.alarm_record(t + 1, 7, "overheat", -1, 2, True, 91.0, 90.0),
         *wire.snapshot_records(t + 2, 7, -1, t - 8, t + 2, [SIG, SIG], [t - 1, t], [1.0, 2.0]),
         wire.gap_record([(100, 120)], "quota", t + 3),
-        wire.result_record(t + 4, commands.result_message("c1", "executed", "pong", {"received": t + 4})),
+        wire.result_record(t + 4, result_message("c1", "executed", "pong", {"received": t + 4})),
     ]
     cloud = Ingest(str(tmp_path / "cloud.sqlite"))
     try:

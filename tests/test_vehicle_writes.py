@@ -25,12 +25,13 @@ from agent.cli.decode import CanDecoder
 from agent.config import SourceConfig
 from agent.dbc.compile import compile_dbc, profile_path
 from agent.errors import SourceError
+from agent.feed import UartFeed
 from agent.protocols import bafang, jbd, kt, protocol
-from agent.runtime import UartHandler
+from agent.protocols.slcan import EXTENDED_FLAG, SlcanParser
 from agent.signals import BY_NAME
 from agent.sources.base import CAN_EFF_FLAG, PACKED_FRAME, Source
 from agent.sources.candump import CandumpSource
-from agent.sources.slcan import EXTENDED_FLAG, SlcanParser, SlcanSource
+from agent.sources.slcan import SlcanSource
 from agent.sources.socketcan import SocketcanSource
 from agent.sources.uart import UartSource
 from firmware_sim.encoders import bafang as sim_bafang
@@ -87,7 +88,7 @@ def test_discharge_fet_off_stops_the_pack_current_and_the_motor() -> None:
 
 
 class _Kernel:
-    """The three kernel calls UartHandler makes, recorded."""
+    """The three kernel calls UartFeed makes, recorded."""
 
     def __init__(self) -> None:
         self.frames = 0
@@ -112,9 +113,9 @@ def test_the_mos_acknowledgement_is_a_good_frame_in_the_runtime() -> None:
     p = protocol("jbd")
     (frame,) = p.framer().feed(ack)
     assert p.understood(frame) and p.decode(frame) == {}
-    handler = UartHandler(SourceConfig(name="bms", kind="uart", port="/dev/null", protocol="jbd"), 0)
     k = _Kernel()
-    handler.feed(b"\x00" + ack, 0.0, k)
+    handler = UartFeed(SourceConfig(name="bms", kind="uart", port="/dev/null", protocol="jbd"), k, 0, 0)
+    handler.feed(b"\x00" + ack, 0.0)
     assert (handler.ok, handler.not_understood, handler.bad, k.frames, k.errors, k.values) == (1, 0, {}, 1, 0, [])
 
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import wire
 from agent.errors import DecodeError
-from agent.uplink import wire
 from tests.conftest import WIRE_CDDL, WireSchema
 
 UINT64 = 2**64 - 1
@@ -241,7 +241,7 @@ def test_decoder_agrees_with_cddl(obj: Any, batch_schema: WireSchema) -> None:
 
 def test_ingest_tells_announced_drops_from_lost_records(tmp_path: Path) -> None:
     """A hole the device announced in a gap record is not reported as lost; any other is."""
-    from agent.cloud.ingest import Ingest
+    from agent.fleet.ingest import Ingest
 
     def batch_of(items: list[tuple[int, bytes]]) -> bytes:
         return wire.encode_batch("bike-7", items)
@@ -340,11 +340,11 @@ def test_ack_decoder_refuses_what_the_cddl_cannot_see() -> None:
 def test_signed_ack_matches_the_cddl() -> None:
     """pycddl 0.6 cannot follow ``.cbor`` inside an array: the outer shape here, the
     protected header and the plain ack inside against their rules."""
-    from agent.uplink import commands
+    from agent.fleet.signing import Signer, generate_key_pair
 
-    private, _public = commands.generate_key_pair()
+    private, _public = generate_key_pair()
     ack = wire.encode_ack(D, [5, 6, 7, 9])
-    tag = cbor2.loads(commands.Signer(private, "ingest-1").sign(ack))
+    tag = cbor2.loads(Signer(private, "ingest-1").sign(ack))
     assert tag.tag == 18 and len(tag.value) == 4 and tag.value[1] == {} and len(tag.value[3]) == 64
     pycddl.Schema("root = command-protected\n" + WIRE_CDDL).validate_cbor(tag.value[0])
     assert tag.value[2] == ack

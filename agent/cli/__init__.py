@@ -1,5 +1,17 @@
 """``ebike-agent``: one module per subcommand, each with ``add_subparser`` (cantools' layout).
 
+The package owns the command line: options, output, exit codes. It may import any
+agent package (agent/fleet/ too: ``ingest``, ``keys`` and ``command`` are fleet tools);
+none imports it. What subcommands share is in common.py; no subcommand imports another.
+
+Building the parser imports every subcommand module, so what brings in paho,
+cryptography, cbor2 or pyserial (the runtime, the fleet, the command envelope and
+signing, the wire format, the serial sources) is imported inside the function that runs
+the command, never at a module's top: ``ebike-agent --help`` and ``--version`` load
+none of them (tests/test_cli_imports.py). A subcommand module that fails to import
+leaves a stand-in that says why when that command is run; the others still work
+(cantools' ``_load_subparser``).
+
 Errors print as ``error: <message>`` with a non-zero exit (2 for a configuration that
 cannot be used, 1 otherwise); ``--debug`` re-raises them with the traceback instead.
 """
@@ -7,17 +19,45 @@ cannot be used, 1 otherwise); ``--debug`` re-raises them with the traceback inst
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
 from agent import __version__
-from agent.cli import alarms_cmd, buffer, command, config_cmd, decode, ingest, keys, run, signals_cmd, status
 from agent.errors import AgentError, ConfigError
 
-_COMMANDS = (run, decode, config_cmd, signals_cmd, alarms_cmd, status, ingest, keys, command, buffer)
+# (command, its module under agent.cli), in the order ``--help`` lists them.
+_COMMANDS = (("run", "run"), ("decode", "decode"), ("config", "config_cmd"), ("signals", "signals_cmd"),
+             ("alarms", "alarms_cmd"), ("status", "status"), ("ingest", "ingest"), ("keys", "keys"),
+             ("command", "command"), ("buffer", "buffer"))
 # A configuration (or DBC) that cannot be used: like argparse's usage errors, the input is at fault.
 EXIT_CONFIG = 2
+
+
+class _ErrorSubparser:
+    """Stands in for a subcommand whose module did not import: it takes any arguments
+    and, run, fails with the reason."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        self.command = command
+        self.reason = reason
+
+    def add_subparser(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        # No prefix character can start an option, so every word is one of "args".
+        p = sub.add_parser(self.command, help=f"unavailable: {self.reason}", prefix_chars="\0", add_help=False)
+        p.add_argument("args", nargs="*")
+        p.set_defaults(func=self._fail)
+
+    def _fail(self, args: argparse.Namespace) -> int:
+        raise AgentError(f"ebike-agent {self.command} is unavailable: {self.reason}")
+
+
+def _load_subparser(command: str, module: str, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        importlib.import_module(f"agent.cli.{module}").add_subparser(sub)
+    except ImportError as e:
+        _ErrorSubparser(command, str(e)).add_subparser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"ebike-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in _COMMANDS:
-        module.add_subparser(sub)
+    for command, module in _COMMANDS:
+        _load_subparser(command, module, sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from agent import config
-from agent.cli.run import DEFAULT_CONFIG
+from agent.cli.common import DEFAULT_CONFIG
 from agent.control.client import request
 from agent.errors import AgentError, StoreError
 from agent.store.outbox import read_stats

@@ -13,12 +13,9 @@ import math
 import time
 from typing import Any
 
-from agent.cli.ingest import broker_address
-from agent.cli.keys import check_kid
+from agent.cli.common import broker_address, check_kid, read_key
+from agent.commands.catalogue import CATALOGUE, check_arguments
 from agent.errors import AgentError, ConfigError
-from agent.uplink import commands
-from agent.uplink.mqtt import Subscriber, publish_once, wait_until
-from agent.uplink.wire import strict_loads
 
 DEFAULT_TTL = 300
 
@@ -68,23 +65,21 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 def _signed(args: argparse.Namespace) -> tuple[str, str, int, dict[str, Any], bytes]:
     """(kid, command id, issued-at, arguments, envelope) from the sign/send options."""
+    from agent.commands.envelope import MAX_ID  # imports cbor2
+    from agent.fleet.signing import new_command_id, sign_command
+
     if args.ttl <= 0:
         raise ConfigError("command line", "--ttl", "must be positive")
-    if not 0 < len(args.device.encode()) <= commands.MAX_ID:
-        raise ConfigError("command line", "--device", f"must be 1 to {commands.MAX_ID} UTF-8 bytes")
-    if args.id is not None and not 0 < len(args.id.encode()) <= commands.MAX_ID:
-        raise ConfigError("command line", "--id", f"must be 1 to {commands.MAX_ID} UTF-8 bytes")
+    if not 0 < len(args.device.encode()) <= MAX_ID:
+        raise ConfigError("command line", "--device", f"must be 1 to {MAX_ID} UTF-8 bytes")
+    if args.id is not None and not 0 < len(args.id.encode()) <= MAX_ID:
+        raise ConfigError("command line", "--id", f"must be 1 to {MAX_ID} UTF-8 bytes")
     kid = check_kid(args.kid)
-    cmd_args = commands.check_arguments(args.name, _arguments(args))
-    try:
-        with open(args.key, "rb") as f:
-            private = f.read()
-    except OSError as e:
-        raise ConfigError(args.key, "--key", f"cannot read: {e.strerror}") from e
+    cmd_args = check_arguments(args.name, _arguments(args))
+    private = read_key(args.key, "--key")
     issued = int(time.time())
-    command_id = args.id or commands.new_command_id()
-    envelope = commands.sign_command(private, kid, args.device, args.name, cmd_args, issued, issued + args.ttl,
-                                     command_id)
+    command_id = args.id or new_command_id()
+    envelope = sign_command(private, kid, args.device, args.name, cmd_args, issued, issued + args.ttl, command_id)
     return kid, command_id, issued, cmd_args, envelope
 
 
@@ -109,6 +104,9 @@ FINAL = ("executed", "rejected", "failed", "expired")
 
 
 def _send(args: argparse.Namespace) -> int:
+    from agent.fleet.subscriber import Subscriber, publish_once, wait_until
+    from agent.wire import strict_loads
+
     kid, command_id, issued, _, envelope = _signed(args)
     host, port = args.broker
     topic = f"{args.prefix}{args.device}/cmd"
@@ -168,8 +166,8 @@ def _command_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=int, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds until the command expires (default {DEFAULT_TTL})")
     p.add_argument("--id", help="command id (default: a random UUID)")
-    p.add_argument("name", metavar="NAME", choices=sorted(commands.SCHEMAS),
-                   help="one of " + ", ".join(sorted(commands.SCHEMAS)))
+    p.add_argument("name", metavar="NAME", choices=sorted(CATALOGUE),
+                   help="one of " + ", ".join(sorted(CATALOGUE)))
     p.add_argument("args", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--args-json", metavar="JSON", help='the arguments as one JSON object, e.g. '
                    '\'{"patch": {"outbox": {"commit_interval": 0.5}}}\'')

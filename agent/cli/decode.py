@@ -12,14 +12,15 @@ from typing import Any
 
 from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError
+from agent.feed import CanTextFeed, dbc_for
 from agent.fusion.kernel import Kernel
-from agent.protocols import UartProtocol, candump, nmea, protocol
+from agent.protocols import UART_PROTOCOLS, UartProtocol, candump, nmea, protocol
+from agent.protocols.slcan import SlcanParser
 from agent.protocols.surron import read_surron_log
-from agent.runtime import CanTextHandler, dbc_for
 from agent.signals import BY_NAME, ID_SPACE, limits, refusal
-from agent.sources.slcan import SlcanParser
 
-UART = ("jbd", "daly", "ninebot", "kt-lcd3", "surron")
+# The binary UART protocols; NMEA is text, a sentence per line.
+UART = tuple(name for name in UART_PROTOCOLS if name != "nmea")
 PROTOCOLS = ("bafang-can", *UART, "nmea", "dbc:<path>")
 CAN_FORMATS = ("candump", "slcan")
 UART_FORMATS = ("hex", "raw", "surron-log")
@@ -245,15 +246,15 @@ def can_stats(dbc: CompiledDbc, fmt: str, chunks: Iterable[bytes]) -> dict[str, 
     """Counts for a whole capture through the agent's own hot path (kernel text parsers)."""
     kernel = Kernel(dbc.id_space, 1.0)
     kernel.set_can_tables(*dbc.kernel_tables())
-    handler = CanTextHandler(fmt)
+    feed = CanTextFeed(fmt, kernel)
     t0 = time.perf_counter()
     for chunk in chunks:
-        handler.feed(chunk, 0.0, kernel)
-    if handler.tail.strip():
-        handler.feed(b"\r" if fmt == "slcan" else b"\n", 0.0, kernel)
+        feed.feed(chunk, 0.0)
+    if feed.tail.strip():
+        feed.feed(b"\r" if fmt == "slcan" else b"\n", 0.0)
     elapsed = time.perf_counter() - t0
     c = kernel.counters()
-    bad = {"malformed": c["bad_lines"] + handler.overlong, "unknown_id": c["unknown"], "truncated": c["truncated"],
+    bad = {"malformed": c["bad_lines"] + feed.overlong, "unknown_id": c["unknown"], "truncated": c["truncated"],
            "error_frame": c["error_frames"], "remote": c["remote_frames"], "can_fd": c["fd_frames"]}
     frames = c["frames"] + sum(bad.values())
     return {"frames": frames, "ok": c["frames"], "bad": bad, "signals": c["samples"],

@@ -1,4 +1,5 @@
-"""``ebike-agent ingest``: the reference cloud-side consumer (subscribe, decode, store)."""
+"""``ebike-agent ingest``: the reference cloud-side consumer (subscribe, decode, store),
+agent/fleet/ behind a command line."""
 
 from __future__ import annotations
 
@@ -10,22 +11,15 @@ import re
 import signal
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.cli.keys import check_kid
-from agent.cloud.ingest import Ingest, ack_for
+from agent.cli.common import broker_address, check_kid, read_key
 from agent.errors import AgentError, ConfigError
-from agent.uplink.commands import Signer
-from agent.uplink.mqtt import Subscriber
+
+if TYPE_CHECKING:
+    from agent.fleet.signing import Signer
 
 log = logging.getLogger(__name__)
-
-
-def broker_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def default_client_id() -> str:
@@ -43,12 +37,10 @@ def _signer(args: argparse.Namespace) -> Signer | None:
         return None
     if not args.ack_key or not args.ack_kid:
         raise ConfigError("command line", "--ack-key", "--ack-key and --ack-kid go together")
+    from agent.fleet.signing import Signer
+
     kid = check_kid(args.ack_kid)
-    try:
-        with open(args.ack_key, "rb") as f:
-            private = f.read()
-    except OSError as e:
-        raise ConfigError(args.ack_key, "--ack-key", f"cannot read: {e.strerror}") from e
+    private = read_key(args.ack_key, "--ack-key")
     try:
         return Signer(private, kid)
     except ConfigError as e:
@@ -56,6 +48,9 @@ def _signer(args: argparse.Namespace) -> Signer | None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from agent.fleet.ingest import Ingest, ack_for
+    from agent.fleet.subscriber import Subscriber
+
     host, port = args.broker
     signer = _signer(args)
     store = Ingest(args.db)

@@ -9,20 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 
+from agent.cli.common import check_kid
 from agent.errors import ConfigError
-from agent.uplink import commands
-
-KID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def check_kid(kid: str) -> str:
-    """Key ids become file names and CBOR text: keep them short and plain."""
-    if not KID_RE.fullmatch(kid):
-        raise ConfigError("command line", "--kid",
-                          f"{kid!r}: use 1 to 64 of A-Z a-z 0-9 . _ -, not starting with . _ -")
-    return kid
 
 
 def _write_new(path: str, data: bytes, mode: int) -> None:
@@ -41,8 +30,10 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    private, public = commands.generate_key_pair()
-    kid = check_kid(args.kid) if args.kid else commands.default_kid(public)
+    from agent.fleet.signing import default_kid, generate_key_pair
+
+    private, public = generate_key_pair()
+    kid = check_kid(args.kid) if args.kid else default_kid(public)
     try:
         os.makedirs(args.out, mode=0o700, exist_ok=True)
     except OSError as e:

@@ -8,15 +8,16 @@ import os
 import sys
 
 from agent import config
-from agent.control import trial
+from agent.cli.common import DEFAULT_CONFIG
+from agent.commands import trial
 from agent.errors import AgentError, AlreadyRunning
-from agent.runtime import Runtime
 
-DEFAULT_CONFIG = "/etc/ebike-agent/agent.toml"
 log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from agent.runtime import Runtime  # imports paho, cryptography, cbor2, pyserial
+
     try:
         runtime = Runtime(config.load(args.config))
     except AgentError as e:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from agent import config
-from agent.cli.run import DEFAULT_CONFIG
+from agent.cli.common import DEFAULT_CONFIG
 from agent.control.client import request
 
 

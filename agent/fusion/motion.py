@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.fusion._kernel_py import MOTION_MOVING, MOTION_STILL, VOTE_ABSENT, VOTE_MOVING, VOTE_NAMES, VOTE_STILL
+from agent.fusion.spec import MOTION_MOVING, MOTION_STILL, VOTE_ABSENT, VOTE_MOVING, VOTE_NAMES, VOTE_STILL
 
 VERDICTS = {MOTION_STILL: "still", MOTION_MOVING: "moving"}
 # (label in words, key in JSON, unit, format) of each input, in the kernel's order.

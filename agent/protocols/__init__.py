@@ -8,18 +8,27 @@
     if p.polled: poller = p.poller(interval=1.0, timeout=0.5)
 
 Modules are imported on first use, so one protocol's problem fails only that one.
+
+The package owns the byte-level protocols that are not a DBC: the UART framers,
+decoders and pollers, the candump log format, Bafang's CAN writes; and the one list of
+UART protocol names (UART_PROTOCOLS: the configuration's checks and ``ebike-agent
+decode`` derive from it, so a new protocol is a module and a line here). Written for
+MicroPython too, it imports nothing of the agent but agent.errors, and only the
+standard library.
 """
 
 from agent.protocols.poll import Poller
 
-# name -> module under agent.protocols
+# name -> (module under agent.protocols, polled: the agent asks for what it reads, on
+# poll_interval). The flag is here so a configuration is checked without importing every
+# protocol; a test holds it equal to each module's poll requests.
 UART_PROTOCOLS = {
-    "jbd": "jbd",
-    "daly": "daly",
-    "ninebot": "ninebot",
-    "kt-lcd3": "kt",
-    "surron": "surron",
-    "nmea": "nmea",
+    "nmea": ("nmea", False),
+    "jbd": ("jbd", True),
+    "daly": ("daly", True),
+    "ninebot": ("ninebot", True),
+    "kt-lcd3": ("kt", False),
+    "surron": ("surron", False),
 }
 
 
@@ -79,7 +88,7 @@ class UartProtocol:
         if name not in UART_PROTOCOLS:
             raise KeyError("unknown UART protocol %r (known: %s)" % (name, ", ".join(sorted(UART_PROTOCOLS))))
         self.name = name
-        mod = __import__("agent.protocols." + UART_PROTOCOLS[name], None, None, ("decode",))
+        mod = __import__("agent.protocols." + UART_PROTOCOLS[name][0], None, None, ("decode",))
         used = []  # type: list
         self._framer_options = _pick(options, getattr(mod, "FRAMER_OPTIONS", ()), used)
         self._decode_options = _pick(options, getattr(mod, "DECODE_OPTIONS", ()), used)

@@ -89,6 +89,7 @@ class Source:
         self.disconnects = 0
         self.bytes_read = 0
         self.last_error = ""
+        self.read_pass = 0  # which pass of a looped replay the last read belongs to; 0 for a device
 
     def fileno(self) -> int:
         raise NotImplementedError

@@ -75,7 +75,6 @@ class CandumpSource(Source):
         self.lines = 0
         self.passes = 0
         self._pending_pass = 0
-        self.read_pass = 0  # the pass the lines of the last read belong to
         self.bad_timestamps = 0
         self.overlong = 0
 

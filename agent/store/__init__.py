@@ -1,0 +1,14 @@
+"""The store: every record waits here until the cloud has it.
+
+It owns the SQLite outbox (``outbox``: sequence numbers, lanes, quota, a full disk, a
+corrupt file), the one-agent-per-outbox lock (``lock``), the RAM queue the agent runs
+from while the file cannot be written (``memory``), and the record stage that turns
+the kernel's outputs into records and commits them in groups (``recorder``).
+
+``outbox``, ``lock`` and ``memory`` import only agent.errors, each other and the standard library
+(the outbox is handed the gap-record encoder as a callback). ``recorder`` also imports
+agent.config, agent.fusion.spec (what the kernel's outputs mean) and agent.wire
+(the record format). Nothing here imports the uplink's link, the runtime or the fleet.
+The command journal (agent.commands.journal) keeps its tables in the outbox's file,
+written through the outbox's ``Transaction``.
+"""

@@ -453,8 +453,8 @@ class Outbox:
     def close(self) -> None:
         self.db.close()
 
-    def _transaction(self) -> _Txn:
-        return _Txn(self.db)
+    def _transaction(self) -> Transaction:
+        return Transaction(self.db)
 
 
 def _corrupt(e: sqlite3.Error) -> bool:
@@ -602,7 +602,7 @@ def _salvage_last_seq(db: sqlite3.Connection) -> int:
     return int(row[0]) - 1 if row else 0
 
 
-class _Txn:
+class Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, a failed COMMIT too (a full
     disk fails the WAL write at COMMIT and may leave the transaction open); the sqlite3
     module's own context manager does not begin a transaction in autocommit mode."""

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from agent.errors import DecodeError, StoreError
-from agent.uplink.commands import Signer
-from agent.uplink.wire import (
+from agent.fleet.signing import Signer
+from agent.wire import (
     KIND_CHANGE,
     KIND_GAP,
     KIND_WINDOW,

@@ -1,6 +1,6 @@
 """Runs verified cloud commands: each at most once, in order, and only when it is safe.
 
-A command arrives on ``cmd`` and goes through the Verifier (agent/uplink/commands.py),
+A command arrives on ``cmd`` and goes through the Verifier (agent/commands/verifier.py),
 which commits its id and a journal entry (``accepted``) before anything else. Each
 later step is committed to the journal before the next one starts:
 
@@ -10,7 +10,7 @@ later step is committed to the journal before the next one starts:
 - ``running``: committed before the command acts. An entry found ``running`` after a
   restart was cut off mid-way; it is reported ``failed`` and never run again, because
   whether the vehicle got the write cannot be known (set_config, whose trial spans a
-  restart on purpose, is the exception: the runtime finishes its trial).
+  restart on purpose, is the exception: agent/commands/stage.py finishes its trial).
 - ``executed`` or ``failed``, with a reason.
 
 Every status change is reported: a ``cmd/result`` message, also kept in the outbox.
@@ -23,17 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.commands.catalogue import AT_ONCE, NOT_FASTER, spec
+from agent.commands.envelope import Command, result_message
+from agent.commands.journal import ReplayCache
+from agent.commands.verifier import Verifier
 from agent.config import CommandsConfig
 from agent.errors import AgentError, CommandRejected, StoreError
-from agent.uplink.commands import Command, ReplayCache, Verifier, result_message
 
 log = logging.getLogger(__name__)
-
-# Commands acting on the vehicle run in the order they came: an unlock must not overtake
-# a lock still waiting for the vehicle to stop.
-VEHICLE_COMMANDS = ("lock", "unlock", "set_speed_limit")
-# The commands a restart would otherwise catch half-way: their journal entry says so.
-SPANS_RESTART = ("set_config",)
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class Executor:
         running across the restart on purpose (a set_config on trial) for the caller."""
         spanning = []
         for cmd, state in self.replay.open_entries():
-            if state == "running" and cmd.name in SPANS_RESTART:
+            if state == "running" and spec(cmd.name).spans_restart:
                 spanning.append(cmd)
             elif state == "running":
                 self._report(cmd.id, "failed", "interrupted: the agent stopped while it ran; not run again", now)
@@ -122,12 +119,12 @@ class Executor:
                 self._report(cmd.id, "expired", "the vehicle did not stand still before the command expired"
                              if cmd.id in self.deferred else "expired before it could run", now)
                 continue
-            on_vehicle = cmd.name in VEHICLE_COMMANDS
-            if on_vehicle and blocked:
+            in_order = spec(cmd.name).in_order
+            if in_order and blocked:
                 continue
             why = self._interlock(cmd, now)
             if why:
-                blocked = blocked or on_vehicle
+                blocked = blocked or in_order
                 if cmd.id not in self.deferred:
                     self.deferred.add(cmd.id)
                     self._report(cmd.id, "deferred", why, now)
@@ -137,12 +134,13 @@ class Executor:
 
     def _interlock(self, cmd: Command, now: float) -> str:
         """Why ``cmd`` must wait for the vehicle to stand still, or ''."""
-        if cmd.name == "set_speed_limit":
+        rule = spec(cmd.name).interlock
+        if rule == AT_ONCE:
+            return ""
+        if rule == NOT_FASTER:
             speed = self.vehicle.speed_kmh(now)
             if speed is not None and speed <= cmd.args["kmh"]:
                 return ""
-        elif cmd.name != "lock":
-            return ""
         if self.vehicle.stationary_for(now) >= self.cfg.stationary_s:
             return ""
         return (f"waiting for the vehicle to stand still for {self.cfg.stationary_s:g} s: "

@@ -1,0 +1,114 @@
+"""The record stage: the kernel's outputs become outbox records, committed in groups.
+
+Closed windows, changes, alarms and event snapshots become wire records in their lanes
+and wait in ``pending`` until a commit: every ``commit_interval``, or at once after an
+alarm or a command result (``urgent``: those are never left in the group-commit window).
+The stage also saves the kernel's persistent counters (trip, energy, SoH) beside the
+records and restores them at start.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+from agent import wire
+from agent.config import Config
+from agent.fusion.spec import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, PERSISTENT, WIN_LIVE
+from agent.store.memory import Storage
+from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE
+
+log = logging.getLogger(__name__)
+
+# How often the kernel's counters are saved; a power cut loses at most this much of them.
+STATE_SAVE_S = 10.0
+# Alarm events a diagnostics bundle carries.
+RECENT_ALARMS = 50
+
+
+class Recorder:
+    """Kernel outputs into ``pending`` records, and ``pending`` into the outbox."""
+
+    def __init__(self, cfg: Config, kernel: Any, outbox: Storage) -> None:
+        self.cfg = cfg
+        self.kernel = kernel
+        self.outbox = outbox
+        self.pending: list[tuple[int, float, bytes]] = []
+        self.urgent = False
+        self.records = 0  # committed since the start
+        self.last_commit = time.monotonic()
+        self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
+        self.saved_state: list[float] = []
+        self.state_saved = time.monotonic()
+        self._restore_state()
+
+    def add(self, outputs: list[Any], now: float) -> None:
+        """Kernel outputs become records in their lanes."""
+        changes = []
+        for out in outputs:
+            kind = out[0]
+            if kind == OUT_WINDOW:
+                _, which, start, length, rows = out
+                lane = LANE_LIVE if which == WIN_LIVE else LANE_HISTORY
+                self.pending.append((lane, start, wire.window_record(start, length, rows)))
+            elif kind == OUT_CHANGE:
+                changes.append(out[1:])
+            elif kind == OUT_ALARM:
+                self._alarm(*out[1:])
+            elif kind == OUT_SNAPSHOT:
+                _, t, code, inst, start, end, ids, times, values = out
+                log.info("event snapshot for alarm %s: %d samples", ALARM_NAMES.get(code, "request"), len(ids))
+                for body in wire.snapshot_records(t, code, inst, start, end, ids, times, values):
+                    self.pending.append((LANE_EVENT, t, body))
+        if changes:
+            self.pending.append((LANE_LIVE, now, wire.change_record(changes)))
+
+    def _alarm(self, t: float, code: int, inst: int, level: int, raised: int, value: float, thr: float) -> None:
+        name = ALARM_NAMES[code]
+        log.warning("alarm %s%s level %d %s: value %g, threshold %g", name,
+                    f" (source {self.cfg.sources[inst].name})" if inst >= 0 else "", level,
+                    "raised" if raised else "cleared", value, thr)
+        self.pending.append((LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised), value, thr)))
+        self.recent_alarms.append({"t": t, "name": name, "instance": inst, "level": level,
+                                   "raised": bool(raised), "value": value, "threshold": thr})
+        self.urgent = True
+
+    def result(self, message: bytes, now: float) -> None:
+        """A command's result message, in the alarm lane, committed this turn."""
+        self.pending.append((LANE_ALARM, now, wire.result_record(now, message)))
+        self.urgent = True
+
+    def commit(self, force: bool = False) -> None:
+        """Pending records into the outbox when urgent, forced, or commit_interval has passed."""
+        mono = time.monotonic()
+        if self.pending and (force or self.urgent or mono - self.last_commit >= self.cfg.outbox.commit_interval):
+            self.records += len(self.outbox.append(self.pending))
+            self.pending = []
+            self.urgent = False
+            self.last_commit = mono
+
+    def save_state_when_due(self) -> None:
+        if time.monotonic() - self.state_saved >= STATE_SAVE_S:
+            self.save_state()
+
+    def save_state(self) -> None:
+        """Only when something moved: a parked vehicle costs no fsync every STATE_SAVE_S."""
+        self.state_saved = time.monotonic()
+        values = list(self.kernel.persistent())
+        if values != self.saved_state and self.outbox.save_state(dict(zip(PERSISTENT, values, strict=True))):
+            self.saved_state = values
+
+    def _restore_state(self) -> None:
+        """Trip, energy counters and the measured SoH carry on across restarts."""
+        saved = self.outbox.load_state()
+        if not saved:
+            return
+        try:
+            self.kernel.restore([saved[name] for name in PERSISTENT])
+            self.saved_state = list(self.kernel.persistent())
+        except (KeyError, ValueError) as e:
+            log.warning("kernel state in %s not restored, counting from zero: %s", self.cfg.outbox.path, e)
+            return
+        log.info("kernel state restored: trip %.3f km, energy out %.1f Wh", saved["trip_km"], saved["energy_out_wh"])

@@ -1,0 +1,64 @@
+"""The command line stays light: ``ebike-agent --help`` and ``--version`` build the whole
+parser (every subcommand module) and load none of the heavy libraries, which only the
+command that needs them imports; a subcommand module that cannot import fails only
+its own command."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import agent.cli
+from agent.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# Third-party libraries (and the runtime, which loads them all) that --help must not pay for.
+HEAVY = ("paho", "cryptography", "cbor2", "serial", "agent.runtime")
+
+
+def imported(*args: str) -> tuple[set[str], str]:
+    """The modules ``python -m agent ARGS`` imports by an import statement (``-X
+    importtime`` names each; importlib.import_module's are not timed, but whatever
+    those modules import is), and what it printed."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "agent", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    modules = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    return modules, out.stdout
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_help_and_version_import_no_heavy_library(flag: str) -> None:
+    modules, printed = imported(flag)
+    assert "agent.cli.common" in modules  # the subcommand modules were loaded
+    assert not {m for m in HEAVY if m in modules}
+    if flag == "--help":
+        listed = [m[1] for m in re.finditer(r"^ {4}(\S+)", printed, re.M)]
+        assert listed == [command for command, _module in agent.cli._COMMANDS]
+
+
+def test_every_subcommand_module_is_listed() -> None:
+    on_disk = {p.stem for p in (REPO / "agent" / "cli").glob("*.py")} - {"__init__", "common"}
+    assert {module for _command, module in agent.cli._COMMANDS} == on_disk
+
+
+def test_a_module_that_does_not_import_fails_only_its_command(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    real = importlib.import_module
+
+    def broken(name: str, package: str | None = None) -> ModuleType:
+        if name == "agent.cli.ingest":
+            raise ModuleNotFoundError("No module named 'paho'")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert main(["ingest", "--broker", "127.0.0.1:1883", "--db", "x.sqlite"]) == 1
+    assert capsys.readouterr().err == "error: ebike-agent ingest is unavailable: No module named 'paho'\n"
+    assert main(["signals", "--json"]) == 0
+    assert '"name"' in capsys.readouterr().out
