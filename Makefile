@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 KERNEL := $(VENV)/.kernel-built
-KERNEL_SRC := agent/fusion/_kernel_py.py agent/fusion/_kernel.pxd
+# Every module of the kernel: agent/fusion/_<part>_py.py typed by agent/fusion/_<part>.pxd.
+KERNEL_SRC := $(wildcard agent/fusion/_*_py.py agent/fusion/_*.pxd)
 # The compiled kernel is required unless the caller says otherwise (EBIKE_AGENT_BUILD_EXT=0).
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
@@ -21,7 +22,7 @@ $(INSTALLED): setup.py pyproject.toml
 	touch $@
 
 $(KERNEL): $(INSTALLED) $(KERNEL_SRC) setup.py
-	rm -f agent/fusion/_kernel_py.c  # Cython's own check misses changed compiler directives
+	rm -f agent/fusion/_*_py.c  # Cython's own check misses changed compiler directives and .pxd files
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c 'from agent.fusion import kernel; print("fusion kernel in use:", kernel.BUILD)'
 	touch $@
@@ -34,11 +35,16 @@ run: setup broker
 
 test: test-compiled test-pure
 
+# Most tests wait on real processes (simulator, agent, broker), not the CPU: each half runs
+# on TEST_WORKERS pytest-xdist workers, each test handed to the next idle one.
+TEST_WORKERS ?= 4
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+
 test-compiled: setup broker
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 test-pure: setup broker
-	EBIKE_AGENT_PUREPYTHON=1 $(PY) -m pytest tests
+	EBIKE_AGENT_PUREPYTHON=1 $(PYTEST) tests
 
 bench: setup broker
 	$(PY) -m devtools.bench
@@ -59,4 +65,4 @@ lint: setup
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info agent/fusion/_kernel_py.c agent/fusion/*.so bench-results.json
+	rm -rf $(VENV) build *.egg-info agent/fusion/_*_py.c agent/fusion/*.so bench-results.json

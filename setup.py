@@ -1,7 +1,7 @@
 """Build and install ebike-edge.
 
-The fusion kernel is compiled from its pure-Python source (agent/fusion/_kernel_py.py,
-typed by agent/fusion/_kernel.pxd) as the optional extension agent.fusion._kernel.
+The fusion kernel is compiled from its pure-Python sources (agent/fusion/_<part>_py.py,
+each typed by agent/fusion/_<part>.pxd) as the optional extensions agent.fusion._<part>.
 Without Cython or a compiler the pure kernel is used, unless EBIKE_AGENT_BUILD_EXT=1
 (CI sets it), which makes a failed build fatal. The build says which one it made.
 """
@@ -17,7 +17,9 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 
 BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError)
 REQUIRED = os.environ.get("EBIKE_AGENT_BUILD_EXT", "") == "1"
-KERNEL = "agent.fusion._kernel"
+# The kernel's modules: agent/fusion/_<part>_py.py is built as agent.fusion._<part>;
+# _kernel composes the others.
+KERNEL_PARTS = ("frames", "tables", "state", "speed", "battery", "alarms", "kernel")
 
 # Runtime dependencies, pinned to ranges here and nowhere else.
 INSTALL_REQUIRES = [
@@ -26,7 +28,7 @@ INSTALL_REQUIRES = [
     # 6.2: the strict decoder options (duplicate keys, indefinite lengths, depth) commands.py uses.
     "cbor2>=6.2,<7",
     "cantools>=39,<46",
-    # Ed25519 for signed commands (agent/uplink/commands.py); wheels for 32-bit Raspberry Pi OS too.
+    # Ed25519 for signed commands (agent/commands/keys.py, agent/fleet/signing.py); 32-bit Pi OS wheels too.
     "cryptography>=42,<51",
     # Writes the configuration file back after a remote set_config / set_reporting
     # (tomllib only reads); small, pure Python, kept by the tomli author.
@@ -36,6 +38,8 @@ EXTRAS = {
     "dev": [
         "cython>=3.0,<4",
         "pytest>=8,<10",
+        # make test runs each half on several workers: most tests wait on real processes.
+        "pytest-xdist>=3.5,<4",
         "hypothesis>=6.100,<7",
         "pycddl>=0.6,<0.7",
         "ruff>=0.6",
@@ -88,10 +92,23 @@ def _extensions() -> list[Extension]:
             raise SystemExit("ebike-agent build: EBIKE_AGENT_BUILD_EXT=1 but Cython is not installed") from e
         _say("Cython is not installed; the pure-Python kernel will be used")
         return []
-    ext = Extension(KERNEL, ["agent/fusion/_kernel_py.py"], extra_compile_args=["-O3", "-ffp-contract=off"])
-    return list(cythonize([ext], compiler_directives={"language_level": "3", "boundscheck": False,
-                                                      "wraparound": False, "cdivision": True,
-                                                      "initializedcheck": False}, quiet=True))
+    exts = [Extension(f"agent.fusion._{part}", [f"agent/fusion/_{part}_py.py"],
+                      extra_compile_args=["-O3", "-ffp-contract=off"]) for part in KERNEL_PARTS]
+    return list(cythonize(exts, compiler_directives={"language_level": "3", "boundscheck": False,
+                                                     "wraparound": False, "cdivision": True,
+                                                     "initializedcheck": False}, quiet=True, force=_stale()))
+
+
+def _stale() -> bool:
+    """Whether any generated C is older than a kernel source or this file. Cython's own
+    check misses the .pxd files (named after the extension, not the source) and changed
+    directives, and a module built against another's old .pxd crashes: all are redone."""
+    fusion = "agent/fusion"
+    sources = [__file__] + [f"{fusion}/_{part}{ext}" for part in KERNEL_PARTS for ext in ("_py.py", ".pxd")]
+    generated = [f"{fusion}/_{part}_py.c" for part in KERNEL_PARTS]
+    if not all(os.path.exists(c) for c in generated):
+        return True
+    return max(os.path.getmtime(f) for f in sources) > min(os.path.getmtime(c) for c in generated)
 
 
 setup(

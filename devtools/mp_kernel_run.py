@@ -15,7 +15,7 @@ import json
 import sys
 from array import array
 
-from agent.fusion import _kernel_py
+from agent.fusion import _kernel_py, spec
 
 
 def _tables(setup):
@@ -40,8 +40,8 @@ def main(path):
         k = _kernel_py.Kernel(setup["id_space"], 1.0)
         k.set_can_tables(*_tables(setup))
         lo, hi, rate = setup["limits"]
-        k.set_limits([-_kernel_py.INF if v is None else v for v in lo],
-                     [_kernel_py.INF if v is None else v for v in hi], rate)
+        k.set_limits([-spec.INF if v is None else v for v in lo],
+                     [spec.INF if v is None else v for v in hi], rate)
         k.set_can_source(0)
         slots = [-1]
         for src in range(1, setup["sources"]):

@@ -6,6 +6,7 @@ which file and which key is wrong: every failure is ``<file>:<key>: <reason>``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from agent.config import (
     load,
 )
 from agent.errors import ConfigError
+from agent.sources.kinds import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -336,6 +338,14 @@ def test_can_kinds_take_can_protocols(tmp_path: Path, kind: str, protocol: str) 
     assert (cfg.sources[0].kind, cfg.sources[0].protocol) == (kind, protocol)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_names_its_class_and_whether_it_carries_can(kind: str) -> None:
+    """The configuration reads the table without importing the sources: they must agree."""
+    row = KINDS[kind]
+    source = getattr(importlib.import_module(row.module), row.cls)
+    assert (source.frame_format != "bytes") == row.can
+
+
 @pytest.mark.parametrize("protocol", ["jbd", "daly", "ninebot"])
 def test_polled_protocols_take_a_poll_interval(tmp_path: Path, protocol: str) -> None:
     cfg = load(str(write(tmp_path, one_source("uart", protocol, extra="poll_interval = 1\npoll_timeout = 0.3"))))
@@ -537,7 +547,7 @@ def test_file_faults_keep_the_key_convention(tmp_path: Path) -> None:
 
 
 def test_fusion_alarm_and_reporting_tables(tmp_path: Path) -> None:
-    from agent.fusion._kernel_py import ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+    from agent.fusion.spec import ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
     from agent.signals import signal_id
 
     cfg = load(str(write(tmp_path, minimal(tail="""

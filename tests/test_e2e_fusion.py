@@ -12,7 +12,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent.fusion._kernel_py import ALARM_NAMES
+from agent.fusion.spec import ALARM_NAMES
 from devtools.broker import Mosquitto
 from tests.helpers import log_has, spawn, stop, wait_for
 from tests.test_e2e import DEVICE, agent_config, start_consumer_and_sim

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.fusion import _kernel_py as kp
+from agent.fusion import spec as kp
 from agent.fusion.kernel import KERNELS
 from agent.signals import BY_ID, ID_SPACE, signal_id
 from devtools import ride

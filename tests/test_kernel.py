@@ -16,8 +16,8 @@ import pytest
 from agent.dbc.compile import compile_dbc, compile_isolated, frame_key, load_cantools, profile_path
 from agent.errors import ConfigError
 from agent.fusion import kernel as kernel_module
-from agent.fusion._kernel_py import OUT_WINDOW, WIN_HISTORY, WIN_LIVE
 from agent.fusion.kernel import KERNELS
+from agent.fusion.spec import OUT_WINDOW, WIN_HISTORY, WIN_LIVE
 from agent.signals import ID_SPACE, limits, signal_id
 from tests.conftest import BUILD_REQUIRED, assert_same_outputs
 
@@ -289,7 +289,7 @@ CANDUMP_ALPHABET = b"(0123456789.) can0ABCDEF#R.T"
 def test_kernel_slcan_parser_agrees_with_the_python_parser(kernel_cls: Any) -> None:
     """Differential: random and mutated SLCAN streams give the kernel exactly the frames
     the reference parser in agent/sources/slcan.py accepts, and both count the rest."""
-    from agent.sources.slcan import SlcanParser
+    from agent.protocols.slcan import SlcanParser
 
     rng = random.Random(5)
     db = load_cantools(KINDS_DBC)

@@ -567,7 +567,7 @@ def test_impossible_values_are_refused_with_the_reason(body, signal, words):
 
 @pytest.mark.parametrize("body,signal,words", IMPOSSIBLE)
 def test_the_kernel_refuses_them_and_counts_them_per_source(kernel_cls, body, signal, words):
-    from agent.fusion import _kernel_py as kp
+    from agent.fusion import spec as kp
     from agent.signals import BY_NAME, ID_SPACE, limits
 
     k = kernel_cls(ID_SPACE, 1.0)

@@ -14,8 +14,8 @@ import pytest
 
 from agent.dbc.compile import compile_dbc, frame_key, profile_path
 from agent.errors import ConfigError
-from agent.fusion import _kernel_py as kp
 from agent.fusion import motion
+from agent.fusion import spec as kp
 from agent.signals import BY_ID, ID_SPACE, limits, signal_id
 from devtools import ride
 from tests.test_fusion import BMS_SOC, FIX, GNSS_SPEED, LAT, LON, SPEED
