@@ -36,7 +36,6 @@ from agent.fusion._frames_py import _le, new_frames, new_health
 from agent.fusion._speed_py import new_speed
 from agent.fusion._state_py import new_state
 from agent.fusion._tables_py import new_tables
-from agent.fusion.spec import *  # noqa: F403  every code and table, for modules that still import them from here
 from agent.fusion.spec import (
     A_SOC_JUMP,
     A_WHEEL_IMPLAUSIBLE,
