@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from agent.config import CAN_KINDS, Config, SourceConfig
 from agent.dbc.compile import CompiledDbc, compile_isolated, profile_path
 from agent.errors import ConfigError, DecodeError, SourceUnavailableError
-from agent.fusion.kernel import Kernel
+from agent.fusion.kernel import Kernel, KernelApi
 from agent.protocols import protocol
 from agent.signals import BY_NAME, ID_SPACE, limits
 from agent.sources.base import Source
@@ -55,7 +55,7 @@ class UartFeed:
     """A UART protocol stream (NMEA, JBD, Daly, Ninebot, KT, Sur-Ron) into the kernel;
     ``slot`` is the source's health slot in the kernel."""
 
-    def __init__(self, cfg: SourceConfig, kernel: Any, index: int, slot: int) -> None:
+    def __init__(self, cfg: SourceConfig, kernel: KernelApi, index: int, slot: int) -> None:
         self.proto = protocol(cfg.protocol)
         self.framer = self.proto.framer()
         self.poller = self.proto.poller(cfg.poll_interval, cfg.poll_timeout) if cfg.poll_interval > 0 else None
@@ -100,7 +100,7 @@ class UartFeed:
         if checksum != self.checksum_errors:
             self.kernel.note_errors(self.slot, checksum - self.checksum_errors, 0)
             self.checksum_errors = checksum
-        return self.kernel.feed_values(ids, [now] * len(ids), values)  # type: ignore[no-any-return]
+        return self.kernel.feed_values(ids, [now] * len(ids), values)
 
     def tick(self, src: Source, now: float) -> list[Any]:
         """A quiet line gives up a false start held in the framer; a due poll is sent."""
@@ -133,7 +133,7 @@ class UartFeed:
 class _KernelParsed:
     """A CAN feed: the kernel parses the frames (and counts them), nothing to do per turn."""
 
-    def __init__(self, kernel: Any, index: int) -> None:
+    def __init__(self, kernel: KernelApi, index: int) -> None:
         self.kernel = kernel
         self.index = index
 
@@ -148,7 +148,7 @@ class CanTextFeed(_KernelParsed):
     """SLCAN or candump text straight into the kernel, one call per read; the kernel
     parses the complete lines and the feed keeps the unfinished one."""
 
-    def __init__(self, fmt: str, kernel: Any, index: int = 0) -> None:
+    def __init__(self, fmt: str, kernel: KernelApi, index: int = 0) -> None:
         super().__init__(kernel, index)
         self.fmt = fmt
         self.tail = b""
@@ -170,7 +170,7 @@ class CanTextFeed(_KernelParsed):
         if len(self.tail) > MAX_TEXT_LINE:
             self.overlong += 1
             self.tail = b""
-        return closed  # type: ignore[no-any-return]
+        return closed
 
     def _log_time(self, buf: bytes, now: float, read_pass: int) -> float:
         """The offset from a candump log's timestamps to now."""
@@ -194,13 +194,13 @@ class PackedFeed(_KernelParsed):
 
     def feed(self, data: bytes, now: float, src: Source | None = None) -> list[Any]:
         self.kernel.source = self.index
-        return self.kernel.feed_packed(data, now)  # type: ignore[no-any-return]
+        return self.kernel.feed_packed(data, now)
 
     def status(self) -> dict[str, Any]:
         return {"format": "packed"}
 
 
-def make_feed(cfg: SourceConfig, src: Source, index: int, kernel: Any) -> Feed:
+def make_feed(cfg: SourceConfig, src: Source, index: int, kernel: KernelApi) -> Feed:
     """The source's feed; CAN messages count towards the health of the source (the
     kernel's tables are shared), a UART source gets a health slot of its own."""
     if src.frame_format == "bytes":

@@ -30,7 +30,7 @@ from agent.config import Config
 from agent.control.server import ControlServer
 from agent.feed import make_feed, make_kernel, one_dbc
 from agent.fusion import motion
-from agent.fusion.kernel import BUILD
+from agent.fusion.kernel import BUILD, KernelApi
 from agent.fusion.spec import A_STORAGE_FAILED, ALARM_NAMES, REFUSAL_NAMES
 from agent.signals import BY_ID
 from agent.sources import make_source
@@ -236,7 +236,7 @@ class Runtime:
         return out
 
 
-def _kernel_status(kernel: Any, names: list[str], now: float) -> dict[str, Any]:
+def _kernel_status(kernel: KernelApi, names: list[str], now: float) -> dict[str, Any]:
     """The kernel's alarms and health rows, by name, for the status."""
     return {
         "alarms": [{"name": ALARM_NAMES[code], "code": code, "level": level, "since": since, "value": value,

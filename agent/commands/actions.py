@@ -21,6 +21,7 @@ from agent.commands.executor import Outcome
 from agent.config import REPORT_MODES, Config
 from agent.errors import ConfigError, SourceError
 from agent.fusion import motion
+from agent.fusion.kernel import KernelApi
 from agent.fusion.spec import MOTION_STILL
 from agent.protocols import bafang, jbd, kt
 from agent.signals import BY_NAME
@@ -61,7 +62,7 @@ def redacted(data: Any) -> Any:
 class VehicleActions:
     """The speed and stillness the interlock asks for, and one action per command."""
 
-    def __init__(self, cfg: Config, sources: Sequence[Source], kernel: Any, *,
+    def __init__(self, cfg: Config, sources: Sequence[Source], kernel: KernelApi, *,
                  status: Callable[[], dict[str, Any]], record: Callable[[list[Any], float], None],
                  recent_alarms: Iterable[dict[str, Any]], restart: Callable[[], None]) -> None:
         """``record`` takes kernel outputs (a snapshot) to the outbox; ``restart`` stops

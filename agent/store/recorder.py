@@ -16,6 +16,7 @@ from typing import Any
 
 from agent import wire
 from agent.config import Config
+from agent.fusion.kernel import KernelApi
 from agent.fusion.spec import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, PERSISTENT, WIN_LIVE
 from agent.store.memory import Storage
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE
@@ -31,7 +32,7 @@ RECENT_ALARMS = 50
 class Recorder:
     """Kernel outputs into ``pending`` records, and ``pending`` into the outbox."""
 
-    def __init__(self, cfg: Config, kernel: Any, outbox: Storage) -> None:
+    def __init__(self, cfg: Config, kernel: KernelApi, outbox: Storage) -> None:
         self.cfg = cfg
         self.kernel = kernel
         self.outbox = outbox
