@@ -8,6 +8,8 @@
      +-- StoreError             the outbox could not be read or written
      |    +-- StorageUnwritable        its filesystem refuses writes: read-only, denied, full
      +-- AlreadyRunning         another agent holds this outbox
+     +-- AgentUnreachable       no agent answers on the control socket (CLI exit 3)
+     +-- CheckFailed            a technician's check found a fault (CLI exit 1, said already)
      +-- UplinkError            the broker link or a batch failed
      +-- CommandRejected        a cloud command failed verification
 """
@@ -61,6 +63,16 @@ class StorageUnwritable(StoreError):
 
 class AlreadyRunning(AgentError):
     """Another agent holds the outbox's lock: this one must not touch anything."""
+
+
+class AgentUnreachable(AgentError):
+    """No agent answers on the control socket: it is stopped, or this is the wrong socket.
+    The CLI exits 3 for it, so a script tells "agent down" from "check failed"."""
+
+
+class CheckFailed(AgentError):
+    """A check (``selftest``, ``config check``, ``sync`` that timed out) found a fault; the
+    command has already said which, line by line, so main() prints nothing more."""
 
 
 class UplinkError(AgentError):

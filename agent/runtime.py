@@ -14,6 +14,7 @@ uplink deletes rows once the cloud (or, with ack = "broker", the broker) has the
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import selectors
@@ -23,14 +24,16 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent import __version__, wire
+from agent import __version__, config, wire
 from agent.commands.actions import VehicleActions
 from agent.commands.stage import CommandStage
 from agent.config import Config
 from agent.control.server import ControlServer
+from agent.diagnostics import Diagnostics
+from agent.errors import AgentError
 from agent.feed import make_feed, make_kernel, one_dbc
 from agent.fusion import motion
-from agent.fusion.kernel import BUILD, KernelApi
+from agent.fusion.kernel import BUILD
 from agent.fusion.spec import A_STORAGE_FAILED, ALARM_NAMES, REFUSAL_NAMES
 from agent.signals import BY_ID
 from agent.sources import make_source
@@ -81,7 +84,13 @@ class Runtime:
         self.feeds = [make_feed(c, s, i, self.kernel) for i, (c, s) in enumerate(zip(cfg.sources, self.sources,
                                                                                            strict=True))]
         self.selector = selectors.DefaultSelector()
-        self.control = ControlServer(cfg.control_socket, self.status)
+        self.diagnostics = Diagnostics(cfg, self.sources, self.feeds, self.kernel, self.dbc)
+        self.control = ControlServer(cfg.control_socket, {
+            "status": lambda r: {"status": self.status()}, "live": self._live, "alarms": self._alarms,
+            "tap": self.diagnostics.take, "sync": self._sync, "purge": self._purge, "reload": self._reload,
+            "log": lambda r: {"lines": list(self.actions.recent_log.lines)},
+            "recent": lambda r: {"records": [[lane, t, base64.b64encode(body).decode()]
+                                             for lane, t, body in self.recorder.recent]}})
         self.actions = VehicleActions(cfg, self.sources, self.kernel, status=self.status, record=self.recorder.add,
                                       recent_alarms=self.recorder.recent_alarms, restart=self._restart)
         self.commands = CommandStage(cfg, self.uplink, self.actions, keep=self.recorder.result)
@@ -142,6 +151,7 @@ class Runtime:
         if data:
             self.busy = True
             now = time.time()
+            self.diagnostics.read(i, now, data)
             self.recorder.add(self.feeds[i].feed(data, now, src), now)
 
     def _watch_storage(self) -> None:
@@ -162,6 +172,7 @@ class Runtime:
             frames = self.kernel.frames + sum(f.frames_outside_kernel() for f in self.feeds)
             self.frame_rate = (frames - mark_frames) / (mono - mark_t)
             self.rate_mark = (mono, frames)
+            self.diagnostics.tick(mono, self.uplink.window.records_acked)
 
     def _restart(self) -> None:
         """Stop the loop; ``ebike-agent run`` then starts the agent again."""
@@ -210,22 +221,61 @@ class Runtime:
         self.actions.close()
 
     def status(self) -> dict[str, Any]:
-        """What ``ebike-agent status`` shows and the diagnostics bundle carries."""
+        """What ``ebike-agent status`` shows and the diagnostics bundle carries (docs/control.md)."""
         now = time.time()
         still_s = self.actions.stationary_for(now)
-        names = [c.name for c in self.cfg.sources]
+        diag = self.diagnostics
+        outbox = self.outbox.stats()
         return {
             "device_id": self.cfg.device_id, "version": __version__, "kernel": BUILD, "pid": os.getpid(),
-            "uptime": now - self.started, "frames_per_s": self.frame_rate,
+            "started_at": self.started, "uptime": now - self.started, "frames_per_s": self.frame_rate,
             "records_committed": self.recorder.records, "records_pending": len(self.recorder.pending),
-            "fusion": self.kernel.counters(),
-            **_kernel_status(self.kernel, names, now),
-            "sources": [dict(s.status(), protocol=c.protocol, decode=f.status(), refused=self._refused(i))
-                        for i, (c, s, f) in enumerate(zip(self.cfg.sources, self.sources, self.feeds, strict=True))],
+            "fusion": self.kernel.counters(), "alarms": self._active_alarms(), "health": diag.health(now),
+            "sources": [dict(s.status(), protocol=c.protocol, decode=f.status(), refused=self._refused(i), **more)
+                        for i, (c, s, f, more) in enumerate(zip(self.cfg.sources, self.sources, self.feeds,
+                                                                diag.sources_status(now, now - self.started),
+                                                                strict=True))],
             "motion": motion.to_json(self.actions.motion, still_s),
-            "outbox": self.outbox.stats(), "uplink": self.uplink.status(),
-            "commands": self.commands.status(still_s),
+            "outbox": outbox, "uplink": dict(self.uplink.status(), **diag.drain(outbox["records"])),
+            "clock": diag.clock(), "commands": self.commands.status(still_s),
         }
+
+    def _active_alarms(self) -> list[dict[str, Any]]:
+        names = [c.name for c in self.cfg.sources]
+        return [{"name": ALARM_NAMES[code], "code": code, "level": level, "since": since, "value": value,
+                 "source": names[inst] if inst >= 0 else None}
+                for code, inst, level, since, value in self.kernel.alarms()]
+
+    def _live(self, request: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        return {"live": dict(self.diagnostics.live(now), alarms=self._active_alarms(),
+                             motion=motion.to_json(self.actions.motion, self.actions.stationary_for(now)))}
+
+    def _alarms(self, request: dict[str, Any]) -> dict[str, Any]:
+        names = [c.name for c in self.cfg.sources]
+        recent = [dict(r, source=names[r["instance"]] if r["instance"] >= 0 else None)
+                  for r in self.recorder.recent_alarms]
+        return {"active": self._active_alarms(), "recent": recent}
+
+    def _sync(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Everything pending committed now, and the broker tried again soon."""
+        self.recorder.commit(force=True)
+        self.uplink.retry_soon()
+        return {"outbox": self.outbox.stats(), "uplink": self.uplink.status()}
+
+    def _purge(self, request: dict[str, Any]) -> dict[str, Any]:
+        lane = request.get("lane")
+        if not isinstance(lane, str):
+            raise AgentError("purge: name the lane (live, history, event, alarm)")
+        self.recorder.commit(force=True)
+        return {"purged": self.outbox.purge(lane)}
+
+    def _reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Restart on the configuration file, once it is known to load: a file that
+        would not would leave the vehicle without its agent."""
+        config.load(self.cfg.path)
+        self._restart()
+        return {"reloading": True}
 
     def _refused(self, source: int) -> dict[str, dict[str, int]]:
         """Values of a source refused (out of range, or too fast), by signal and reason."""
@@ -235,15 +285,3 @@ class Runtime:
             out[name] = {reason: n for reason, n in zip(REFUSAL_NAMES, (by_range, by_rate), strict=True) if n}
         return out
 
-
-def _kernel_status(kernel: KernelApi, names: list[str], now: float) -> dict[str, Any]:
-    """The kernel's alarms and health rows, by name, for the status."""
-    return {
-        "alarms": [{"name": ALARM_NAMES[code], "code": code, "level": level, "since": since, "value": value,
-                    "source": names[inst] if inst >= 0 else None}
-                   for code, inst, level, since, value in kernel.alarms()],
-        "health": [{"slot": slot, "source": names[src], "frames": frames, "period_s": period,
-                    "timeouts": timeouts, "timed_out": bool(out), "checksum_errors": checksum,
-                    "counter_errors": counter, "age_s": age}
-                   for slot, src, frames, period, timeouts, out, checksum, counter, age in kernel.health(now)],
-    }

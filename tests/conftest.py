@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BUILD_REQUIRED = os.environ.get("EBIKE_AGENT_BUILD_EXT", "") == "1"
 WIRE_CDDL = (REPO / "docs" / "wire.cddl").read_text()
+# The technician's bench (``workshop``, ``workshop_down``): a running agent on the simulator.
+pytest_plugins = ["tests.workshop"]
 
 
 def assert_same_outputs(a: Any, b: Any, where: str = "output") -> None:

@@ -236,12 +236,12 @@ def test_control_socket_start_removes_only_a_dead_agents_socket(tmp_path: Path) 
     live.bind(str(path))
     live.listen(1)
     with pytest.raises(AlreadyRunning, match="serving the control socket"):
-        ControlServer(str(path), dict).start(selectors.DefaultSelector())
+        ControlServer(str(path), {}).start(selectors.DefaultSelector())
     live.close()  # a killed agent: the socket file stays, nothing listens
-    server = ControlServer(str(path), dict)
+    server = ControlServer(str(path), {})
     server.start(selectors.DefaultSelector())
     server.close()
     path.write_text("not a socket")
     with pytest.raises(AgentError, match="exists and is not a socket"):
-        ControlServer(str(path), dict).start(selectors.DefaultSelector())
+        ControlServer(str(path), {}).start(selectors.DefaultSelector())
     assert path.read_text() == "not a socket"

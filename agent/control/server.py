@@ -1,5 +1,7 @@
 """The technicians' door into a running agent: a Unix socket answering one JSON
-request per connection (``{"cmd": "status"}``), served from the agent's own loop."""
+request per connection (``{"cmd": "status", ...}``), served from the agent's own loop.
+The requests and their replies are docs/control.md; what answers them is a table of
+handlers the runtime hands in."""
 
 from __future__ import annotations
 
@@ -18,14 +20,20 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 0.5
 MAX_REQUEST = 4096
+# A reply (a tap's reads) may be a few MB: the client has this long to take it.
+REPLY_TIMEOUT = 2.0
+
+# A request's arguments -> the reply's fields (``ok`` is added); an AgentError is the
+# client's fault or a refusal, answered as ``{"ok": false, "error": ...}``.
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlServer:
     """Listens on a Unix socket; each request is answered within REQUEST_TIMEOUT."""
 
-    def __init__(self, path: str, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
         self.path = path
-        self.status = status
+        self.handlers = handlers
         self.sock: socket.socket | None = None
 
     def start(self, selector: selectors.BaseSelector) -> None:
@@ -57,15 +65,22 @@ class ControlServer:
             try:
                 request = json.loads(_read_line(conn) or b"{}")
                 reply = self._dispatch(request)
+                conn.settimeout(REPLY_TIMEOUT)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except (OSError, ValueError) as e:
                 log.info("control: dropped a client: %s", e)
 
     def _dispatch(self, request: Any) -> dict[str, Any]:
-        cmd = request.get("cmd", "status") if isinstance(request, dict) else None
-        if cmd == "status":
-            return {"ok": True, "status": self.status()}
-        return {"ok": False, "error": f"unknown request {cmd!r}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "a request is a JSON object"}
+        cmd = request.get("cmd", "status")
+        handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {cmd!r} (known: {', '.join(sorted(self.handlers))})"}
+        try:
+            return {"ok": True, **handler(request)}
+        except AgentError as e:
+            return {"ok": False, "error": str(e)}
 
     def close(self) -> None:
         if self.sock is not None:

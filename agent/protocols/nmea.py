@@ -286,3 +286,32 @@ def sentence_time(sentence):
     if hours > 23 or minutes > 59 or secs >= 61.0:
         raise DecodeError("bad time %r" % t)
     return hours * 3600 + minutes * 60 + secs
+
+
+def _days_from_civil(y, m, d):
+    """Days since 1970-01-01 of a Gregorian date (Hinnant's algorithm; no calendar module
+    on MicroPython)."""
+    y -= m <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def rmc_utc(sentence):
+    """The UTC time (epoch seconds) an RMC sentence with status A states, from its time and
+    date fields; None for another sentence, a void fix or no date. Used to compare the
+    unit's clock with the GNSS receiver's (``ebike-agent status``, ``selftest``)."""
+    f = _checked_fields(sentence)
+    if _type_of(f[0]) != "RMC" or len(f) < 10 or f[2] != "A" or len(f[9]) != 6 or not _all_digits(f[9]):
+        return None
+    secs = sentence_time(sentence)
+    if secs is None:
+        return None
+    # Two-digit years: 80-99 are the 1900s (GPS began in 1980), the rest this century.
+    yy = int(f[9][4:])
+    day, month, year = int(f[9][:2]), int(f[9][2:4]), (1900 if yy >= 80 else 2000) + yy
+    if not 1 <= month <= 12 or not 1 <= day <= 31:
+        raise DecodeError("bad date %r" % f[9])
+    return _days_from_civil(year, month, day) * 86400 + secs

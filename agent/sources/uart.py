@@ -38,6 +38,14 @@ class UartSource(Source):
         except (serial.SerialException, OSError, ValueError) as e:
             raise SourceUnavailableError(f"cannot open {self.cfg.port}: {e}") from e
 
+    def probe(self) -> None:
+        """Open the port as ``_open`` does and close it again, nothing read or written
+        (``ebike-agent config check``); SourceUnavailableError says why it would not."""
+        self._open()
+        assert self.port is not None
+        self.port.close()
+        self.port = None
+
     def _read(self) -> bytes:
         assert self.port is not None
         try:

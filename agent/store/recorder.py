@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 STATE_SAVE_S = 10.0
 # Alarm events a diagnostics bundle carries.
 RECENT_ALARMS = 50
+# Live windows and alarms kept in memory for ``ebike-agent plot --last``: the outbox
+# deletes what the cloud has acknowledged, so on a connected unit it holds next to
+# nothing. 10 min of 1 s windows is about 1 MB.
+RECENT_S = 600.0
 
 
 class Recorder:
@@ -41,6 +45,7 @@ class Recorder:
         self.records = 0  # committed since the start
         self.last_commit = time.monotonic()
         self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
+        self.recent: collections.deque[tuple[int, float, bytes]] = collections.deque()
         self.saved_state: list[float] = []
         self.state_saved = time.monotonic()
         self._restore_state()
@@ -54,6 +59,8 @@ class Recorder:
                 _, which, start, length, rows = out
                 lane = LANE_LIVE if which == WIN_LIVE else LANE_HISTORY
                 self.pending.append((lane, start, wire.window_record(start, length, rows)))
+                if lane == LANE_LIVE:
+                    self._remember(self.pending[-1])
             elif kind == OUT_CHANGE:
                 changes.append(out[1:])
             elif kind == OUT_ALARM:
@@ -72,9 +79,15 @@ class Recorder:
                     f" (source {self.cfg.sources[inst].name})" if inst >= 0 else "", level,
                     "raised" if raised else "cleared", value, thr)
         self.pending.append((LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised), value, thr)))
+        self._remember(self.pending[-1])
         self.recent_alarms.append({"t": t, "name": name, "instance": inst, "level": level,
                                    "raised": bool(raised), "value": value, "threshold": thr})
         self.urgent = True
+
+    def _remember(self, record: tuple[int, float, bytes]) -> None:
+        self.recent.append(record)
+        while record[1] - self.recent[0][1] > RECENT_S:
+            self.recent.popleft()
 
     def result(self, message: bytes, now: float) -> None:
         """A command's result message, in the alarm lane, committed this turn."""

@@ -262,6 +262,8 @@ class Uplink:
         self.max_packet = 0  # the broker's MaximumPacketSize (MQTT 5 CONNACK), 0 = not limited
         self.sent_bytes: collections.deque[tuple[float, int]] = collections.deque()
         self.connected = False
+        self.connected_since: float | None = None
+        self.last_ack_at: float | None = None
         self.connects = 0
         self.last_error = ""
         self.client = _client(device_id, cfg, manual_ack=commands)
@@ -321,6 +323,12 @@ class Uplink:
         cause, so the one LinkClient kept is told."""
         self.last_error = self.client.link.connect_failed(self.client.link.failure)
         self.next_reconnect_delay()
+
+    def retry_soon(self) -> None:
+        """A technician's ``sync``: the waits between attempts start again from the
+        shortest (the wait under way ends first: paho cannot cut it short)."""
+        self.backoff.reset()
+        self.client.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MIN)
 
     def next_reconnect_delay(self) -> float:
         """Set paho's next wait (it runs right after these callbacks) to the backoff's next."""
@@ -388,6 +396,8 @@ class Uplink:
                 what, a, b = self.events.get_nowait()
             except queue.Empty:
                 self.window.expire(failed)
+                if acked:
+                    self.last_ack_at = time.time()
                 return acked, failed
             if what == "ack":
                 self.window.cloud_ack(a, acked, failed)
@@ -396,10 +406,12 @@ class Uplink:
                 self.commands.append((a, b))
             elif what == "connect":  # only a connection that came up (_on_connect)
                 self.connected = True
+                self.connected_since = time.time()
                 self.connects += 1
                 self._flush_results()
             elif what == "disconnect":  # its cause is logged and kept by _on_disconnect
                 self.connected = False
+                self.connected_since = None
                 self.window.lost(failed)
             elif a in self.window.inflight:  # a batch's PUBACK
                 refusal = str(b) if is_failure(b) else ""
@@ -459,7 +471,8 @@ class Uplink:
         words, at, since = self._last_error
         w = self.window
         return {
-            "connected": self.connected, "connects": self.connects, "in_flight": len(w.inflight),
+            "connected": self.connected, "connected_since": self.connected_since, "last_ack_at": self.last_ack_at,
+            "connects": self.connects, "in_flight": len(w.inflight),
             "batches_sent": w.batches_sent, "batches_acked": w.batches_acked,
             "batches_failed": w.batches_failed, "records_acked": w.records_acked, "ack": self.cfg.ack,
             "awaiting_cloud_ack": len(w.awaiting_seqs), "cloud_acks": w.cloud_acks,
