@@ -18,7 +18,7 @@ $(INSTALLED): setup.py pyproject.toml
 	PYTHON=$(PYTHON) sh devtools/ensure-system.sh build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,plot]'
 	touch $@
 
 $(KERNEL): $(INSTALLED) $(KERNEL_SRC) setup.py

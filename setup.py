@@ -33,6 +33,9 @@ INSTALL_REQUIRES = [
     # Writes the configuration file back after a remote set_config / set_reporting
     # (tomllib only reads); small, pure Python, kept by the tomli author.
     "tomli-w>=1.0,<2",
+    # The technicians' CLI: tables, live views and progress bars on a terminal
+    # (plain text when piped); the agent's loop never imports it.
+    "rich>=13,<16",
 ]
 EXTRAS = {
     "dev": [
@@ -52,6 +55,8 @@ EXTRAS = {
         # make bench: the Sparkplug-B-style protobuf the wire figure is measured against.
         "protobuf>=4.21,<8",
     ],
+    # ``ebike-agent plot``: PNG charts of a ride (make setup installs it).
+    "plot": ["matplotlib>=3.8,<4"],
     # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
     "can": ["python-can>=4.3,<5"],
 }

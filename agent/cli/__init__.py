@@ -2,7 +2,9 @@
 
 The package owns the command line: options, output, exit codes. It may import any
 agent package (agent/fleet/ too: ``ingest``, ``keys`` and ``command`` are fleet tools);
-none imports it. What subcommands share is in common.py; no subcommand imports another.
+none imports it. What subcommands share is in common.py, and how the technicians'
+commands look (tables, live views, progress bars, times with ages) in view.py; no
+subcommand imports another.
 
 Building the parser imports every subcommand module, so what brings in paho,
 cryptography, cbor2 or pyserial (the runtime, the fleet, the command envelope and
@@ -12,8 +14,10 @@ none of them (tests/test_cli_imports.py). A subcommand module that fails to impo
 leaves a stand-in that says why when that command is run; the others still work
 (cantools' ``_load_subparser``).
 
-Errors print as ``error: <message>`` with a non-zero exit (2 for a configuration that
-cannot be used, 1 otherwise); ``--debug`` re-raises them with the traceback instead.
+Exit codes scripts can rely on: 0 ok; 1 a check failed (CheckFailed: the command has
+said what, line by line) or another error; 2 usage (argparse's, and a configuration that
+cannot be used); 3 no agent answers on the control socket (AgentUnreachable). Errors
+print as ``error: <message>``; ``--debug`` re-raises them with the traceback instead.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ import os
 import sys
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, AgentUnreachable, CheckFailed, ConfigError
 
 # (command, its module under agent.cli), in the order ``--help`` lists them.
-_COMMANDS = (("run", "run"), ("decode", "decode"), ("config", "config_cmd"), ("signals", "signals_cmd"),
-             ("alarms", "alarms_cmd"), ("status", "status"), ("ingest", "ingest"), ("keys", "keys"),
-             ("command", "command"), ("buffer", "buffer"))
+_COMMANDS = (("run", "run"), ("status", "status"), ("watch", "watch"), ("frames", "frames"),
+             ("alarms", "alarms_cmd"), ("buffer", "buffer"), ("sync", "sync"), ("config", "config_cmd"),
+             ("selftest", "selftest"), ("diag", "diag"), ("replay", "replay"), ("plot", "plot"),
+             ("decode", "decode"), ("signals", "signals_cmd"), ("ingest", "ingest"), ("keys", "keys"),
+             ("command", "command"))
 # A configuration (or DBC) that cannot be used: like argparse's usage errors, the input is at fault.
 EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
 
 
 class _ErrorSubparser:
@@ -78,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         # A fault of the file as a whole (key "-") has no key to name.
         print(f"error: {e.path}: {e.reason}" if e.key == "-" else f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except CheckFailed:
+        if args.debug:
+            raise
+        return 1
+    except AgentUnreachable as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except AgentError as e:
         if args.debug:
             raise

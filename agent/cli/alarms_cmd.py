@@ -1,11 +1,20 @@
-"""``ebike-agent alarms``: the alarm catalogue and the fusion tunables with their defaults,
-as the kernel has them (docs/fusion.md is this command's ``--markdown`` output)."""
+"""``ebike-agent alarms``: what is wrong with the vehicle now, from the running agent: the
+active alarms and the recent raises and clears with the values that made them. With
+``--catalogue``, every alarm the kernel knows and the fusion tunables with their
+defaults, no agent needed (docs/fusion.md is the ``--markdown`` output)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import textwrap
+import time
+from typing import IO, Any
 
+from agent.cli import view
+from agent.cli.common import agent_options, control_socket
+from agent.control.client import request
 from agent.fusion.spec import ABOVE, ALARMS, PARAMS, PER_CELL
 from agent.signals import BY_ID
 
@@ -75,23 +84,91 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trigger(r: dict[str, Any]) -> str:
+    """``> 4.25 per cell (clear 4.2)``: how a catalogue alarm fires, with its defaults."""
+    unit = " per cell" if r["per_cell"] else ""
+    return f"{'>' if r['direction'] == 'above' else '<'} {r['threshold']:g}{unit} (clear {r['clear']:g})"
+
+
+def catalogue(out: IO[str] | None = None) -> None:
+    """The catalogue and the tunables as text within view.WIDTH."""
+    lines = [f"ALARMS ({len(ALARMS)}): code, name, level, fires (defaults), delay / clear delay",
+             "levels: " + "; ".join(f"{k} {v}" for k, v in LEVELS.items())]
+    for r in _rows():
+        lines.append(f"{r['code']:3d} {r['name']:26s} L{r['level']}  {_trigger(r):28s} "
+                     f"{r['delay_s']:g} s / {r['clear_delay_s']:g} s")
+        lines.append(f"    {str(r['signal']) + ': ' if r['signal'] else ''}{r['why']}")
+    lines += ["", "TUNABLES: [fusion] in the configuration (key = default unit: why)"]
+    lines += [f"{name} = {default:g} {unit}: {why}" for name, default, unit, why in PARAMS]
+    _wrapped(lines, out)
+
+
+def _wrapped(lines: list[str], out: IO[str] | None) -> None:
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip(" ")) + 4)
+        print("\n".join(textwrap.wrap(line, view.WIDTH, subsequent_indent=indent)) or "", file=out or sys.stdout)
+
+
+def render(reply: dict[str, Any], now: float, out: IO[str] | None = None) -> None:
+    """The ``alarms`` reply: the active alarms with what fires them, then the history."""
+    known = {r["name"]: r for r in _rows()}
+    active = sorted(reply.get("active", []), key=lambda a: (-a.get("level", 0), a.get("since") or 0))
+    lines = [f"ACTIVE ALARMS ({len(active)})"] + ([] if active else ["  none"])
+    for a in active:
+        r = known.get(a["name"])
+        where = f" on {a['source']}" if a.get("source") else ""
+        lines.append(f"  level {a.get('level')} {a['name']}{where}: value {_value(a.get('value'))}"
+                     f"{_fired(a, reply.get('recent', []), r)}; since {view.when(a.get('since'), now)}")
+        if r:
+            lines.append(f"      {LEVELS.get(a.get('level', 0), '')}: {r['why']}")
+    recent = reply.get("recent", [])
+    lines += ["", f"RECENT RAISES AND CLEARS ({len(recent)}, oldest first)"] + ([] if recent else ["  none"])
+    for e in recent:
+        where = f" on {e['source']}" if e.get("source") else ""
+        lines.append(f"  {view.when(e.get('t'), now)}  {'RAISED ' if e.get('raised') else 'cleared'} "
+                     f"{e['name']}{where} (level {e.get('level')}): value {_value(e.get('value'))}, "
+                     f"threshold {_value(e.get('threshold'))}")
+    _wrapped(lines, out)
+
+
+def _fired(alarm: dict[str, Any], recent: list[dict[str, Any]], r: dict[str, Any] | None) -> str:
+    """What raised an active alarm: its raise in the history (the configured threshold),
+    else the catalogue's default."""
+    for e in reversed(recent):
+        if e.get("raised") and e["name"] == alarm["name"] and e.get("source") == alarm.get("source"):
+            return f" (raised at {_value(e.get('value'))}, threshold {_value(e.get('threshold'))})"
+    return f" (default: fires {_trigger(r)})" if r else ""
+
+
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _alarms(args: argparse.Namespace) -> int:
-    if args.json:
+    if args.markdown:
+        print(markdown(), end="")
+    elif args.catalogue and args.json:
         print(json.dumps({"alarms": _rows(), "params": [{"name": n, "default": d, "unit": u, "why": w}
                                                         for n, d, u, w in PARAMS]}, indent=1))
-    elif args.markdown:
-        print(markdown(), end="")
+    elif args.catalogue:
+        catalogue()
     else:
-        for r in _rows():
-            sign = ">" if r["direction"] == "above" else "<"
-            print(f"{r['code']:3d}  {r['name']:26s} level {r['level']}  {sign} {r['threshold']:<7g} "
-                  f"clear {r['clear']:<7g} after {r['delay_s']:g} s / {r['clear_delay_s']:g} s  {r['why']}")
+        path = control_socket(args)
+        reply = request(path, "alarms")
+        if args.json:
+            view.print_json({"active": reply.get("active", []), "recent": reply.get("recent", [])})
+        else:
+            render(reply, time.time())
     return 0
 
 
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("alarms", help="print the alarm catalogue and the fusion tunables with their defaults")
+    p = sub.add_parser("alarms", help="the running agent's active alarms and recent raises and clears; "
+                                      "--catalogue: every alarm and the fusion tunables")
+    agent_options(p, json=False)
+    p.add_argument("--catalogue", action="store_true",
+                   help="the alarm catalogue and the fusion tunables with their defaults (no agent needed)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--markdown", action="store_true")
+    fmt.add_argument("--markdown", action="store_true", help="the catalogue as docs/fusion.md carries it")
     p.set_defaults(func=_alarms)

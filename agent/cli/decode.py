@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key
+from agent.dbc.compile import EXTENDED_FLAG, CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError
 from agent.feed import CanTextFeed, dbc_for
 from agent.fusion.kernel import Kernel
@@ -18,6 +18,7 @@ from agent.protocols import UART_PROTOCOLS, UartProtocol, candump, nmea, protoco
 from agent.protocols.slcan import SlcanParser
 from agent.protocols.surron import read_surron_log
 from agent.signals import BY_NAME, ID_SPACE, limits, refusal
+from agent.sources import base
 
 # The binary UART protocols; NMEA is text, a sentence per line.
 UART = tuple(name for name in UART_PROTOCOLS if name != "nmea")
@@ -75,17 +76,21 @@ def _candump_frames(lines: Iterable[str], given: str = "") -> Iterator[tuple[str
     for line_no, item in candump.read_candump(lines):
         if isinstance(item, DecodeError):
             yield given or f"line {line_no}", 0, item
-            continue
-        _t, _iface, can_id, flags, data = item
-        text = candump.format_candump_line(item).split(" ", 2)[2]
-        if flags & candump.ERROR:
-            yield text, 0, DecodeError("CAN error frame")
-        elif flags & candump.REMOTE:
-            yield text, 0, DecodeError("remote frame carries no data")
-        elif flags & candump.FD:
-            yield text, 0, DecodeError("CAN FD frames are not decoded yet")
         else:
-            yield text, frame_key(can_id, bool(flags & candump.EXTENDED)), data
+            yield _frame_tuple(item)
+
+
+def _frame_tuple(item: tuple[Any, ...]) -> tuple[str, int, bytes | DecodeError]:
+    """(``ID#DATA`` text, key, payload or why it carries none) of a candump frame tuple."""
+    _t, _iface, can_id, flags, data = item
+    text = candump.format_candump_line(item).split(" ", 2)[2]
+    if flags & candump.ERROR:
+        return text, 0, DecodeError("CAN error frame")
+    if flags & candump.REMOTE:
+        return text, 0, DecodeError("remote frame carries no data")
+    if flags & candump.FD:
+        return text, 0, DecodeError("CAN FD frames are not decoded yet")
+    return text, frame_key(can_id, bool(flags & candump.EXTENDED)), data
 
 
 def _slcan_frames(lines: Iterable[str]) -> Iterator[tuple[str, int, bytes | DecodeError]]:
@@ -104,13 +109,16 @@ def _slcan_frames(lines: Iterable[str]) -> Iterator[tuple[str, int, bytes | Deco
 def _can(decoder: CanDecoder, fmt: str, lines: Iterable[str], given: str = "") -> Iterator[dict[str, Any]]:
     frames = _slcan_frames(lines) if fmt == "slcan" else _candump_frames(lines, given)
     for text, key, data in frames:
-        if isinstance(data, DecodeError):
-            yield {"ok": False, "frame": text, "error": data.reason}
-            continue
-        try:
-            yield {"ok": True, "frame": text, **decoder.decode(key, data)}
-        except DecodeError as e:
-            yield {"ok": False, "frame": text, "error": e.reason}
+        yield _can_object(decoder, text, key, data)
+
+
+def _can_object(decoder: CanDecoder, text: str, key: int, data: bytes | DecodeError) -> dict[str, Any]:
+    if isinstance(data, DecodeError):
+        return {"ok": False, "frame": text, "error": data.reason}
+    try:
+        return {"ok": True, "frame": text, **decoder.decode(key, data)}
+    except DecodeError as e:
+        return {"ok": False, "frame": text, "error": e.reason}
 
 
 def _nmea(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -163,10 +171,16 @@ def uart_decode(proto: UartProtocol, chunks: Iterable[bytes]) -> Iterator[dict[s
     """One object per frame the framer finds; then one per reason bytes were dropped."""
     framer = proto.framer()
     yield from _framed(proto, framer, chunks)
-    for reason, count in sorted(framer.bad.items()):
-        yield {"ok": False, "frame": None, "error": f"{count} candidate frames dropped: {reason}"}
-    if framer.garbage_bytes:
-        yield {"ok": False, "frame": None, "error": f"{framer.garbage_bytes} bytes outside any frame"}
+    yield from _dropped(framer.bad, framer.garbage_bytes)
+
+
+def _dropped(bad: dict[str, int], garbage_bytes: int) -> Iterator[dict[str, Any]]:
+    """One object per reason the framer dropped candidates, then the bytes outside any frame."""
+    for reason, count in sorted(bad.items()):
+        if count:
+            yield {"ok": False, "frame": None, "error": f"{count} candidate frames dropped: {reason}"}
+    if garbage_bytes:
+        yield {"ok": False, "frame": None, "error": f"{garbage_bytes} bytes outside any frame"}
 
 
 # The framers' reasons for dropping a candidate, as a technician reads them.
@@ -259,6 +273,95 @@ def can_stats(dbc: CompiledDbc, fmt: str, chunks: Iterable[bytes]) -> dict[str, 
     frames = c["frames"] + sum(bad.values())
     return {"frames": frames, "ok": c["frames"], "bad": bad, "signals": c["samples"],
             "frames_per_s": frames / elapsed if elapsed > 0 else 0.0}
+
+
+class CanStream:
+    """A CAN source's reads as the agent reads them (SLCAN or candump text, packed
+    ``struct can_frame`` records: the tap's formats) to decode's per-frame objects, each
+    with ``id`` (hex, as candump writes it) and ``data`` (hex) when it framed. A line or
+    record cut between two reads waits for the next; ``joined``: the stream is joined
+    midway (the tap), so text before the first line end is the end of a cut line."""
+
+    def __init__(self, decoder: CanDecoder, fmt: str, joined: bool = False) -> None:
+        if fmt not in ("slcan", "candump", "packed"):
+            raise AgentError(f"no CAN frames in the format {fmt!r}")
+        self.decoder = decoder
+        self.fmt = fmt
+        self.slcan = SlcanParser()
+        self.tail = b""
+        self.cut = joined and fmt == "candump"
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        out = []
+        for text, key, data in self._frames(chunk):
+            obj = _can_object(self.decoder, text, key, data)
+            if not isinstance(data, DecodeError):
+                obj.update(id=text.split("#", 1)[0], data=data.hex().upper())
+            out.append(obj)
+        return out
+
+    def _frames(self, chunk: bytes) -> Iterator[tuple[str, int, bytes | DecodeError]]:
+        if self.fmt == "slcan":
+            # The agent's own parser: lines that are no data frame are counted there, not shown.
+            keys, datas = self.slcan.feed(chunk)
+            for key, data in zip(keys, datas, strict=True):
+                extended = key & EXTENDED_FLAG
+                flags = candump.EXTENDED if extended else 0
+                yield _frame_tuple((0.0, "", key & ~EXTENDED_FLAG, flags, data))
+            return
+        buf = self.tail + chunk
+        if self.fmt == "candump":
+            if self.cut:
+                end = buf.find(b"\n")
+                self.cut = end < 0
+                buf = buf[end + 1:] if end >= 0 else b""
+            *lines, self.tail = buf.split(b"\n")
+            yield from _candump_frames(line.decode("ascii", "replace") for line in lines)
+            return
+        whole = len(buf) - len(buf) % base.PACKED_FRAME.size
+        self.tail = buf[whole:]
+        for raw_id, dlc, data in base.PACKED_FRAME.iter_unpack(buf[:whole]):
+            yield _frame_tuple(_packed_tuple(raw_id, dlc, data))
+
+
+def _packed_tuple(raw_id: int, dlc: int, data: bytes) -> tuple[Any, ...]:
+    """A ``struct can_frame`` record (flags in the id's top bits) as a candump frame tuple."""
+    flags = 0
+    for bit, flag in ((base.CAN_EFF_FLAG, candump.EXTENDED), (base.CAN_RTR_FLAG, candump.REMOTE),
+                      (base.CAN_ERR_FLAG, candump.ERROR)):
+        flags |= flag if raw_id & bit else 0
+    mask = base.CAN_EFF_MASK if raw_id & base.CAN_EFF_FLAG else base.CAN_SFF_MASK
+    return 0.0, "", raw_id & mask, flags, data[:min(dlc, base.CAN_MAX_DLEN)]
+
+
+class UartStream:
+    """A UART source's reads to decode's per-frame objects (NMEA: the sentence as text);
+    what the framer drops is said as it happens, as ``uart_decode`` says it at a
+    capture's end."""
+
+    def __init__(self, proto: UartProtocol) -> None:
+        self.proto = proto
+        self.framer = proto.framer()
+        self.bad: dict[str, int] = {}
+        self.garbage_bytes = 0
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        if self.proto.name == "nmea":
+            out = [_sentence(bytes(f).decode("ascii", "replace")) for f in self.framer.feed(chunk)]
+        else:
+            out = [_uart_frame(self.proto, f) for f in self.framer.feed(chunk)]
+        bad, garbage = dict(self.framer.bad), self.framer.garbage_bytes
+        out += _dropped({k: n - self.bad.get(k, 0) for k, n in bad.items()}, garbage - self.garbage_bytes)
+        self.bad, self.garbage_bytes = bad, garbage
+        return out
+
+
+def stream(fmt: str, proto: str, joined: bool = False) -> CanStream | UartStream:
+    """The decoder of one source's reads, by the format and protocol the agent's tap
+    names (UART framers find their next frame start by themselves)."""
+    if fmt == "bytes":
+        return UartStream(protocol(proto))
+    return CanStream(CanDecoder(compile_dbc(dbc_for(proto))), fmt, joined)
 
 
 def _chunks(path: str) -> Iterator[bytes]:
