@@ -483,13 +483,16 @@ def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_config_check(tmp_path: Path) -> None:
-    """``config check`` is what an installer runs before a restart: ok and exit 0, or the
-    exact refusal on stderr and exit 2 (a configuration that cannot be used)."""
+    """``config check`` is what an installer runs before a restart: the file is read and
+    then the parts of the unit it names are checked (tests/test_cli_config.py): here its
+    ports are not there, so exit 1 after a PASS for the file itself; a file that cannot
+    be used is the exact refusal on stderr and exit 2."""
     good = write(tmp_path, minimal(), "good.toml")
     bad = write(tmp_path, minimal(tail="[broker]\nport = 70000"), "bad.toml")
     ok = run_agent("config", "check", str(good))
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith(f"ok: {good}")
+    assert ok.returncode == 1, ok.stderr
+    assert f"PASS  configuration: {good}: device bike-1, 2 sources" in ok.stdout
+    assert any(line.startswith("FAIL  ") and "/dev/ttyGNSS" in line for line in ok.stdout.splitlines())
     fail = run_agent("config", "check", str(bad))
     assert fail.returncode == 2
     assert fail.stdout == ""

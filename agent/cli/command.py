@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from agent.cli.common import broker_address, check_kid, read_key
 from agent.commands.catalogue import CATALOGUE, check_arguments
 from agent.errors import AgentError, ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 300
 
@@ -120,10 +123,14 @@ def _send(args: argparse.Namespace) -> int:
                 results.append(result)
                 print(json.dumps(result), flush=True)
 
+        # The subscriber's "subscribed to" line is a consumer's start-up news; for one
+        # command it is noise on every send: this command's own line, at DEBUG, says it.
+        logging.getLogger("agent.fleet.subscriber").setLevel(logging.WARNING)
         sub = Subscriber(f"ebike-command-{command_id[:16]}", host, port, topic + "/result", on_result,
                          persistent=False)
         sub.connect()
         wait_until(lambda: sub.subscribed, 10.0, sub.loop)
+        log.debug("listening on %s/result for %g s", topic, args.wait)
     publish_once(host, port, topic, envelope, expiry_s=issued + args.ttl - int(time.time()))
     print(json.dumps({"id": command_id, "topic": topic, "expires_at": issued + args.ttl, "kid": kid}), flush=True)
     if sub is None:
@@ -133,9 +140,15 @@ def _send(args: argparse.Namespace) -> int:
     finally:
         sub.close()
     final = [r for r in results if r["status"] in FINAL]
+    if not results:
+        # An agent that takes commands answers each one at once (accepted, or rejected):
+        # silence means nothing listens on the topic.
+        raise AgentError(f"no answer from {args.device} within {args.wait:g} s: the agent may have no [commands] "
+                         f"section (commands disabled: it does not listen on {topic}), or it is offline (the "
+                         f"command waits on the broker until it expires), or --device / --prefix is wrong")
     if not final:
         raise AgentError(f"no final result for {command_id} within {args.wait:g} s "
-                         f"(so far: {', '.join(r['status'] for r in results) or 'nothing'})")
+                         f"(so far: {', '.join(r['status'] for r in results)})")
     if final[0]["status"] != "executed":
         raise AgentError(f"command {command_id} {final[0]['status']}: {final[0]['reason']}")
     return 0

@@ -5,8 +5,9 @@ corrupt file), the one-agent-per-outbox lock (``lock``), the RAM queue the agent
 from while the file cannot be written (``memory``), and the record stage that turns
 the kernel's outputs into records and commits them in groups (``recorder``).
 
-``outbox``, ``lock`` and ``memory`` import only agent.errors, each other and the standard library
-(the outbox is handed the gap-record encoder as a callback). ``recorder`` also imports
+``outbox`` and ``lock`` import only agent.errors, each other and the standard library
+(the outbox is handed the gap-record encoder as a callback); ``memory`` also imports
+agent.wire, to tell the gap records it keeps from others when a lane is purged. ``recorder`` also imports
 agent.config, agent.fusion.spec (what the kernel's outputs mean) and agent.wire
 (the record format). Nothing here imports the uplink's link, the runtime or the fleet.
 The command journal (agent.commands.journal) keeps its tables in the outbox's file,

@@ -17,14 +17,24 @@ next number where the file can still be read, else from microseconds since the e
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from agent import wire
 from agent.errors import StorageUnwritable, StoreError
-from agent.store.outbox import LANE_ALARM, LANE_LIVE, LANES, Outbox, lease_from, seq_runs, unwritable_cause
+from agent.store.outbox import (
+    LANE_ALARM,
+    LANE_LIVE,
+    LANES,
+    Outbox,
+    lease_from,
+    open_read_only,
+    purge_victims,
+    seq_runs,
+    unwritable_cause,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,22 @@ class MemoryQueue:
             self.leased.discard(seq)
             gone.append(seq)
         self.dropped += len(gone)
+        self._announce(gone, "memory-full")
+
+    def _announce(self, gone: list[int], why: str) -> None:
+        """Records dropped before they were acknowledged, told to the cloud as a gap."""
         if gone and self.gap_body is not None:
-            self._put(LANE_ALARM, time.time(), self.gap_body(seq_runs(sorted(gone)), "memory-full"))
+            self._put(LANE_ALARM, time.time(), self.gap_body(seq_runs(sorted(gone)), why))
+
+    def purge(self, lane: int, keep: Callable[[bytes], bool] | None = None) -> list[int]:
+        """``Outbox.purge`` over the dict: ``lane``'s records not in flight (nor kept),
+        deleted and announced as a gap."""
+        gone = purge_victims([(seq, row[2]) for seq, row in sorted(self.rows.items()) if row[0] == lane],
+                             self.leased, keep)
+        for seq in gone:
+            self.size -= len(self.rows.pop(seq)[2])
+        self._announce(gone, "purged")
+        return gone
 
     def lease(self, max_records: int, max_bytes: int, newest_live_first: bool = False,
               overhead: int = 0) -> list[tuple[int, bytes]]:
@@ -119,30 +143,46 @@ class MemoryQueue:
 
     def stats(self) -> dict[str, Any]:
         depth = {name: sum(1 for row in self.rows.values() if row[0] == lane) for name, lane in LANES.items()}
+        oldest = {name: min((row[1] for row in self.rows.values() if row[0] == lane), default=None)
+                  for name, lane in LANES.items()}
         return {"depth": depth, "records": len(self.rows), "bytes": self.size, "limit_bytes": self.limit,
                 "oldest": min((row[1] for row in self.rows.values()), default=None),
+                "oldest_by_lane": oldest, "first_seq": min(self.rows, default=None),
                 "last_seq": self.next - 1, "in_flight": len(self.leased), "not_kept": self.not_kept,
                 "dropped": self.dropped}
 
 
 def _readable_next_seq(path: str) -> int:
-    """The file's next sequence number read without writing anything; 0 if unreadable.
-    A WAL database on a read-only filesystem opens only as immutable, which ignores the
-    WAL: trusted so only when there is no WAL file (nothing left uncheckpointed)."""
-    uris = [f"file:{path}?mode=ro"]
-    if not os.path.exists(path + "-wal"):
-        uris.append(f"file:{path}?immutable=1")
-    for uri in uris:
-        try:
-            db = sqlite3.connect(uri, uri=True, timeout=1.0)
-            try:
-                row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-            finally:
-                db.close()
-        except sqlite3.Error:
-            continue
-        return int(row[0]) if row else 0
-    return 0
+    """The file's next sequence number read without writing anything; 0 if unreadable."""
+    try:
+        db = open_read_only(path, timeout=1.0)
+    except StoreError:
+        return 0
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+    except sqlite3.Error:
+        return 0
+    finally:
+        db.close()
+    return int(row[0]) if row else 0
+
+
+def _announces_a_gap(body: bytes) -> bool:
+    """Whether a stored body is a gap record: those explain earlier drops to the cloud,
+    and a purge of the alarm lane keeps them."""
+    try:
+        record = wire.strict_loads(body, "record", 8)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("k") == wire.KIND_GAP
+
+
+def purge_plan(lane: str) -> tuple[int, Callable[[bytes], bool] | None]:
+    """The lane number a ``buffer purge --lane`` names, and what a purge of it keeps."""
+    if lane not in LANES:
+        raise StoreError(f"no lane {lane!r} in the outbox (lanes: {', '.join(LANES)})")
+    number = LANES[lane]
+    return number, _announces_a_gap if number == LANE_ALARM else None
 
 
 class Storage:
@@ -269,6 +309,19 @@ class Storage:
         if self.disk is None:
             return {}
         return dict(self._guarded(lambda d: d.load_state()) or {})
+
+    def purge(self, lane: str) -> int:
+        """``buffer purge``: delete ``lane``'s unacknowledged records that are not in
+        flight, announced to the cloud as a gap; how many went. Gap records stay."""
+        number, keep = purge_plan(lane)
+        if self.disk is not None:
+            done = self._guarded(lambda d: [d.purge(number, keep)])
+            if done is not None:
+                if done[0] is None:
+                    raise StoreError(f"outbox {self.path}: the disk is too full even to delete: nothing purged")
+                return len(done[0])
+        assert self.memory is not None
+        return len(self.memory.purge(number, keep))
 
     def stats(self) -> dict[str, Any]:
         if self.disk is not None:

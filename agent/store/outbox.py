@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -421,6 +421,26 @@ class Outbox:
             raise StorageUnwritable(self.path, "no space left on device")
         self.appended += len(rows)
 
+    def purge(self, lane: int, keep: Callable[[bytes], bool] | None = None) -> list[int] | None:
+        """Delete ``lane``'s rows that are not in flight (nor kept by ``keep(body)``) and
+        announce them to the cloud as a gap ("purged") in the same transaction, so no
+        number goes missing unexplained; the numbers deleted, or None when a full disk
+        left no room even to delete."""
+        def work() -> list[int]:
+            columns = "seq, body" if keep is not None else "seq, NULL"
+            gone = purge_victims(self.db.execute(f"SELECT {columns} FROM records WHERE lane=? ORDER BY seq",
+                                                 (lane,)).fetchall(), self.leased, keep)
+            if gone:
+                self._delete(gone)
+                if self.gap_body is not None:
+                    self._insert([(LANE_ALARM, time.time(), self.gap_body(seq_runs(gone), "purged"))])
+            return gone
+
+        gone = self._write(work, "purge")
+        if gone and self.gap_body is not None:
+            self.appended += 1
+        return gone
+
     def next_seq(self) -> int:
         """The number the next record gets; 0 when the file cannot be read."""
         try:
@@ -488,7 +508,7 @@ def unwritable_cause(path: str, e: BaseException) -> str:
     code = getattr(e, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM):
         # SQLite keeps the errno to itself: a file made beside the outbox tells it.
-        probe = _probe_write(path)
+        probe = probe_write(path)
         return probe or f"{getattr(e, 'sqlite_errorname', 'SQLITE_ERROR')}: {e}"
     return ""
 
@@ -498,7 +518,7 @@ _ERRNO_WORDS = {errno.EROFS: "read-only filesystem", errno.EACCES: "permission d
                 errno.EIO: "input/output error (the storage is failing)"}
 
 
-def _probe_write(path: str) -> str:
+def probe_write(path: str) -> str:
     """Words for what a write beside ``path`` meets; '' if it succeeds."""
     probe = path + ".probe"
     try:
@@ -565,32 +585,80 @@ def seq_runs(seqs: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def purge_victims(rows: Iterable[tuple[int, bytes | None]], leased: set[int],
+                  keep: Callable[[bytes], bool] | None) -> list[int]:
+    """The sequence numbers of ``rows`` a purge deletes: not in flight (the broker may
+    be acknowledging them now) and not kept by ``keep(body)``: the outbox's and the
+    memory queue's rule."""
+    return [seq for seq, body in rows
+            if seq not in leased and not (keep is not None and body is not None and keep(body))]
+
+
 def stored_stats(db: sqlite3.Connection, path: str) -> dict[str, Any]:
-    """What the file holds: depth per lane, bytes, oldest record, last committed and last
-    acknowledged sequence numbers (also readable while the agent runs, read-only)."""
+    """What the file holds: depth per lane, bytes, oldest record (of each lane too), the
+    first waiting, last committed and last acknowledged sequence numbers (also readable
+    while the agent runs, read-only)."""
     try:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         depth = {name: 0 for name in LANES}
+        oldest_by_lane: dict[str, float | None] = {name: None for name in LANES}
         names = {v: k for k, v in LANES.items()}
-        for lane, count in db.execute("SELECT lane, count(*) FROM records GROUP BY lane"):
+        for lane, count, lane_oldest in db.execute("SELECT lane, count(*), min(t) FROM records GROUP BY lane"):
             depth[names.get(lane, str(lane))] = count
-        size, oldest = db.execute("SELECT coalesce(sum(length(body)), 0), min(t) FROM records").fetchone()
+            oldest_by_lane[names.get(lane, str(lane))] = lane_oldest
+        size, oldest, first = db.execute(
+            "SELECT coalesce(sum(length(body)), 0), min(t), min(seq) FROM records").fetchone()
     except sqlite3.Error as e:
         raise StoreError(f"outbox {path}: stats failed: {e}") from e
     return {"depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
+            "oldest_by_lane": oldest_by_lane, "first_seq": first,
             "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"]}
+
+
+def open_read_only(path: str, timeout: float = 2.0) -> sqlite3.Connection:
+    """The outbox file opened for reading only: nothing written, no lock taken, so a
+    technician can look while the agent runs (WAL readers never block its writer). A
+    WAL database on a read-only filesystem opens only as immutable, which ignores the
+    WAL: trusted so only when there is no WAL file (nothing left uncheckpointed)."""
+    uris = [f"file:{path}?mode=ro"]
+    if not os.path.exists(path + "-wal"):
+        uris.append(f"file:{path}?immutable=1")
+    failure: sqlite3.Error | None = None
+    for uri in uris:
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=timeout)
+        except sqlite3.Error as e:
+            failure = e
+            continue
+        try:
+            db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        except sqlite3.Error as e:
+            db.close()
+            failure = e
+            continue
+        return db
+    raise StoreError(f"cannot open outbox {path}: {failure}") from failure
 
 
 def read_stats(path: str) -> dict[str, Any]:
     """``stored_stats`` of an outbox file opened read-only (a technician's look)."""
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error as e:
-        raise StoreError(f"cannot open outbox {path}: {e}") from e
+    db = open_read_only(path)
     try:
         return stored_stats(db, path)
     finally:
         db.close()
+
+
+def read_records(db: sqlite3.Connection, path: str, lane: int | None = None) -> Iterator[tuple[int, int, float, bytes]]:
+    """``(seq, lane, time, body)`` of every stored record (of ``lane`` only, if given),
+    oldest first, from a connection of ``open_read_only``."""
+    where, args = ("WHERE lane=?", (lane,)) if lane is not None else ("", ())
+    try:
+        for seq, row_lane, t, body in db.execute(f"SELECT seq, lane, t, body FROM records {where} ORDER BY seq",
+                                                 args):
+            yield seq, row_lane, t, bytes(body)
+    except sqlite3.Error as e:
+        raise StoreError(f"outbox {path}: read failed: {e}") from e
 
 
 def _salvage_last_seq(db: sqlite3.Connection) -> int:
