@@ -304,9 +304,10 @@ def _lines(cap: Capture) -> Iterator[bytes]:
 
 
 def blocks(path: str, size: int = HEAD_BYTES) -> Iterator[bytes]:
-    """A file's bytes, ``size`` at a time; SourceError naming it if it cannot be read."""
+    """A file's bytes (``-``: standard input's), ``size`` at a time; SourceError naming
+    it if it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with open(0, "rb", closefd=False) if path == "-" else open(path, "rb") as f:
             while block := f.read(size):
                 yield block
     except OSError as e:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from agent.capture import blocks
 from agent.dbc.compile import EXTENDED_FLAG, CompiledDbc, compile_dbc, frame_key
 from agent.errors import AgentError, DecodeError, SourceError
 from agent.feed import CanTextFeed, dbc_for
@@ -138,7 +139,7 @@ def _sentence(text: str) -> dict[str, Any]:
 def _uart_chunks(fmt: str, source: str) -> Iterator[bytes]:
     """The byte stream of a UART capture."""
     if fmt == "raw":
-        yield from _chunks(source)
+        yield from blocks(source, STATS_CHUNK)
     else:
         lines = _read_lines(source) if source != "-" else sys.stdin.read().splitlines()
         if fmt == "surron-log":
@@ -364,15 +365,6 @@ def stream(fmt: str, proto: str, joined: bool = False) -> CanStream | UartStream
     return CanStream(CanDecoder(compile_dbc(dbc_for(proto))), fmt, joined)
 
 
-def _chunks(path: str) -> Iterator[bytes]:
-    try:
-        with (open(0, "rb", closefd=False) if path == "-" else open(path, "rb")) as f:
-            while chunk := f.read(STATS_CHUNK):
-                yield chunk
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
-
-
 def _read_lines(path: str) -> list[str]:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
@@ -402,9 +394,9 @@ def _decode(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.stats:
         if kind == "can":
-            print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, _chunks(args.file))))
+            print(json.dumps(can_stats(compile_dbc(dbc_for(proto)), fmt, blocks(args.file, STATS_CHUNK))))
         else:
-            chunks = _chunks(args.file) if kind == "nmea" else _uart_chunks(fmt, args.file)
+            chunks = blocks(args.file, STATS_CHUNK) if kind == "nmea" else _uart_chunks(fmt, args.file)
             print(json.dumps(uart_stats(protocol(proto), chunks)))
         return 0
     if kind == "uart":
