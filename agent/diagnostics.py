@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import ctypes
-import ctypes.util
 import time
 from typing import Any
 
@@ -316,15 +314,15 @@ def _newest_rmc(data: bytes) -> float | None:
 
 
 def _synchronized() -> bool | None:
-    """Whether the kernel's clock is synchronised (NTP, chrony, GNSS PPS), from adjtimex(2);
-    None where it cannot be asked."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """Whether the kernel's clock is synchronised (NTP, chrony, GNSS PPS), from adjtimex(2)
+    in the C library the process already has; None where it cannot be asked. ctypes is
+    imported here, on a technician's request, not with the agent."""
+    import ctypes
+
     try:
-        adjtimex = ctypes.CDLL(name, use_errno=True).adjtimex
+        adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
     except (OSError, AttributeError):
         return None
     buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
     state = adjtimex(buf)
-    return None if state < 0 else state != TIME_ERROR
+    return None if state < 0 else bool(state != TIME_ERROR)

@@ -63,3 +63,13 @@ def test_a_module_that_does_not_import_fails_only_its_command(monkeypatch: pytes
     assert capsys.readouterr().err == "error: ebike-agent ingest is unavailable: No module named 'paho'\n"
     assert main(["signals", "--json"]) == 0
     assert '"name"' in capsys.readouterr().out
+
+
+def test_a_named_command_loads_only_its_own_module() -> None:
+    """``ebike-agent run`` (the agent itself) carries none of the technicians' tools."""
+    # (Modules loaded by importlib.import_module are not listed: what they import is.)
+    modules, _ = imported("status", "--help")
+    assert "agent.cli.view" in modules  # status's own
+    assert not {"agent.cli.checks", "agent.capture"} & modules  # config's and selftest's, decode's
+    modules, _ = imported("--help")
+    assert {"agent.cli.view", "agent.cli.checks", "agent.capture"} <= modules

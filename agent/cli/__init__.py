@@ -67,12 +67,22 @@ def _load_subparser(command: str, module: str, sub: argparse._SubParsersAction) 
         _ErrorSubparser(command, str(e)).add_subparser(sub)
 
 
+def _wanted(argv: list[str]) -> tuple[tuple[str, str], ...]:
+    """The subcommand modules to load: only the one named, when one is (the agent that
+    ``run`` starts then carries none of the technicians' tools: about 2 MB of RSS);
+    every one for ``--help``, a typo or no command, so argparse can list them."""
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = tuple(c for c in _COMMANDS if words and c[0] == words[0])
+    return chosen or _COMMANDS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ebike-agent", description="vehicle-side agent of connected e-bikes")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"ebike-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command, module in _COMMANDS:
+    argv = sys.argv[1:] if argv is None else argv
+    for command, module in _wanted(argv):
         _load_subparser(command, module, sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
