@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import calendar
 import json
+import re
 import selectors
 import socket
 import threading
@@ -172,6 +173,15 @@ def test_live_values_and_a_tap_of_the_raw_bytes(workshop: Workshop) -> None:
     assert data["can0"].count(b"\r") >= 50 and b"T02F83201" in data["can0"]
     assert b"RMC," in data["gnss"] and not reply["lost"]
     assert all(c["n"] > cursor for c in reply["chunks"]) and reply["cursor"] >= max(c["n"] for c in reply["chunks"])
+    # Requests a technician's script gets wrong are refused in words; the agent goes on.
+    sock = str(workshop.socket)
+    for cmd, args, words in (("tap", {"since": "yesterday"}, "since is a number"),
+                             ("tap", {"sources": ["can9"]}, "no source named can9 (sources: gnss, can0, bms)"),
+                             ("purge", {"lane": "everything"}, "no lane 'everything'"),
+                             ("purge", {}, "name the lane")):
+        with pytest.raises(AgentError, match=re.escape(words)):
+            request(sock, cmd, **args)
+    assert request(sock, "live")["live"]["signals"]
 
 
 @pytest.mark.e2e
@@ -203,3 +213,24 @@ def test_swapped_gnss_and_bms_cables_are_named_in_the_status(tmp_path: Path, mos
         if agent is not None:
             stop(agent)
         stop(sim)
+
+
+@pytest.mark.e2e
+def test_a_noisy_line_is_told_from_a_quiet_one(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Every third frame corrupted on the wire (bit errors, garbage bursts): the sources
+    still read frames, and their verdicts say the line is noisy, not that all is well."""
+    bench = Workshop(tmp_path, mosquitto, scenario="noisy-line", sim_args=("--noise-rate", "0.35"))
+    try:
+        bench.start_agent()
+
+        def noisy() -> dict[str, str] | None:
+            out = {s["name"]: s["verdict"]["text"] for s in bench.status()["sources"]}
+            return out if all("noisy line or loose contact?" in out[n] for n in ("gnss", "can0")) else None
+
+        out = wait_for("noisy verdicts", noisy, 30, interval=0.5)
+        assert all(" frames/s, but " in out[n] or " frames in " in out[n] for n in ("gnss", "can0")), out
+        st = bench.status()
+        bad = {s["name"]: s["bad_frames"] for s in st["sources"]}
+        assert bad["can0"].get("bad lines", 0) > 0 and sum(bad["gnss"].values()) > 0, bad
+    finally:
+        bench.close()

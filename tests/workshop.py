@@ -47,7 +47,8 @@ poll_interval = 0.5
 class Workshop:
     """The simulator and the agent, started and stopped by the ``workshop`` fixture."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto, scenario: str = "commute", extra: str = "") -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto, scenario: str = "commute", extra: str = "",
+                 sim_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.broker = broker
         self.config = workshop_config(tmp, broker, extra)
@@ -57,7 +58,7 @@ class Workshop:
         self.sim = spawn(["firmware_sim", "--slcan", str(tmp / "can"), "--nmea", str(tmp / "gps"),
                           "--jbd", str(tmp / "bms"), "--scenario", scenario, "--duration", str(RIDE_S),
                           "--speed", str(SIM_SPEED), "--manifest", str(tmp / "manifest.jsonl"),
-                          "--wait-open", "60", "--linger", "2"], tmp / "sim.log")
+                          "--wait-open", "60", "--linger", "2", *sim_args], tmp / "sim.log")
         self.consumer = spawn(["agent", "ingest", "--broker", broker.address, "--db", str(tmp / "cloud.sqlite"),
                                "--client-id", f"workshop-{tmp.name}"], tmp / "ingest.log")
         self.agent: subprocess.Popen[bytes] | None = None
