@@ -35,6 +35,7 @@ from agent.feed import make_feed, make_kernel, one_dbc
 from agent.fusion import motion
 from agent.fusion.kernel import BUILD
 from agent.fusion.spec import A_STORAGE_FAILED, ALARM_NAMES, REFUSAL_NAMES
+from agent.notify import Notifier
 from agent.signals import BY_ID
 from agent.sources import make_source
 from agent.store.lock import OutboxLock
@@ -95,6 +96,7 @@ class Runtime:
                                       recent_alarms=self.recorder.recent_alarms, restart=self._restart)
         self.commands = CommandStage(cfg, self.uplink, self.actions, keep=self.recorder.result)
         self.commands.start(self.outbox.failed)
+        self.notifier = Notifier()
 
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Run until SIGTERM/SIGINT (or ``until()``), then flush and drain what can be sent."""
@@ -108,6 +110,9 @@ class Runtime:
                 started = time.monotonic()
                 self.busy = False
                 self.step(TICK)
+                # The first turn has tried every source: the start is done.
+                self.notifier.ready_now(self.summary)
+                self.notifier.alive(self.summary)
                 rest = MIN_BUSY_TURN - (time.monotonic() - started)
                 if self.busy and rest > 0:
                     time.sleep(rest)
@@ -202,8 +207,10 @@ class Runtime:
         7     outbox lock                  released last: no other agent before this one
                                            is done with the file
         8     recent log                   the diagnostics log handler removed
+        9     service manager              its socket closed (STOPPING=1 was sent first)
         ====  ===========================  ==============================================
         """
+        self.notifier.stopping(f"stopping: committing {len(self.recorder.pending)} pending records")
         now = time.time()
         self.recorder.add(self.kernel.flush(), now)
         self.recorder.commit(force=True)
@@ -219,6 +226,15 @@ class Runtime:
         log.info("agent stopped: %d records committed%s", self.recorder.records,
                  "; restarting" if self.restart else "")
         self.actions.close()
+        self.notifier.close()
+
+    def summary(self) -> str:
+        """One line for ``systemctl status`` (STATUS=): rate, sources, backlog, broker."""
+        sources = ", ".join(f"{s.name} {'up' if s.is_open else 'DOWN'}" for s in self.sources)
+        records = self.outbox.stats()["records"]
+        broker = "broker connected" if self.uplink.connected else "broker NOT connected"
+        memory = "; OUTBOX IN MEMORY ONLY" if self.storage_failed else ""
+        return f"{self.frame_rate:.0f} frames/s; {sources}; {records} records waiting; {broker}{memory}"
 
     def status(self) -> dict[str, Any]:
         """What ``ebike-agent status`` shows and the diagnostics bundle carries (docs/control.md)."""

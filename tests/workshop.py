@@ -65,9 +65,10 @@ class Workshop:
         wait_for("the simulator's ptys", lambda: log_has(tmp / "sim.log", "ready"), 20)
         wait_for("the consumer to subscribe", lambda: log_has(tmp / "ingest.log", "subscribed to"), 20)
 
-    def start_agent(self) -> None:
-        """``ebike-agent run`` on the bench's configuration, once every source reads frames."""
-        self.agent = spawn(["agent", "run", "--config", str(self.config)], self.log)
+    def start_agent(self, env: dict[str, str] | None = None) -> None:
+        """``ebike-agent run`` on the bench's configuration (``env``: more environment),
+        once every source reads frames."""
+        self.agent = spawn(["agent", "run", "--config", str(self.config)], self.log, env=env)
         wait_for("the agent to read every source", self._all_sources_heard, 30, interval=0.1)
 
     def stop_agent(self) -> int:

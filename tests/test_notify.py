@@ -1,0 +1,123 @@
+"""The agent under a service manager (agent/notify.py): sd_notify(3) datagrams on
+``$NOTIFY_SOCKET``, received here by a listener standing in for systemd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.notify import Notifier
+from tests.helpers import wait_for
+from tests.workshop import Workshop
+
+
+class Manager:
+    """A datagram socket where the agent's messages arrive, each with its arrival time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.got: list[tuple[float, str]] = []
+
+    def take(self) -> list[tuple[float, str]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return self.got
+            self.got.append((time.monotonic(), data.decode()))
+
+    def messages(self, prefix: str) -> list[tuple[float, str]]:
+        return [(t, m) for t, m in self.take() if m.startswith(prefix)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    m = Manager(tmp_path / "notify.sock")
+    yield m
+    m.close()
+
+
+def test_without_a_manager_nothing_is_sent() -> None:
+    n = Notifier({})
+    assert not n.enabled
+    n.ready_now(lambda: pytest.fail("no status is made for nobody"))
+    n.alive(lambda: pytest.fail("no status is made for nobody"))
+    n.stopping("bye")
+
+
+def test_watchdog_interval_is_half_the_period_and_only_for_this_process(manager: Manager) -> None:
+    path = str(manager.path)
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"}).ping_every == 2.0
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).ping_every == 0.0
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000",
+                     "WATCHDOG_PID": str(os.getpid())}).ping_every == 2.0
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "soon"}).ping_every == 0.0
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    n.ready_now(lambda: "starting")
+    n.ready_now(lambda: pytest.fail("READY is said once"))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        n.alive(lambda: "running")
+        time.sleep(0.01)
+    assert [m for _, m in manager.messages("READY")] == ["READY=1\nSTATUS=starting"]
+    pings = [t for t, _ in manager.messages("WATCHDOG=1")]
+    assert 8 <= len(pings) <= 11  # every 0.1 s over 1 s
+    n.stopping("stopping")
+    assert manager.messages("STOPPING") == [manager.got[-1]]
+
+
+def test_an_abstract_socket_and_a_manager_that_went_away(tmp_path: Path) -> None:
+    name = f"ebike-notify-test-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    try:
+        Notifier({"NOTIFY_SOCKET": "@" + name}).ready_now(lambda: "up")
+        assert listener.recv(100) == b"READY=1\nSTATUS=up"
+    finally:
+        listener.close()
+    gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody.sock")})
+    gone.ready_now(lambda: "up")
+    gone.send("WATCHDOG=1")
+    assert gone.failures == 2  # counted, logged once, never raised
+
+
+@pytest.mark.e2e
+def test_the_agent_says_ready_pings_from_its_loop_and_says_stopping(workshop_down: Workshop,
+                                                                     manager: Manager) -> None:
+    """READY once its sources are tried, WATCHDOG twice per period from its loop (and
+    none while the loop is frozen), a STATUS line, STOPPING on SIGTERM."""
+    bench = workshop_down
+    bench.start_agent(env={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "1000000"})
+    ready = wait_for("READY=1", lambda: manager.messages("READY=1"), 10)
+    assert len(ready) == 1 and "STATUS=" in ready[0][1] and "records waiting" in ready[0][1]
+    wait_for("pings for 2 s", lambda: len(manager.messages("WATCHDOG=1")) >= 4, 10)
+    pings = [t for t, _ in manager.messages("WATCHDOG=1")]
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    assert max(gaps) < 0.8, gaps  # WatchdogSec=1 would never fire
+    assert bench.agent is not None
+    os.kill(bench.agent.pid, signal.SIGSTOP)  # a hung loop: no pings
+    time.sleep(1.5)
+    before = len(manager.messages("WATCHDOG=1"))
+    time.sleep(1.0)
+    assert len(manager.messages("WATCHDOG=1")) == before
+    os.kill(bench.agent.pid, signal.SIGCONT)
+    wait_for("pings again", lambda: len(manager.messages("WATCHDOG=1")) > before, 5)
+    status = wait_for("a STATUS line", lambda: [m for _, m in manager.take() if "frames/s" in m], 15)
+    assert "gnss up, can0 up, bms up" in status[-1], status
+    t0 = time.monotonic()
+    assert bench.stop_agent() == 0
+    assert time.monotonic() - t0 < 2.0  # everything acknowledged: nothing to wait for
+    stopping = manager.messages("STOPPING=1")
+    assert len(stopping) == 1 and "stopping" in stopping[0][1]
