@@ -47,7 +47,11 @@ from agent.uplink.pump import Pump
 log = logging.getLogger(__name__)
 
 TICK = 0.1
-DRAIN_TIMEOUT = 5.0
+# From SIGTERM to exit: the outbox committed, what can be sent sent, the last state
+# published, within STOP_WITHIN (systemd's TimeoutStopSec and a power-loss input's hold-up
+# time leave little more); STATE_RESERVE of it is kept for the last state message.
+STOP_WITHIN = 1.5
+STATE_RESERVE = 0.5
 # While data streams in, a turn of the loop lasts at least this long: each read then
 # brings a few ms of frames for one kernel call, instead of a turn per burst of bytes
 # (the loop's own cost, not the decoding, is what a saturated bus makes expensive).
@@ -199,8 +203,8 @@ class Runtime:
         1     kernel -> recorder           the open windows (``kernel.flush``) as records
         2     recorder -> outbox           every pending record, committed; the kernel's
                                            counters saved
-        3     pump -> uplink               up to DRAIN_TIMEOUT of sending while connected,
-                                           then the ``state`` offline message
+        3     pump -> uplink               sending while connected, then the ``state``
+                                           offline message: all within STOP_WITHIN
         4     sources                      ports, buses and logs closed
         5     control socket               closed, its file removed
         6     outbox, command journal      their SQLite connections closed
@@ -210,13 +214,14 @@ class Runtime:
         9     service manager              its socket closed (STOPPING=1 was sent first)
         ====  ===========================  ==============================================
         """
+        deadline = time.monotonic() + STOP_WITHIN
         self.notifier.stopping(f"stopping: committing {len(self.recorder.pending)} pending records")
         now = time.time()
         self.recorder.add(self.kernel.flush(), now)
         self.recorder.commit(force=True)
         self.recorder.save_state()
-        self.pump.drain(DRAIN_TIMEOUT)
-        self.uplink.stop(self._state(False))
+        self.pump.drain(max(0.0, deadline - STATE_RESERVE - time.monotonic()))
+        self.uplink.stop(self._state(False), timeout=max(0.1, deadline - time.monotonic()))
         for src in self.sources:
             src.close()
         self.control.close()

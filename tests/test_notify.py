@@ -9,12 +9,15 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import cbor2
 import pytest
 
+from agent.fleet.subscriber import Subscriber, wait_until
 from agent.notify import Notifier
-from tests.helpers import wait_for
-from tests.workshop import Workshop
+from tests.helpers import stop, wait_for
+from tests.workshop import DEVICE, Workshop
 
 
 class Manager:
@@ -121,3 +124,46 @@ def test_the_agent_says_ready_pings_from_its_loop_and_says_stopping(workshop_dow
     assert time.monotonic() - t0 < 2.0  # everything acknowledged: nothing to wait for
     stopping = manager.messages("STOPPING=1")
     assert len(stopping) == 1 and "stopping" in stopping[0][1]
+
+
+def _outbox_counts(db: Path) -> tuple[int, int]:
+    """(records ever committed, records the file holds)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0) as c:
+        (next_seq,) = c.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        (held,) = c.execute("SELECT count(*) FROM records").fetchone()
+    return int(next_seq) - 1, int(held)
+
+
+@pytest.mark.e2e
+def test_sigterm_with_a_cloud_that_never_acks_exits_within_2_s_and_keeps_everything(workshop_down: Workshop,
+                                                                                   manager: Manager) -> None:
+    """The worst stop: connected, a backlog in flight, no consumer to acknowledge it. The
+    agent still exits within 2 s of SIGTERM, every record it committed still in the
+    outbox (none is deleted before the cloud has it), its last state published."""
+    bench = workshop_down
+    stop(bench.consumer)
+    bench.start_agent(env={"NOTIFY_SOCKET": str(manager.path)})
+    wait_for("a backlog of 10 records", lambda: _outbox_counts(bench.outbox)[1] >= 10, 30, interval=0.2)
+    t0 = time.monotonic()
+    assert bench.stop_agent() == 0
+    took = time.monotonic() - t0
+    assert took < 2.0, took
+    committed, held = _outbox_counts(bench.outbox)
+    assert held == committed, (committed, held)  # nothing acknowledged, nothing gone
+    assert _retained_state(bench)["online"] is False
+
+
+def _retained_state(bench: Workshop) -> dict[str, Any]:
+    """The device's retained ``state`` message, as a new subscriber gets it."""
+    got: list[bytes] = []
+    sub = Subscriber("state-reader", bench.broker.host, bench.broker.port, f"ebike/v1/{DEVICE}/state",
+                     lambda topic, payload: got.append(payload), persistent=False)
+    sub.connect()
+    try:
+        assert wait_until(lambda: bool(got), 5, sub.loop), "no retained state"
+    finally:
+        sub.close()
+    state: dict[str, Any] = cbor2.loads(got[0])
+    return state
