@@ -17,6 +17,7 @@ import pytest
 
 from agent import wire
 from agent.cli.buffer import describe
+from agent.control.client import request
 from agent.errors import StoreError
 from agent.store.lock import OutboxLock
 from agent.store.memory import MemoryQueue, Storage
@@ -29,6 +30,11 @@ from tests.workshop import DEVICE, Workshop
 
 BIG = 1 << 40
 NAMES = {number: name for name, number in LANES.items()}
+
+
+def request_status(bench: Workshop) -> dict[str, Any]:
+    status: dict[str, Any] = request(str(bench.socket))["status"]
+    return status
 
 
 def gap_body(runs: list[tuple[int, int]], why: str) -> bytes:
@@ -56,10 +62,11 @@ def purge_gaps(held: dict[int, tuple[str, dict[str, Any]]]) -> list[int]:
 
 
 def piled_up(bench: Workshop, records: int) -> None:
-    """The cloud paused until the outbox holds ``records`` records (in flight: sent, and
-    not acknowledged)."""
+    """The cloud paused until the outbox holds ``records`` live records (in flight: sent,
+    and not acknowledged); the other lanes' come and go with the ride."""
     pause_cloud(bench)
-    wait_for(f"{records} records in the outbox", lambda: len(rows(bench.outbox)) >= records, 40, interval=0.2)
+    wait_for(f"{records} live records in the outbox", lambda: len(lane_seqs(rows(bench.outbox), "live")) >= records,
+             40, interval=0.2)
 
 
 def offline_config(tmp: Path) -> Path:
@@ -246,6 +253,12 @@ def test_purge_by_the_running_agent(request: pytest.FixtureRequest) -> None:
     and the cloud is told their numbers in a gap record."""
     bench: Workshop = request.getfixturevalue("own_broker_bench")
     broker_gone(bench, 6)
+
+    def live_waiting() -> bool:  # broker_gone counts every lane: the purge takes the live one
+        outbox = request_status(bench)["outbox"]
+        return bool(outbox["depth"]["live"] >= 6 and outbox["in_flight"] == 0)
+
+    wait_for("6 live records waiting, none in flight", live_waiting, 30, interval=0.2)
     cfg = ("--config", str(bench.config))
     before = rows(bench.outbox)
     refused = bench.cli("buffer", "purge", "--lane", "live", *cfg)
