@@ -33,6 +33,9 @@ TAIL_BYTES = 4096
 # dropped oldest first, and one reply carries at most REPLY_BYTES of data.
 TAP_ARMED_S = 5.0
 TAP_PER_SOURCE = 4 << 20
+# Reads older than this are dropped whatever their size: a follower asks every 0.2 s,
+# and each request scans what is kept, so what is kept stays a few seconds' worth.
+TAP_KEEP_S = 10.0
 TAP_REPLY_BYTES = 1 << 20
 # Bad frames above this share of the frames in the window make a verdict "noisy".
 NOISY_SHARE = 0.2
@@ -44,7 +47,8 @@ TIME_ERROR = 5
 
 class Tap:
     """The raw reads of every source while a technician follows them (``frames``, the
-    diagnostics bundle): kept only for TAP_ARMED_S after the last request."""
+    diagnostics bundle): kept only for TAP_ARMED_S after the last request, each read for
+    at most TAP_KEEP_S."""
 
     def __init__(self, n_sources: int) -> None:
         self.until = 0.0
@@ -63,7 +67,7 @@ class Tap:
         q = self.chunks[i]
         q.append((self.n, t, data))
         self.size[i] += len(data)
-        while self.size[i] > TAP_PER_SOURCE:
+        while self.size[i] > TAP_PER_SOURCE or q[0][1] < t - TAP_KEEP_S:
             n, _, old = q.popleft()
             self.size[i] -= len(old)
             self.dropped_upto[i] = n

@@ -19,7 +19,7 @@ import pytest
 
 from agent.control.client import request
 from agent.control.server import ControlServer
-from agent.diagnostics import TAP_PER_SOURCE, TAP_REPLY_BYTES, Tap, _newest_rmc
+from agent.diagnostics import TAP_KEEP_S, TAP_PER_SOURCE, TAP_REPLY_BYTES, Tap, _newest_rmc
 from agent.errors import AgentError, AgentUnreachable, DecodeError
 from agent.protocols import nmea
 from devtools.broker import Mosquitto
@@ -71,6 +71,20 @@ def test_tap_bounds_each_source_and_says_what_was_lost() -> None:
         if not chunks:
             break
     assert lost_seen and total == 4  # the 2 oldest were dropped, the 4 newest all delivered
+
+
+def test_tap_drops_reads_older_than_it_keeps_and_says_so() -> None:
+    """A follower that stops asking for longer than TAP_KEEP_S finds its reads gone (and
+    is told); each request scans only what is kept, never a long session's worth."""
+    tap = Tap(1)
+    cursor, _, _ = tap.take(None, [0])
+    for k in range(100):
+        tap.record(0, 1000.0 + k * 0.5, b"%d" % k)  # 50 s of reads
+    assert len(tap.chunks[0]) == int(TAP_KEEP_S / 0.5) + 1
+    cursor, chunks, lost = tap.take(cursor, [0])
+    assert lost and chunks[0][3] == b"%d" % (99 - int(TAP_KEEP_S / 0.5)) and chunks[-1][3] == b"99"
+    tap.record(0, 1050.0, b"next")
+    assert tap.take(cursor, [0])[1:] == ([(cursor + 1, 0, 1050.0, b"next")], False)
 
 
 def test_rmc_time_and_date_give_the_epoch() -> None:
