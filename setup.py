@@ -54,11 +54,15 @@ EXTRAS = {
         "pyfuse3>=3.3,<4",
         # make bench: the Sparkplug-B-style protobuf the wire figure is measured against.
         "protobuf>=4.21,<8",
+        # The GPIO power-loss input's unit tests (tests/test_power.py) run against the real bindings.
+        "gpiod>=2.1,<3",
     ],
     # ``ebike-agent plot``: PNG charts of a ride (make setup installs it).
     "plot": ["matplotlib>=3.8,<4"],
     # The python-can source (kind = "python-can": PCAN, Kvaser, Vector, ... adapters).
     "can": ["python-can>=4.3,<5"],
+    # A GPIO power-loss input ([power] loss_input = "gpio:..."): libgpiod's v2 bindings.
+    "gpio": ["gpiod>=2.1,<3"],
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ import tomli_w
 from agent.commands.keys import load_public_key
 from agent.errors import ConfigError
 from agent.fusion.spec import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+from agent.power import gpiod_problem
 from agent.protocols import UART_PROTOCOLS
 from agent.signals import BY_NAME
 from agent.sources.kinds import KINDS
@@ -77,7 +79,7 @@ class BrokerConfig:
 class OutboxConfig:
     path: str = "/var/lib/ebike-agent/outbox.sqlite"
     quota_mb: float = 256.0
-    commit_interval: float = 1.0
+    commit_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,40 @@ class CommandsConfig:
         return bool(self.keys)
 
 
+@dataclass(frozen=True)
+class PowerConfig:
+    """[power]: the input that says the supply is going (agent/power.py watches it)."""
+
+    loss_input: str = ""  # "", "file:<absolute path>" or "gpio:<chip device>:<line>"
+    active_low: bool = False
+    bias: str = "as-is"
+
+    @property
+    def kind(self) -> str:
+        return self.loss_input.partition(":")[0]
+
+    @property
+    def path(self) -> str:
+        """The file's path, or the GPIO chip's device."""
+        rest = self.loss_input.partition(":")[2]
+        return rest.partition(":")[0] if self.kind == "gpio" else rest
+
+    @property
+    def line(self) -> str:
+        """The GPIO line: its offset on the chip, or its name."""
+        return self.loss_input.partition(":")[2].partition(":")[2] if self.kind == "gpio" else ""
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """[update]: read by packaging/update-guard after an upgrade (with the standard library
+    only); the agent checks the table here so a typo refuses the start, not the rollback."""
+
+    timeout_s: float = 300.0
+    check: str = ""
+    restart: str = "systemctl reset-failed ebike-agent.service; systemctl restart ebike-agent.service"
+
+
 # An alarm row as the kernel takes it (see ALARMS in agent/fusion/spec.py).
 AlarmRow = tuple[int, str, int, int, int, float, float, float, float, int, str]
 REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE}
@@ -126,6 +162,8 @@ class Config:
     alarms: tuple[AlarmRow, ...] = ALARMS
     reporting: tuple[tuple[int, int, float], ...] = ()
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
     @property
     def topic_prefix(self) -> str:
@@ -235,8 +273,27 @@ _BROKER: Schema = (
 _OUTBOX: Schema = (
     ("path", str, "/var/lib/ebike-agent/outbox.sqlite", None),
     ("quota_mb", float, 256.0, _positive),
-    ("commit_interval", float, 1.0, _positive),
+    ("commit_interval", float, 5.0, _positive),
 )
+POWER_BIASES = ("as-is", "pull-up", "pull-down", "disabled")
+_POWER: Schema = (
+    # What says the supply is going: the agent then stops as on SIGTERM (agent/power.py).
+    ("loss_input", str, "", None),
+    # gpio: only: power lost = the line low (a power-good line that drops), its pull.
+    ("active_low", bool, False, None),
+    ("bias", str, "as-is", _one_of(POWER_BIASES)),
+)
+LOSS_INPUT_FORMS = '"" (none), "file:<path>" or "gpio:<chip>:<line>"'
+_UPDATE: Schema = (
+    # How long a new version has to come up healthy before the previous one is put back.
+    ("timeout_s", float, 300.0, lambda v: None if 10.0 <= v <= 86400.0 else "must be 10-86400 s"),
+    # A shell command that says healthy by exiting 0; "": a batch acknowledged since the start.
+    ("check", str, "", None),
+    # How the guard restarts the agent (a shell command).
+    ("restart", str, UpdateConfig.restart, lambda v: None if v.strip() else "must be a shell command"),
+)
+
+
 def _power_of_two(v: int) -> str | None:
     return None if v >= 16 and v & (v - 1) == 0 else "must be a power of two >= 16"
 
@@ -275,7 +332,7 @@ _COMMANDS: Schema = (
     ("kt_assist_level", int, 3, _one_of(tuple(range(10)))),
 )
 _TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows", "fusion", "alarms",
-             "reporting", "commands")
+             "reporting", "commands", "power", "update")
 
 
 def _alarms(path: str, raw: Any) -> tuple[AlarmRow, ...]:
@@ -435,7 +492,36 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         alarms=_alarms(path, data.get("alarms", {})),
         reporting=_reporting(path, data.get("reporting", {})),
         commands=_commands(path, data.get("commands", {})),
+        power=_power(path, data.get("power", {})),
+        update=UpdateConfig(**_table(path, "update", data.get("update", {}), _UPDATE)),
     )
+
+
+def _power(path: str, raw: Any) -> PowerConfig:
+    """[power]: the loss input's form checked, its path made absolute; a gpio: input
+    also needs libgpiod's bindings, so their absence refuses the start here."""
+    power = PowerConfig(**_table(path, "power", raw, _POWER))
+    where = "power.loss_input"
+    if power.kind == "file":
+        if not power.path:
+            raise ConfigError(path, where, 'file: needs a path, e.g. "file:/run/ebike-agent/power-lost"')
+        power = replace(power, loss_input="file:" + _resolve(path, power.path))
+    elif power.kind == "gpio":
+        if not power.path or not power.line:
+            raise ConfigError(path, where, 'gpio: needs a chip and a line, e.g. "gpio:/dev/gpiochip0:17" '
+                              'or "gpio:gpiochip0:GPIO17"')
+        if not power.path.startswith("/"):
+            power = replace(power, loss_input=f"gpio:/dev/{power.path}:{power.line}")
+        problem = gpiod_problem()
+        if problem:
+            raise ConfigError(path, where, problem)
+    elif power.loss_input:
+        raise ConfigError(path, where, f"must be {LOSS_INPUT_FORMS}, not {power.loss_input!r}")
+    if power.kind != "gpio":
+        for key in ("active_low", "bias"):
+            if key in raw:
+                raise ConfigError(path, f"power.{key}", 'applies to a "gpio:" loss_input only')
+    return power
 
 
 def _source(path: str, where: str, raw: Any) -> SourceConfig:
@@ -566,23 +652,49 @@ def _replace_durably(path: str, data: bytes, keep: str = "") -> None:
         if keep:
             with open(path, "rb") as f:
                 old = f.read()
-            _write_synced(keep, old)
-        _write_synced(path + ".new", data)
+            _write_synced(keep, old, like=path)
+        _write_synced(path + ".new", data, like=path)
         os.replace(path + ".new", path)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(directory)
     except OSError as e:
         raise ConfigError(path, "-", f"cannot write: {e.strerror or e}") from e
 
 
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
+def sync_dir(directory: str) -> None:
+    """A directory's entries made durable (renames, removals); OSError if it cannot be."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o077
+
+
+def _write_synced(path: str, data: bytes, like: str) -> None:
+    """Created 0600 (the file may hold secrets) and never through a symlink, then given the
+    mode (less the umask) and owner of ``like`` when that exists: root's ``config set`` must
+    leave the agent's file as readable by the agent as it was, and by nobody else."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        try:
+            st = os.stat(like)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~_umask())
+            if os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(fd)
 
 
 def _resolve(path: str, value: str) -> str:

@@ -39,7 +39,9 @@ class Notifier:
         self.address = "\0" + path[1:] if path.startswith("@") else path
         self.sock: socket.socket | None = None
         if self.address:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a manager that stops reading (its queue holds 10 datagrams by
+            # default) must cost a lost ping, never a hung loop.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())

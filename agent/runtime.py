@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from agent import __version__, config, wire
+from agent import __version__, config, update, wire
 from agent.commands.actions import VehicleActions
 from agent.commands.stage import CommandStage
 from agent.config import Config
@@ -36,10 +36,12 @@ from agent.fusion import motion
 from agent.fusion.kernel import BUILD
 from agent.fusion.spec import A_STORAGE_FAILED, ALARM_NAMES, REFUSAL_NAMES
 from agent.notify import Notifier
+from agent.power import open_input
 from agent.signals import BY_ID
 from agent.sources import make_source
 from agent.store.lock import OutboxLock
 from agent.store.memory import Storage
+from agent.store.outbox import LANE_ALARM
 from agent.store.recorder import Recorder
 from agent.uplink.mqtt import Uplink
 from agent.uplink.pump import Pump
@@ -58,6 +60,9 @@ STATE_RESERVE = 0.5
 # Well inside what a tty buffers (4 KiB is 18 ms of a saturated bus as SLCAN text;
 # 10 ms of a 115200-baud UART is 115 bytes).
 MIN_BUSY_TURN = 0.01
+# With this set to 1, SIGUSR2 hangs the main loop (Runtime._stall): tests prove that a hung
+# loop stops the watchdog pings. Unset, SIGUSR2 keeps its default action.
+TEST_HOOKS = "EBIKE_AGENT_TEST_HOOKS"
 
 
 class Runtime:
@@ -67,6 +72,7 @@ class Runtime:
         # Before any port, socket or file: a second agent on this outbox stops here.
         self.lock = OutboxLock(cfg.outbox.path)
         self.cfg = cfg
+        self.power = open_input(cfg.power, cfg.path)
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex
         self.stopping = False
@@ -81,6 +87,7 @@ class Runtime:
         self.storage_failed = bool(self.outbox.failed)
         self.kernel.set_condition(A_STORAGE_FAILED, float(self.storage_failed))
         self.recorder = Recorder(cfg, self.kernel, self.outbox)
+        self._report_rollback()
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled,
                              ack_keys=dict(cfg.commands.ack_keys), revoked=cfg.commands.revoked)
@@ -102,11 +109,25 @@ class Runtime:
         self.commands.start(self.outbox.failed)
         self.notifier = Notifier()
 
+    def _report_rollback(self) -> None:
+        """A rolled-back upgrade (packaging/update-guard's note) goes to the cloud as an
+        alarm-lane record: committed first, the note removed after (kept while the outbox
+        is in memory only, so a power cut cannot lose the report)."""
+        note = update.failed_update(self.cfg.outbox.path, __version__)
+        if note is None:
+            return
+        self.outbox.append([(LANE_ALARM, *note)])
+        if not self.storage_failed:
+            update.reported(self.cfg.outbox.path)
+
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
         """Run until SIGTERM/SIGINT (or ``until()``), then flush and drain what can be sent."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        if os.environ.get(TEST_HOOKS) == "1":
+            signal.signal(signal.SIGUSR2, self._stall)
         self.control.start(self.selector)
+        self.power.register(self.selector)
         self.uplink.start()
         log.info("agent %s up: kernel %s, %d sources", self.cfg.device_id, BUILD, len(self.sources))
         try:
@@ -114,6 +135,8 @@ class Runtime:
                 started = time.monotonic()
                 self.busy = False
                 self.step(TICK)
+                if self.power.lost(time.monotonic()):
+                    self.stopping = True
                 # The first turn has tried every source: the start is done.
                 self.notifier.ready_now(self.summary)
                 self.notifier.alive(self.summary)
@@ -128,6 +151,8 @@ class Runtime:
         for key, _ in self.selector.select(self._open_sources(timeout)):
             if key.data == "control":
                 self.control.handle(key.fileobj)
+            elif key.data is self.power:
+                self.power.read()
             else:
                 self._read(key.data, key.fd)
         now = time.time()
@@ -190,6 +215,13 @@ class Runtime:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
+    def _stall(self, signum: int, frame: Any) -> None:
+        """The test hook (TEST_HOOKS): the main loop hangs here, the process alive, until
+        SIGTERM or SIGINT; the uplink's network thread goes on."""
+        log.warning("test hook: the main loop is stalled (SIGUSR2) until SIGTERM")
+        while not self.stopping:
+            time.sleep(0.05)
+
     def _state(self, online: bool) -> bytes:
         """The retained birth / last-will message on ``state``."""
         return wire.state_message(online, self.boot_id, __version__, BUILD)
@@ -205,7 +237,8 @@ class Runtime:
                                            counters saved
         3     pump -> uplink               sending while connected, then the ``state``
                                            offline message: all within STOP_WITHIN
-        4     sources                      ports, buses and logs closed
+        4     sources, power-loss input    ports, buses and logs closed; the input's
+                                           file descriptor or GPIO line released
         5     control socket               closed, its file removed
         6     outbox, command journal      their SQLite connections closed
         7     outbox lock                  released last: no other agent before this one
@@ -224,6 +257,7 @@ class Runtime:
         self.uplink.stop(self._state(False), timeout=max(0.1, deadline - time.monotonic()))
         for src in self.sources:
             src.close()
+        self.power.close()
         self.control.close()
         self.outbox.close()
         self.commands.close()

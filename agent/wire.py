@@ -70,6 +70,7 @@ KIND_CHANGE = "chg"
 KIND_ALARM = "alm"
 KIND_SNAPSHOT = "snap"
 KIND_RESULT = "res"
+KIND_UPDATE = "upd"
 # Samples per snapshot record: a 15 s capture of a busy bus is split into records that
 # each fit a batch with room to spare.
 SNAPSHOT_PART_SAMPLES = 4000
@@ -215,6 +216,12 @@ def result_record(t: float, result: bytes) -> bytes:
     (already CBOR) under ``r``, so a result survives an outage like any record."""
     return (_head(5, 3) + cbor2.dumps("k") + cbor2.dumps(KIND_RESULT) + cbor2.dumps("t") + cbor2.dumps(_ms(t))
             + cbor2.dumps("r") + result)
+
+
+def update_record(t: float, failed: str, running: str, why: str) -> bytes:
+    """Body of the report that a new version failed its health check and the unit went
+    back to the previous one (packaging/update-guard), sent once at the next connection."""
+    return cbor2.dumps({"k": KIND_UPDATE, "t": _ms(t), "failed": failed, "running": running, "why": why})
 
 
 def state_message(online: bool, boot_id: str, version: str, kernel: str) -> bytes:
@@ -384,9 +391,14 @@ def _check_result(rec: dict[str, Any]) -> None:
         raise DecodeError("result record needs unsigned t and r: a command result (id, status, reason, t)")
 
 
+def _check_update(rec: dict[str, Any]) -> None:
+    if not _uint(rec.get("t")) or not all(isinstance(rec.get(k), str) for k in ("failed", "running", "why")):
+        raise DecodeError("update record needs unsigned t and text failed, running and why")
+
+
 def _check_record(rec: dict[str, Any]) -> None:
     checks = {KIND_CHANGE: _check_change, KIND_ALARM: _check_alarm, KIND_SNAPSHOT: _check_snapshot,
-              KIND_RESULT: _check_result}
+              KIND_RESULT: _check_result, KIND_UPDATE: _check_update}
     check = checks.get(str(rec.get("k")))
     if check is not None:
         check(rec)

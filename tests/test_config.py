@@ -20,6 +20,7 @@ from agent.config import (
     OutboxConfig,
     SourceConfig,
     WindowsConfig,
+    install_config,
     load,
 )
 from agent.errors import ConfigError
@@ -185,7 +186,7 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.broker == BrokerConfig()
     assert (cfg.broker.host, cfg.broker.port, cfg.broker.keepalive) == ("127.0.0.1", 1883, 30)
     assert cfg.topic_prefix == "ebike/v1/bike-1/"
-    assert cfg.outbox == OutboxConfig("/var/lib/ebike-agent/outbox.sqlite", 256.0, 1.0)
+    assert cfg.outbox == OutboxConfig("/var/lib/ebike-agent/outbox.sqlite", 256.0, 5.0)
     assert cfg.windows.live == 1.0
     assert cfg.control_socket == "/run/ebike-agent/control.sock"
     assert cfg.sources[1].bitrate == 250000 and cfg.sources[0].baudrate == 115200
@@ -597,3 +598,29 @@ def test_fusion_doc_is_the_alarms_command_output() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "fusion.md"
     assert doc.read_text() == markdown(), "regenerate: ebike-agent alarms --markdown > docs/fusion.md"
+
+
+def test_a_rewritten_config_keeps_its_mode_and_owner_less_the_umask(tmp_path: Path) -> None:
+    """root's ``config set`` (umask 022) on the package's 0660 root:ebike-agent file: the
+    agent can still read it, nobody else can; a tighter umask tightens it; the writer never
+    follows a symlink planted at its temporary name."""
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "a"\n')
+    os.chmod(path, 0o660)
+    os.chown(path, os.getuid(), 20)
+    old = os.umask(0o022)
+    try:
+        install_config(str(path), b'device_id = "b"\n')
+        assert (os.stat(path).st_mode & 0o777, os.stat(path).st_gid) == (0o640, 20)
+        assert os.stat(str(path) + ".previous").st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        install_config(str(path), b'device_id = "c"\n')
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        target = tmp_path / "elsewhere"
+        target.write_text("untouched")
+        os.symlink(target, str(path) + ".new")
+        with pytest.raises(ConfigError, match="cannot write"):
+            install_config(str(path), b'device_id = "d"\n')
+        assert target.read_text() == "untouched" and path.read_text() == 'device_id = "c"\n'
+    finally:
+        os.umask(old)

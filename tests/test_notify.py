@@ -16,7 +16,8 @@ import pytest
 
 from agent.fleet.subscriber import Subscriber, wait_until
 from agent.notify import Notifier
-from tests.helpers import stop, wait_for
+from agent.runtime import TEST_HOOKS
+from tests.helpers import log_has, spawn, stop, wait_for
 from tests.workshop import DEVICE, Workshop
 
 
@@ -96,6 +97,17 @@ def test_an_abstract_socket_and_a_manager_that_went_away(tmp_path: Path) -> None
     assert gone.failures == 2  # counted, logged once, never raised
 
 
+def test_a_manager_that_stops_reading_never_blocks_the_sender(manager: Manager) -> None:
+    """Its queue full (net.unix.max_dgram_qlen, 10 by default), sends fail at once."""
+    n = Notifier({"NOTIFY_SOCKET": str(manager.path)})
+    t0 = time.monotonic()
+    for _ in range(200):
+        n.send("WATCHDOG=1")
+    assert time.monotonic() - t0 < 1.0
+    assert n.failures > 0
+    assert len(manager.messages("WATCHDOG=1")) == 200 - n.failures
+
+
 @pytest.mark.e2e
 def test_the_agent_says_ready_pings_from_its_loop_and_says_stopping(workshop_down: Workshop,
                                                                      manager: Manager) -> None:
@@ -124,6 +136,32 @@ def test_the_agent_says_ready_pings_from_its_loop_and_says_stopping(workshop_dow
     assert time.monotonic() - t0 < 2.0  # everything acknowledged: nothing to wait for
     stopping = manager.messages("STOPPING=1")
     assert len(stopping) == 1 and "stopping" in stopping[0][1]
+
+
+@pytest.mark.e2e
+def test_a_stuck_main_loop_stops_the_pings_while_the_process_lives(workshop_down: Workshop,
+                                                                   manager: Manager) -> None:
+    """The test hook hangs the main loop alone (the uplink's network thread goes on, unlike
+    under SIGSTOP): the pings stop for two watchdog periods while the process lives, so
+    they come from the loop and systemd would kill it. Without the hook's variable,
+    SIGUSR2 keeps its default action and ends the process."""
+    bench = workshop_down
+    bench.start_agent(env={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "1000000", TEST_HOOKS: "1"})
+    wait_for("pings", lambda: len(manager.messages("WATCHDOG=1")) >= 3, 10)
+    assert bench.agent is not None
+    os.kill(bench.agent.pid, signal.SIGUSR2)
+    wait_for("the stall", lambda: log_has(bench.log, "main loop is stalled"), 5)
+    before = len(manager.messages("WATCHDOG=1"))
+    time.sleep(2.0)  # WatchdogSec=1: two periods
+    assert len(manager.messages("WATCHDOG=1")) == before
+    assert bench.agent.poll() is None
+    assert bench.stop_agent() == 0  # SIGTERM ends the stall, and the stop is the usual one
+    bench.agent = spawn(["agent", "run", "--config", str(bench.config)], bench.tmp / "plain.log",
+                        env={"NOTIFY_SOCKET": str(manager.path)})
+    wait_for("READY=1 again", lambda: len(manager.messages("READY=1")) == 2, 15)
+    os.kill(bench.agent.pid, signal.SIGUSR2)
+    assert bench.agent.wait(5) == -signal.SIGUSR2
+    bench.agent = None
 
 
 def _outbox_counts(db: Path) -> tuple[int, int]:

@@ -203,6 +203,8 @@ def describe(record: Any) -> tuple[str, str]:
     if k == wire.KIND_RESULT:
         r = record["r"]
         return "result", f"command {r.get('id')} {r.get('status')}: {r.get('reason')}"
+    if k == wire.KIND_UPDATE:
+        return "update", f"version {record['failed']} failed ({record['why']}); back on {record['running']}"
     return str(k), repr(record)
 
 
