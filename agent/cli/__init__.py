@@ -36,7 +36,7 @@ _COMMANDS = (("run", "run"), ("status", "status"), ("watch", "watch"), ("frames"
              ("alarms", "alarms_cmd"), ("buffer", "buffer"), ("sync", "sync"), ("config", "config_cmd"),
              ("selftest", "selftest"), ("diag", "diag"), ("replay", "replay"), ("plot", "plot"),
              ("decode", "decode"), ("signals", "signals_cmd"), ("ingest", "ingest"), ("keys", "keys"),
-             ("command", "command"))
+             ("command", "command"), ("provision", "provision"))
 # A configuration (or DBC) that cannot be used: like argparse's usage errors, the input is at fault.
 EXIT_CONFIG = 2
 EXIT_UNREACHABLE = 3
