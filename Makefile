@@ -10,7 +10,8 @@ KERNEL_SRC := $(wildcard agent/fusion/_*_py.py agent/fusion/_*.pxd)
 # The compiled kernel is required unless the caller says otherwise (EBIKE_AGENT_BUILD_EXT=0).
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
-.PHONY: setup broker run test test-compiled test-pure bench fuzz soak lint clean
+# package-tools: debootstrap and, for another ARCH, qemu-user-static and binfmt-support.
+.PHONY: package-tools setup broker run test test-compiled test-pure bench fuzz soak lint clean deb
 
 setup: $(KERNEL)
 
@@ -40,11 +41,24 @@ test: test-compiled test-pure
 TEST_WORKERS ?= 4
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test-compiled: setup broker
+test-compiled: setup broker package-tools
 	$(PYTEST) tests
 
+# The package tests (tests/test_package.py) install the compiled package into Debian
+# roots: they run once, in the compiled half.
 test-pure: setup broker
-	EBIKE_AGENT_PUREPYTHON=1 $(PYTEST) tests
+	EBIKE_AGENT_PUREPYTHON=1 $(PYTEST) -m "not package" tests
+
+# ebike-agent_<version>_<arch>.deb in dist/, built in a Debian 12 root of ARCH (as root).
+# ARCH=arm64 (or any other than this machine's) also proves it: the package installed into a
+# fresh arm64 root under qemu, its kernel tests with both builds and a ride run there.
+ARCH ?= $(shell dpkg --print-architecture)
+
+package-tools:
+	sh devtools/ensure-system.sh package $(ARCH)
+
+deb: setup package-tools
+	$(PY) -m devtools.deb --arch $(ARCH)
 
 bench: setup broker
 	$(PY) -m devtools.bench
@@ -65,4 +79,4 @@ lint: setup
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info agent/fusion/_*_py.c agent/fusion/*.so bench-results.json
+	rm -rf $(VENV) build dist .debroots *.egg-info agent/fusion/_*_py.c agent/fusion/*.so bench-results.json

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the Debian packages a target needs when they are missing and we may (root);
-# otherwise name exactly what to install. Usage: ensure-system.sh build|broker
+# otherwise name exactly what to install. Usage: ensure-system.sh build|broker|package [ARCH]
 #   build:  a C compiler, the Python headers and venv, to build the Cython kernel; libfuse3's
 #           headers and pkg-config, to build pyfuse3 (a dev extra: the power-loss test's FUSE
 #           filesystem), and fuse3 for fusermount3
@@ -19,12 +19,22 @@ case "${1:-}" in
         pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev"
         command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
         ;;
+    package)
+        # make deb and the package tests: Debian roots (debootstrap), and for a foreign ARCH
+        # binaries run through qemu; systemd-analyze checks the unit files.
+        command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$missing debootstrap"
+        command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+        if [ -n "${2:-}" ] && [ "$2" != "$(dpkg --print-architecture)" ]; then
+            command -v qemu-aarch64-static >/dev/null 2>&1 || missing="$missing qemu-user-static"
+            command -v update-binfmts >/dev/null 2>&1 || missing="$missing binfmt-support"
+        fi
+        ;;
     broker)
         command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
         command -v openssl >/dev/null 2>&1 || missing="$missing openssl"  # the TLS tests make certificates
         ;;
     *)
-        echo "usage: $0 build|broker" >&2
+        echo "usage: $0 build|broker|package [ARCH]" >&2
         exit 2
         ;;
 esac
