@@ -35,12 +35,25 @@ import logging
 import os
 import selectors
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent.errors import ConfigError
 
-if TYPE_CHECKING:
-    from agent.config import PowerConfig
+
+class PowerConfig(Protocol):
+    """What of agent.config's PowerConfig this module reads (config.py imports this module
+    for gpiod_problem, so it cannot import config back)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def line(self) -> str: ...
+    @property
+    def active_low(self) -> bool: ...
+    @property
+    def bias(self) -> str: ...
 
 log = logging.getLogger(__name__)
 
