@@ -27,6 +27,9 @@ Writes every round to bench-results.json.
    ThingsBoard JSON and Sparkplug B protobuf (devtools/bench_wire.py).
 7. The agent: CPU (% of one core, user + sys) and RSS of the whole ``ebike-agent run``
    process on a saturated 1 Mbit/s CAN bus (``ebike-sim --can-fill``), see bench_agent.py.
+8. SD-card care (devtools/bench_writes.py): bytes the agent process writes (write_bytes of
+   /proc/<pid>/io) per hour of riding and per hour parked, on its default [outbox]
+   settings, the consumer acknowledging; medians of runs made at once.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ from agent.dbc.compile import CompiledDbc, compile_dbc, frame_key, load_cantools
 from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
-from devtools import bench_uplink, bench_wire, ride
+from agent.store.recorder import PARKED_COMMIT_S
+from devtools import bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
+from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
 from devtools.broker import BrokerMissing
 
 READ_BYTES = 4096
@@ -226,6 +231,17 @@ def _agent(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
     return agent
 
 
+def _sd_writes(rounds: int, riding_s: float, parked_s: float) -> dict[str, Any]:
+    """The SD-card figures (bench_writes.py); ``{"error": ...}`` if a run failed."""
+    print(f"\nSD-card writes: {rounds} riding runs of {riding_s:g} s and {rounds} parked runs of {parked_s:g} s, "
+          f"all at once...", flush=True)
+    try:
+        return bench_writes.measure(rounds, riding_s, parked_s)
+    except (AgentBenchError, BrokerMissing) as e:
+        print(f"error: no SD-card figures: {e}", file=sys.stderr)
+        return {"error": str(e)}
+
+
 WINDOW_BODY = wire.window_record(1.7e9, 1.0, [(sid, 10, 1.0, 2.0, 1.5, 2.0, 0.0) for sid in range(1, 9)])
 
 
@@ -261,12 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--can-fill", type=int, default=8400, help="CAN frames/s the agent is fed (1 Mbit/s bus)")
     p.add_argument("--agent-warmup", type=float, default=8.0, help="s of decoding before the agent is measured")
     p.add_argument("--agent-seconds", type=float, default=24.0, help="steady interval the agent is measured over")
+    p.add_argument("--writes-rounds", type=int, default=3, help="runs of each case for the SD-card figures")
+    p.add_argument("--writes-riding-seconds", type=float, default=240.0, help="interval a riding run is measured over")
+    p.add_argument("--writes-parked-seconds", type=float, default=240.0,
+                   help="interval a parked run is measured over (at least two parked commits)")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     if args.rounds < 5:
         p.error("--rounds must be >= 5 (medians of fewer are not worth quoting)")
     if args.agent_seconds < 20:
         p.error("--agent-seconds must be >= 20 (a CPU share over less is not steady)")
+    if args.writes_parked_seconds < 2 * PARKED_COMMIT_S:
+        p.error(f"--writes-parked-seconds must be >= {2 * PARKED_COMMIT_S:g} (two parked commits)")
     path = profile_path("bafang")
     frames = _frames(load_cantools(path), args.frames, seed=1)
     print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians")
@@ -313,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     uplink = bench_uplink.measure(3)  # a round is a 24 h backlog: medians of three
     wire_figures = bench_wire.measure()
     agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
+    writes = _sd_writes(args.writes_rounds, args.writes_riding_seconds, args.writes_parked_seconds)
 
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
@@ -331,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "agent_cpu_pct_saturated_can": agent.get("cpu_pct"),
         "agent_rss_mb": agent.get("rss_mb"),
         "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
+        "sd_write_mb_per_h_riding": writes.get("sd_write_mb_per_h_riding"),
+        "sd_write_mb_per_h_parked": writes.get("sd_write_mb_per_h_parked"),
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
@@ -357,14 +382,20 @@ def main(argv: list[str] | None = None) -> int:
               f"(+ {agent['uart_frames_per_s']:.1f} NMEA/JBD frames/s; status says "
               f"{agent['status_frames_per_s']:,.0f} frames/s; bad SLCAN lines {agent['bad_lines']})")
         print(f"agent_rss_mb: {agent['rss_mb']:.1f} (goal <= {RSS_GOAL_MB:g})")
+    for case, goal in (("riding", RIDING_GOAL_MB_H), ("parked", PARKED_GOAL_MB_H)):
+        if "error" not in writes:
+            runs = ", ".join(f"{r['mb_per_h']:.2f}" for r in writes["runs"][case])
+            print(f"sd_write_mb_per_h_{case}: {writes[f'sd_write_mb_per_h_{case}']:.2f} (goal <= {goal:g}; "
+                  f"{writes[f'{case}_source']} of the agent process over {writes[f'{case}_interval_s']:g} s after "
+                  f"{writes[f'{case}_warmup_s']:g} s, per hour; runs {runs})")
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
-        "uplink": uplink, "wire": wire_figures, "agent": agent,
+        "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes,
     }, indent=1))
     print(f"written to {args.out}")
-    return 1 if "error" in agent else 0
+    return 1 if "error" in agent or "error" in writes else 0
 
 
 if __name__ == "__main__":

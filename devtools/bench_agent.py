@@ -15,9 +15,12 @@ socket's status, as ``ebike-agent status`` shows it) are the CAN rate it really 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
@@ -116,9 +119,21 @@ def _log_tails(run: Path) -> str:
                    for log in sorted(run.glob("*.log")))
 
 
-def agent_figures(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
-    """Run broker, consumer, simulator and agent; measure the agent over ``seconds`` after
-    ``warmup`` seconds of it decoding; stop everything it started, agent first."""
+@dataclass
+class Rig:
+    """The processes of a bench run, in its temporary directory ``run``."""
+
+    run: Path
+    agent: Popen[bytes]
+    sim: Popen[bytes]
+    sock: Path
+
+
+@contextlib.contextmanager
+def rig(sim_args: list[str], bitrate: int, ride: float) -> Iterator[Rig]:
+    """Broker, consumer, simulator (``--speed 1``, ``sim_args`` added, riding ``ride``
+    s) and agent, until the agent decodes CAN frames; on leaving, everything it started
+    stopped, agent first. A failure inside is an AgentBenchError with the logs."""
     with tempfile.TemporaryDirectory(prefix="ebike-bench-") as tmp, Mosquitto(tmp) as broker:
         run = Path(tmp)
         procs: list[Popen[bytes]] = []
@@ -126,23 +141,28 @@ def agent_figures(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
             procs.append(spawn(["agent", "ingest", "--broker", broker.address, "--db", str(run / "cloud.sqlite"),
                                 "--client-id", "bench-ingest"], run / "ingest.log"))
             wait_for("the consumer to subscribe", lambda: log_has(run / "ingest.log", "subscribed to"), START_LIMIT)
-            ride = warmup + seconds + 2 * START_LIMIT
             sim = spawn(["firmware_sim", "--slcan", str(run / "can"), "--nmea", str(run / "gps"),
-                         "--jbd", str(run / "bms"), "--can-bitrate", str(CAN_BITRATE), "--can-fill", str(fill),
-                         "--speed", "1", "--duration", str(ride), "--wait-open", str(START_LIMIT)],
-                        run / "sim.log")
+                         "--jbd", str(run / "bms"), "--can-bitrate", str(bitrate), "--speed", "1",
+                         "--duration", str(ride), "--wait-open", str(START_LIMIT), *sim_args], run / "sim.log")
             procs.append(sim)
             wait_for("the simulator's ptys", lambda: log_has(run / "sim.log", "ready"), START_LIMIT)
             config = run / "agent.toml"
-            config.write_text(CONFIG.format(run=run, bitrate=CAN_BITRATE, host=broker.host, port=broker.port))
+            config.write_text(CONFIG.format(run=run, bitrate=bitrate, host=broker.host, port=broker.port))
             agent = spawn(["agent", "run", "--config", str(config)], run / "agent.log")
             procs.append(agent)
             sock = run / "control.sock"
             wait_for("the agent to decode CAN frames", lambda: _decoding(agent, sock), START_LIMIT)
-            time.sleep(warmup)
-            return _measure(agent.pid, sim.pid, sock, seconds)
+            yield Rig(run, agent, sim, sock)
         except (AssertionError, AgentError, AgentBenchError) as e:
             raise AgentBenchError(f"{e}{_log_tails(run)}") from e
         finally:
             for proc in reversed(procs):
                 stop(proc)
+
+
+def agent_figures(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
+    """Run broker, consumer, simulator and agent; measure the agent over ``seconds`` after
+    ``warmup`` seconds of it decoding; stop everything it started, agent first."""
+    with rig(["--can-fill", str(fill)], CAN_BITRATE, warmup + seconds + 2 * START_LIMIT) as r:
+        time.sleep(warmup)
+        return _measure(r.agent.pid, r.sim.pid, r.sock, seconds)

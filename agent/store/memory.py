@@ -293,12 +293,27 @@ class Storage:
         (self.disk or self.memory).release_all()  # type: ignore[union-attr]
 
     def ack(self, seqs: list[int]) -> None:
-        """Acknowledged rows of the file stay in it if the file just failed: sent again
-        once it is back, and dropped as duplicates by the cloud."""
+        """Rows of the file are deleted with its next write (``Outbox.ack_later``).
+        Acknowledged rows of the file stay in it if the file fails first: sent again once
+        it is back, and dropped as duplicates by the cloud."""
         if self.disk is not None:
-            self._guarded(lambda d: d.ack(seqs))
+            self.disk.ack_later(seqs)
         elif self.memory is not None:
             self.memory.ack(seqs)
+
+    def held_since(self) -> float | None:
+        """Since when the file has writes held for its next transaction (None: none)."""
+        return self.disk.held_since() if self.disk is not None else None
+
+    def flush_held(self) -> None:
+        if self.disk is not None:
+            self._guarded(lambda d: d.flush_held())
+
+    def keep_state(self, values: Mapping[str, float]) -> None:
+        """The kernel's counters, written with the file's next transaction; not kept from
+        memory (they are kept again once the file is back)."""
+        if self.disk is not None:
+            self.disk.keep_state(values)
 
     def save_state(self, values: Mapping[str, float]) -> bool:
         if self.disk is None:
@@ -333,7 +348,17 @@ class Storage:
                                                          "memory_only": True})
 
     def close(self) -> None:
+        """The held writes go to the file first: a clean stop leaves no acknowledged row."""
         if self.disk is not None:
+            try:
+                done = self.disk.flush_held()
+            except StoreError as e:
+                done, why = False, str(e)
+            else:
+                why = "disk full"
+            if not done:
+                log.warning("outbox %s: acknowledged rows not deleted at the stop (%s): they are sent again after "
+                            "the next start", self.path, why)
             self.disk.close()
         if self.memory is not None and self.memory.rows:
             log.error("outbox %s could not be written: %d records held in memory are lost with this stop",

@@ -7,6 +7,14 @@ message carrying them is in flight and deleted only on the broker's acknowledgem
 a lease lives in memory only, so after a crash everything unacknowledged is sent
 again (the cloud drops duplicates by device and sequence).
 
+Each write transaction is an fsync and rewrites whole pages, and that is what wears an
+SD card; so writes that need not be on disk this instant are held and ride along with
+the next transaction: acknowledged rows (``ack_later``: no longer leased or counted,
+deleted by the next append) and the fusion kernel's counters (``keep_state``: written
+only when they changed). ``flush_held`` writes them on their own when no append comes.
+A power cut may bring held acknowledgements back (those rows are sent again, and the
+cloud drops the duplicates) and lose the counters' last change.
+
 A full disk is never a crash. In WAL mode SQLite needs room even to DELETE, so the
 outbox keeps away from the edge: its quota is clamped at open to 90 % of the space
 free for it, and a ballast file beside it is released the moment the disk is full
@@ -19,11 +27,12 @@ room again.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +86,10 @@ class Outbox:
         self.refused = 0  # records not stored at all: the disk full and nothing left to drop
         self.unannounced: list[int] = []  # dropped for a full disk, gap record not stored yet
         self.leased: set[int] = set()
+        self.acked_held: set[int] = set()  # acknowledged, deleted by the next transaction
+        self.state_held: dict[str, float] | None = None  # kernel state for the next transaction
+        self.state_on_disk: dict[str, float] = {}
+        self.held_at: float | None = None  # monotonic time the oldest held write was held
         self.appended = 0
         self.acked = 0
         try:
@@ -272,23 +285,51 @@ class Outbox:
         SQLite's own checkpoints fail silently on a full disk, and the WAL then grows into
         whatever space it already holds until no checkpoint fits even in the ballast; so
         every quarter ballast written, and after every write while the disk is full, a
-        checkpoint of ours runs and a full disk is noticed there."""
+        checkpoint of ours runs and a full disk is noticed there.
+
+        The held writes go first in the same transaction: rows acknowledged are gone before
+        ``work`` looks for rows to drop or purge, and nothing costs a transaction of its own."""
         for remedy in (None, self._checkpoint, self._release_ballast):
             if remedy is not None and not remedy():
                 continue
+            acked, state = sorted(self.acked_held), self.state_held
             try:
                 with self._transaction():
+                    self._write_held(acked, state)
                     done = work()
             except sqlite3.Error as e:
                 if not _disk_full(e):
                     raise _failure(self.path, f"outbox {self.path}: {what} failed", e) from e
                 self._disk_full_now(str(e))
                 continue
+            self._held_written(acked, state)
             self.wal_debt += size + PAGE_GUESS
             if self.full or self.wal_debt >= self.ballast_bytes // 4:
                 self._checkpoint()
             return done
         return None
+
+    def _write_held(self, acked: list[int], state: dict[str, float] | None) -> None:
+        if acked:
+            self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_acked'", (acked[-1],))
+            self._delete(acked)
+        if state is not None:
+            self.db.executemany("INSERT OR REPLACE INTO kernel_state (key, value) VALUES (?, ?)", state.items())
+
+    def _held_written(self, acked: list[int], state: dict[str, float] | None) -> None:
+        """The transaction that carried them is committed: they are on disk."""
+        self.acked_held.difference_update(acked)
+        self.acked += len(acked)
+        if state is not None:
+            self.state_on_disk = state
+            if self.state_held is state:
+                self.state_held = None
+        if not self.acked_held and self.state_held is None:
+            self.held_at = None
+
+    def _hold(self) -> None:
+        if self.held_at is None:
+            self.held_at = time.monotonic()
 
     def _make_room(self, need: int) -> bool:
         """The disk is full: drop the oldest rows of the lowest-priority lane (alarms last),
@@ -300,6 +341,8 @@ class Outbox:
             victims: list[int] = []
             total = 0
             for seq, size in self.db.execute("SELECT seq, length(body) FROM records ORDER BY lane DESC, seq"):
+                if seq in self.acked_held:
+                    continue  # deleted with the drop, and not announced: the cloud has it
                 victims.append(seq)
                 total += size
                 if total >= target:
@@ -382,7 +425,8 @@ class Outbox:
                     " seq = (SELECT max(seq) FROM records WHERE lane = ?) DESC, lane, seq", (LANE_ALARM, LANE_LIVE))
             else:
                 cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
-            return lease_from(cur, self.leased, max_records, max_bytes, overhead)
+            rows = ((seq, body) for seq, body in cur if seq not in self.acked_held)
+            return lease_from(rows, self.leased, max_records, max_bytes, overhead)
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: read failed: {e}") from e
 
@@ -394,20 +438,34 @@ class Outbox:
         self.leased.clear()
 
     def ack(self, seqs: list[int]) -> None:
-        """The broker has these: delete them, durably."""
+        """The broker has these: delete them now, durably (with any held)."""
+        self.ack_later(seqs)
+        if not self.flush_held():
+            # Kept, still held: deleted by the first write the disk takes again.
+            log.warning("outbox %s: disk full: %d acknowledged rows kept for now", self.path, len(self.acked_held))
+
+    def ack_later(self, seqs: list[int]) -> None:
+        """The broker has these: never leased or counted again, deleted by the next write
+        transaction (an append, or ``flush_held``)."""
         if not seqs:
             return
-
-        def delete() -> int:
-            self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_acked'", (max(seqs),))
-            return self._delete(seqs)
-
         self.leased.difference_update(seqs)
-        if self._write(delete, "ack") is None:
-            # Kept, and so sent again later: the cloud drops the duplicates.
-            log.warning("outbox %s: disk full: %d acknowledged rows kept for now", self.path, len(seqs))
-            return
-        self.acked += len(seqs)
+        self.acked_held.update(seqs)
+        self._hold()
+
+    def held_since(self) -> float | None:
+        """Monotonic time the oldest write still held was held; None when none is."""
+        return self.held_at
+
+    def flush_held(self) -> bool:
+        """The held writes, now, in a transaction of their own; False if the disk is full
+        (they stay held, as if held now: a full disk is not tried again every turn)."""
+        if self.held_at is None:
+            return True
+        if self._write(lambda: True, "writing acknowledgements and kernel state") is None:
+            self.held_at = time.monotonic()
+            return False
+        return True
 
     def adopt(self, rows: list[tuple[int, int, float, bytes]], next_seq: int) -> None:
         """Store ``(seq, lane, time, body)`` rows numbered elsewhere (while the agent ran
@@ -450,22 +508,32 @@ class Outbox:
         return int(value)
 
     def save_state(self, values: Mapping[str, float]) -> bool:
-        """Keep the fusion kernel's counters (trip, energy, SoH) for the next start;
-        False if the disk is full (they are saved again later)."""
-        def put() -> bool:
-            self.db.executemany("INSERT OR REPLACE INTO kernel_state (key, value) VALUES (?, ?)", values.items())
-            return True
+        """Keep the fusion kernel's counters (trip, energy, SoH) for the next start, now;
+        False if the disk is full (they stay held, and are written later)."""
+        self.keep_state(values)
+        return self.flush_held()
 
-        return self._write(put, "saving the kernel state") is not None
+    def keep_state(self, values: Mapping[str, float]) -> None:
+        """The counters, written with the next transaction; nothing if the disk has them."""
+        state = dict(values)
+        if state == self.state_on_disk:
+            self.state_held = None
+            if not self.acked_held:
+                self.held_at = None
+            return
+        self.state_held = state
+        self._hold()
 
     def load_state(self) -> dict[str, float]:
         try:
-            return dict(self.db.execute("SELECT key, value FROM kernel_state").fetchall())
+            self.state_on_disk = dict(self.db.execute("SELECT key, value FROM kernel_state").fetchall())
+            return dict(self.state_on_disk)
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: cannot read the kernel state: {e}") from e
 
     def stats(self) -> dict[str, Any]:
-        return dict(stored_stats(self.db, self.path), in_flight=len(self.leased), moved_aside=self.moved_aside,
+        return dict(stored_stats(self.db, self.path, self.acked_held), in_flight=len(self.leased),
+                    acked_held=len(self.acked_held), moved_aside=self.moved_aside,
                     dropped=self.dropped, quota_bytes=self.quota_bytes, configured_quota_bytes=self.configured_quota,
                     disk_full=self.disk_full, disk_full_now=self.full, refused=self.refused,
                     ballast_bytes=_file_size(self.ballast))
@@ -594,25 +662,29 @@ def purge_victims(rows: Iterable[tuple[int, bytes | None]], leased: set[int],
             if seq not in leased and not (keep is not None and body is not None and keep(body))]
 
 
-def stored_stats(db: sqlite3.Connection, path: str) -> dict[str, Any]:
+def stored_stats(db: sqlite3.Connection, path: str, acked: Collection[int] = ()) -> dict[str, Any]:
     """What the file holds: depth per lane, bytes, oldest record (of each lane too), the
     first waiting, last committed and last acknowledged sequence numbers (also readable
-    while the agent runs, read-only)."""
+    while the agent runs, read-only). Rows in ``acked`` (acknowledged, their deletion
+    held) are not waiting and are left out."""
+    skip = json.dumps(sorted(acked))
+    waiting = "FROM records WHERE seq NOT IN (SELECT value FROM json_each(?))"
     try:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         depth = {name: 0 for name in LANES}
         oldest_by_lane: dict[str, float | None] = {name: None for name in LANES}
         names = {v: k for k, v in LANES.items()}
-        for lane, count, lane_oldest in db.execute("SELECT lane, count(*), min(t) FROM records GROUP BY lane"):
+        for lane, count, lane_oldest in db.execute(f"SELECT lane, count(*), min(t) {waiting} GROUP BY lane",
+                                                   (skip,)):
             depth[names.get(lane, str(lane))] = count
             oldest_by_lane[names.get(lane, str(lane))] = lane_oldest
         size, oldest, first = db.execute(
-            "SELECT coalesce(sum(length(body)), 0), min(t), min(seq) FROM records").fetchone()
+            f"SELECT coalesce(sum(length(body)), 0), min(t), min(seq) {waiting}", (skip,)).fetchone()
     except sqlite3.Error as e:
         raise StoreError(f"outbox {path}: stats failed: {e}") from e
     return {"depth": depth, "records": sum(depth.values()), "bytes": size, "oldest": oldest,
             "oldest_by_lane": oldest_by_lane, "first_seq": first,
-            "last_seq": meta["next_seq"] - 1, "last_acked": meta["last_acked"]}
+            "last_seq": meta["next_seq"] - 1, "last_acked": max(meta["last_acked"], max(acked, default=0))}
 
 
 def open_read_only(path: str, timeout: float = 2.0) -> sqlite3.Connection:

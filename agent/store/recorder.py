@@ -5,6 +5,13 @@ and wait in ``pending`` until a commit: every ``commit_interval``, or at once af
 alarm or a command result (``urgent``: those are never left in the group-commit window).
 The stage also saves the kernel's persistent counters (trip, energy, SoH) beside the
 records and restores them at start.
+
+Every commit is an fsync of a few pages on the unit's SD card, so the stage bounds them
+(README, "SD-card care"): the counters and the deletions of acknowledged rows ride along
+with the commits (``Outbox.keep_state``, ``Outbox.ack_later``), written on their own
+only when no records come within the interval; and once the kernel has said the vehicle
+is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, until
+it moves again. Alarms and command results are committed at once whatever the interval.
 """
 
 from __future__ import annotations
@@ -17,14 +24,30 @@ from typing import Any
 from agent import wire
 from agent.config import Config
 from agent.fusion.kernel import KernelApi
-from agent.fusion.spec import ALARM_NAMES, OUT_ALARM, OUT_CHANGE, OUT_SNAPSHOT, OUT_WINDOW, PERSISTENT, WIN_LIVE
+from agent.fusion.spec import (
+    ALARM_NAMES,
+    MOTION_STILL,
+    OUT_ALARM,
+    OUT_CHANGE,
+    OUT_SNAPSHOT,
+    OUT_WINDOW,
+    PERSISTENT,
+    WIN_LIVE,
+)
 from agent.store.memory import Storage
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE
 
 log = logging.getLogger(__name__)
 
-# How often the kernel's counters are saved; a power cut loses at most this much of them.
-STATE_SAVE_S = 10.0
+# How often the kernel's counters are handed to the outbox, which writes them with its
+# next commit if they changed; a power cut loses at most this much of them, plus a
+# commit interval.
+STATE_SAVE_S = 60.0
+# Parked: still (the kernel's stationary decision) this long, a commit every
+# PARKED_COMMIT_S (or commit_interval, if longer); the decision is asked every MOTION_CHECK_S.
+PARKED_AFTER_S = 60.0
+PARKED_COMMIT_S = 120.0
+MOTION_CHECK_S = 1.0
 # Alarm events a diagnostics bundle carries.
 RECENT_ALARMS = 50
 # Live windows and alarms kept in memory for ``ebike-agent plot --last``: the outbox
@@ -46,8 +69,9 @@ class Recorder:
         self.last_commit = time.monotonic()
         self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
         self.recent: collections.deque[tuple[int, float, bytes]] = collections.deque()
-        self.saved_state: list[float] = []
         self.state_saved = time.monotonic()
+        self.still_since: float | None = None
+        self.motion_checked = -MOTION_CHECK_S
         self._restore_state()
 
     def add(self, outputs: list[Any], now: float) -> None:
@@ -95,24 +119,45 @@ class Recorder:
         self.urgent = True
 
     def commit(self, force: bool = False) -> None:
-        """Pending records into the outbox when urgent, forced, or commit_interval has passed."""
+        """Pending records into the outbox when urgent, forced, or the interval has passed;
+        without records, the outbox's held writes once they are that old."""
         mono = time.monotonic()
-        if self.pending and (force or self.urgent or mono - self.last_commit >= self.cfg.outbox.commit_interval):
+        interval = self.interval(mono)
+        if self.pending and (force or self.urgent or mono - self.last_commit >= interval):
             self.records += len(self.outbox.append(self.pending))
             self.pending = []
             self.urgent = False
             self.last_commit = mono
+            return
+        held = self.outbox.held_since()
+        if held is not None and (force or mono - held >= interval):
+            self.outbox.flush_held()
+
+    def interval(self, mono: float) -> float:
+        """Seconds between commits now: ``commit_interval``, or while parked PARKED_COMMIT_S."""
+        if mono - self.motion_checked >= MOTION_CHECK_S:
+            self.motion_checked = mono
+            if self.kernel.motion(time.time(), self.cfg.commands.stationary_kmh)[0] != MOTION_STILL:
+                self.still_since = None
+            elif self.still_since is None:
+                self.still_since = mono
+        usual = self.cfg.outbox.commit_interval
+        if self.still_since is not None and mono - self.still_since >= PARKED_AFTER_S:
+            return max(usual, PARKED_COMMIT_S)
+        return usual
 
     def save_state_when_due(self) -> None:
-        if time.monotonic() - self.state_saved >= STATE_SAVE_S:
-            self.save_state()
+        """The counters to the outbox every STATE_SAVE_S: written with its next commit,
+        and only if they changed (a parked vehicle's mostly do not)."""
+        mono = time.monotonic()
+        if mono - self.state_saved >= STATE_SAVE_S:
+            self.state_saved = mono
+            self.outbox.keep_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
 
     def save_state(self) -> None:
-        """Only when something moved: a parked vehicle costs no fsync every STATE_SAVE_S."""
+        """The counters on disk now (at a stop)."""
         self.state_saved = time.monotonic()
-        values = list(self.kernel.persistent())
-        if values != self.saved_state and self.outbox.save_state(dict(zip(PERSISTENT, values, strict=True))):
-            self.saved_state = values
+        self.outbox.save_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
 
     def _restore_state(self) -> None:
         """Trip, energy counters and the measured SoH carry on across restarts."""
@@ -121,7 +166,6 @@ class Recorder:
             return
         try:
             self.kernel.restore([saved[name] for name in PERSISTENT])
-            self.saved_state = list(self.kernel.persistent())
         except (KeyError, ValueError) as e:
             log.warning("kernel state in %s not restored, counting from zero: %s", self.cfg.outbox.path, e)
             return
