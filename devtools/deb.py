@@ -28,6 +28,8 @@ VENV = "/opt/ebike-agent/venv"
 # input on the unit; not the developers' tools, nor matplotlib (plots are drawn on a laptop
 # from a diag bundle).
 EXTRAS = "can,gpio"
+# What the package is made of: a change elsewhere (tests, devtools) does not make it stale.
+PACKAGED = ("agent/", "firmware_sim/", "packaging/", "docs/", "setup.py", "pyproject.toml", "README.md")
 FILES = {
     "ebike-agent.service": "lib/systemd/system/ebike-agent.service",
     "ebike-agent-provision.service": "lib/systemd/system/ebike-agent-provision.service",
@@ -127,7 +129,7 @@ def package(arch: str, version: str = __version__) -> Path:
     else built now (one builder at a time: make and the tests' workers share dist/)."""
     deb = DIST / f"ebike-agent_{version}_{arch}.deb"
     with debroot.locked(debroot.WORK / f".build-{arch}.lock"):
-        newest = max((REPO / p).stat().st_mtime for p in sources())
+        newest = max((REPO / p).stat().st_mtime for p in sources() if p.startswith(PACKAGED))
         if deb.exists() and deb.stat().st_mtime > newest:
             return deb
         return build(arch, version)
