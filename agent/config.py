@@ -19,7 +19,7 @@ import tomli_w
 
 from agent.commands.keys import load_public_key
 from agent.errors import ConfigError
-from agent.fusion.spec import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_WINDOW
+from agent.fusion.spec import ABOVE, ALARMS, PARAMS, REPORT_CHANGE, REPORT_RAW, REPORT_WINDOW
 from agent.power import gpiod_problem
 from agent.protocols import UART_PROTOCOLS
 from agent.signals import BY_NAME
@@ -144,7 +144,11 @@ class UpdateConfig:
 
 # An alarm row as the kernel takes it (see ALARMS in agent/fusion/spec.py).
 AlarmRow = tuple[int, str, int, int, int, float, float, float, float, int, str]
-REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE}
+REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE,
+                "raw": REPORT_RAW}
+# Keys of [reporting] that are not signal names (every catalogue name starts "Vehicle.").
+REPORTING_KEYS = ("raw_sources", "raw_block_s")
+RAW_BLOCK_S = 200.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,10 @@ class Config:
     fusion: tuple[float, ...] = tuple(p[1] for p in PARAMS)
     alarms: tuple[AlarmRow, ...] = ALARMS
     reporting: tuple[tuple[int, int, float], ...] = ()
+    # [reporting] raw_sources: the indices of the sources whose signals are all sent raw;
+    # raw_block_s: the span one raw record covers (its samples wait in memory meanwhile).
+    raw_sources: tuple[int, ...] = ()
+    raw_block_s: float = RAW_BLOCK_S
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     power: PowerConfig = field(default_factory=PowerConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -311,6 +319,8 @@ _ALARM_KEYS = ("enabled", "level", "threshold", "clear", "delay", "clear_delay")
 _REPORTING: Schema = (
     ("mode", str, REQUIRED, _one_of(tuple(REPORT_MODES))),
     ("deadband", float, 0.0, _non_negative),
+    # Every sample too, beside the windows or changes (mode "raw" is every sample alone).
+    ("raw", bool, False, None),
 )
 _COMMANDS: Schema = (
     # Key id -> PEM file of a fleet public key (Ed25519); several, so keys can rotate.
@@ -363,15 +373,45 @@ def _alarms(path: str, raw: Any) -> tuple[AlarmRow, ...]:
 
 
 def _reporting(path: str, raw: Any) -> tuple[tuple[int, int, float], ...]:
+    """(signal id, policy bits, deadband) of each ``"<signal>" = {mode, deadband, raw}``."""
     if not isinstance(raw, dict):
-        raise ConfigError(path, "reporting", 'must be a table of "<signal name>" = {mode, deadband} tables')
+        raise ConfigError(path, "reporting", 'must be a table of "<signal name>" = {mode, deadband, raw} tables')
     out = []
     for name, table in raw.items():
+        if name in REPORTING_KEYS:
+            continue
         if name not in BY_NAME:
             raise ConfigError(path, f"reporting.{name}", "unknown signal (ebike-agent signals lists them)")
         got = _table(path, f"reporting.{name}", table, _REPORTING)
-        out.append((BY_NAME[name].id, REPORT_MODES[got["mode"]], got["deadband"]))
+        out.append((BY_NAME[name].id, REPORT_MODES[got["mode"]] | (REPORT_RAW if got["raw"] else 0),
+                    got["deadband"]))
     return tuple(out)
+
+
+def policy_table(mode: int, deadband: float) -> dict[str, Any]:
+    """The ``{mode, deadband, raw}`` table of policy bits ``mode`` (what _reporting reads)."""
+    base = mode & ~REPORT_RAW
+    if not base:
+        return {"mode": "raw", "deadband": deadband, "raw": False}
+    name = next(n for n, bits in REPORT_MODES.items() if bits == base)
+    return {"mode": name, "deadband": deadband, "raw": bool(mode & REPORT_RAW)}
+
+
+def _raw_lane(path: str, raw: Any, sources: tuple[SourceConfig, ...]) -> tuple[tuple[int, ...], float]:
+    """[reporting] raw_sources (names of [[sources]], as their indices) and raw_block_s."""
+    if not isinstance(raw, dict):
+        return (), RAW_BLOCK_S  # _reporting has said why
+    names = raw.get("raw_sources", [])
+    by_name = {s.name: i for i, s in enumerate(sources)}
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(path, "reporting.raw_sources", "must be a list of source names")
+    for n in names:
+        if n not in by_name:
+            raise ConfigError(path, "reporting.raw_sources", f"no source named {n!r} (known: {', '.join(by_name)})")
+    block = raw.get("raw_block_s", RAW_BLOCK_S)
+    if isinstance(block, bool) or not isinstance(block, (int, float)) or not 1.0 <= block <= 3600.0:
+        raise ConfigError(path, "reporting.raw_block_s", "must be a number of seconds from 1 to 3600")
+    return tuple(sorted({by_name[n] for n in names})), float(block)
 
 
 def _commands(path: str, raw: Any) -> CommandsConfig:
@@ -480,6 +520,7 @@ def parse(path: str, data: dict[str, Any]) -> Config:
     control = data.get("control_socket", "/run/ebike-agent/control.sock")
     if not isinstance(control, str) or not control:
         raise ConfigError(path, "control_socket", "must be a non-empty path")
+    raw_sources, raw_block_s = _raw_lane(path, data.get("reporting", {}), tuple(sources))
     return Config(
         path=path,
         device_id=device_id,
@@ -491,6 +532,8 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         fusion=fusion,
         alarms=_alarms(path, data.get("alarms", {})),
         reporting=_reporting(path, data.get("reporting", {})),
+        raw_sources=raw_sources,
+        raw_block_s=raw_block_s,
         commands=_commands(path, data.get("commands", {})),
         power=_power(path, data.get("power", {})),
         update=UpdateConfig(**_table(path, "update", data.get("update", {}), _UPDATE)),

@@ -232,6 +232,8 @@ def make_kernel(cfg: Config, dbc: CompiledDbc | None) -> Any:
     kernel.set_alarms(cfg.alarms)
     for sid, mode, deadband in cfg.reporting:
         kernel.set_policy(sid, mode, deadband)
+    for source in cfg.raw_sources:
+        kernel.set_source_raw(source, True)
     if dbc is not None:
         kernel.set_can_tables(*dbc.kernel_tables())
     return kernel

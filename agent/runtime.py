@@ -86,7 +86,7 @@ class Runtime:
                               gap_body=lambda runs, why: wire.gap_record(runs, why, time.time()))
         self.storage_failed = bool(self.outbox.failed)
         self.kernel.set_condition(A_STORAGE_FAILED, float(self.storage_failed))
-        self.recorder = Recorder(cfg, self.kernel, self.outbox)
+        self.recorder = Recorder(cfg, self.kernel, self.outbox, self.dbc.decimals() if self.dbc else None)
         self._report_rollback()
         self.uplink = Uplink(cfg.device_id, cfg.broker, cfg.topic_prefix,
                              birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled,
@@ -251,6 +251,7 @@ class Runtime:
         self.notifier.stopping(f"stopping: committing {len(self.recorder.pending)} pending records")
         now = time.time()
         self.recorder.add(self.kernel.flush(), now)
+        self.recorder.flush_raw()
         self.recorder.commit(force=True)
         self.recorder.save_state()
         self.pump.drain(max(0.0, deadline - STATE_RESERVE - time.monotonic()))
@@ -293,6 +294,7 @@ class Runtime:
             "motion": motion.to_json(self.actions.motion, still_s),
             "outbox": outbox, "uplink": dict(self.uplink.status(), **diag.drain(outbox["records"])),
             "clock": diag.clock(), "commands": self.commands.status(still_s),
+            "raw": self.recorder.raw_status(),
         }
 
     def _active_alarms(self) -> list[dict[str, Any]]:

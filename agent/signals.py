@@ -16,8 +16,10 @@ up to 1000 C); a DBC narrows them for its own frames with its signal minimum and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
+
+from agent.fusion.spec import DERIVED_DECIMALS
 
 
 class Signal(NamedTuple):
@@ -148,3 +150,27 @@ def limits(id_space: int, narrow: dict[int, tuple[float, float]] | None = None
             name = BY_ID[sid].name if sid in BY_ID else f"signal {sid}"
             raise ValueError(f"{name}: the range [{a:g}, {b:g}] given is outside the physical one")
     return lo, hi, rate
+
+
+# Decimals of a signal that is neither a CAN signal nor a derived one, by its unit: as
+# fine as the sensors behind the catalogue's decoders report (a JBD cell is 1 mV, NMEA
+# latitude 1e-4 minute, about 1.7e-6 deg).
+UNIT_DECIMALS = {"km/h": 2, "km": 3, "deg": 7, "m": 1, "V": 3, "A": 2, "W": 1, "%": 1, "C": 1, "Ah": 2,
+                 "ratio": 2, "rpm": 0}
+# Heading is in degrees but no finer than 0.01.
+_OWN_DECIMALS = {6: 2}
+_DERIVED = dict(DERIVED_DECIMALS)
+
+
+def raw_decimals(sid: int, can: Mapping[int, int] | None = None) -> int:
+    """The decimals a signal's raw samples are sent with (agent/wire.py ``raw_record``):
+    its DBC's (``can``, see CompiledDbc.decimals), a derived signal's DERIVED_DECIMALS,
+    else its unit's; a device-local signal without a DBC grid, 3."""
+    if can and sid in can:
+        return can[sid]
+    if sid in _DERIVED:
+        return _DERIVED[sid]
+    if sid in _OWN_DECIMALS:
+        return _OWN_DECIMALS[sid]
+    sig = BY_ID.get(sid)
+    return UNIT_DECIMALS.get(sig.unit, 0) if sig is not None else 3

@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import lzma
 import math
 import struct
 import zlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import cbor2
@@ -71,6 +73,7 @@ KIND_ALARM = "alm"
 KIND_SNAPSHOT = "snap"
 KIND_RESULT = "res"
 KIND_UPDATE = "upd"
+KIND_RAW = "raw"
 # Samples per snapshot record: a 15 s capture of a busy bus is split into records that
 # each fit a batch with room to spare.
 SNAPSHOT_PART_SAMPLES = 4000
@@ -396,9 +399,14 @@ def _check_update(rec: dict[str, Any]) -> None:
         raise DecodeError("update record needs unsigned t and text failed, running and why")
 
 
+def _check_raw(rec: dict[str, Any]) -> None:
+    """The whole record decoded: its series are opaque until then."""
+    raw_samples(rec)
+
+
 def _check_record(rec: dict[str, Any]) -> None:
     checks = {KIND_CHANGE: _check_change, KIND_ALARM: _check_alarm, KIND_SNAPSHOT: _check_snapshot,
-              KIND_RESULT: _check_result, KIND_UPDATE: _check_update}
+              KIND_RESULT: _check_result, KIND_UPDATE: _check_update, KIND_RAW: _check_raw}
     check = checks.get(str(rec.get("k")))
     if check is not None:
         check(rec)
@@ -436,3 +444,231 @@ def _window_row_ok(row: Any) -> bool:
             and 0 <= sid <= _UINT64 and 1 <= count <= _UINT64 and MIN_EXPONENT <= e <= MAX_EXPONENT
             and -(2**63) <= lo < 2**63 and 0 <= dlast <= dmax < 2**63 and 0 <= dsum <= count * dmax
             and dsum < 2**63)
+
+
+# The raw lane ------------------------------------------------------------------------
+# Raw records: every sample of a signal, lossless at its resolution, with its
+# time to the millisecond (docs/wire.cddl ``raw-record``; README "Reporting").
+#
+# A record holds a span of samples, grouped per signal (columnar). Each series keeps its
+# values as whole steps of its resolution (10^e) and its times as ms; both columns are
+# varints of zigzag integers: times as the first offset, the first interval, then the
+# change of interval (delta-of-delta), values as the first step count, then the change
+# from the previous sample divided by the series' common step ``g`` (the GCD of its
+# changes). In both, a run of zeros (a value held, a regular period) is one varint: most
+# samples of a vehicle repeat their predecessor or change by it by a constant. The CBOR of
+# the series is then deflated or LZMA-compressed, whichever is smaller (``z``): LZMA's
+# context modelling is what brings a 10 Hz commute to about 0.14 B per sample, deflate
+# gets about 0.16.
+#
+# Resolution (agent/signals.py raw_decimals): a CAN signal's from its DBC factor and
+# offset, a derived signal's agent/fusion/spec.py DERIVED_DECIMALS, any other its unit's.
+# A sample is sent as ``round(value / 10^e)`` steps and comes back as that many steps
+# times 10^e (the double nearest it), so a reading decoded at its resolution comes back
+# bit for bit, and one computed finer comes back rounded to it.
+
+CODEC_DEFLATE = "deflate"
+CODEC_LZMA = "lzma"
+# Step counts stay below 2^53: the double k x 10^e is then the nearest to the reading.
+_RAW_STEP_LIMIT = 2**53
+# Samples one record may hold: the encoder starts another record beyond RAW_RECORD_SAMPLES,
+# the decoder refuses more than MAX_RAW_SAMPLES (a run of zeros is one varint, so
+# a hostile record could otherwise claim billions of samples in a few bytes).
+RAW_RECORD_SAMPLES = 1 << 20
+MAX_RAW_SAMPLES = 1 << 21
+# The decompressed series may take at most this (as wire.MAX_INFLATED for a batch).
+MAX_RAW_COLUMNS = 64 * 1024 * 1024
+# LZMA with a dictionary no larger than a record: about 10 MB of memory to compress,
+# 1 MB to decompress (the presets' 64 MB dictionary would take 670 MB on the device).
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
+
+
+def _zigzag(x: int) -> int:
+    return x << 1 if x >= 0 else ((-x) << 1) - 1
+
+
+def _unzigzag(v: int) -> int:
+    return v >> 1 if not v & 1 else -((v + 1) >> 1)
+
+
+def _varint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _runs(out: bytearray, xs: list[int]) -> None:
+    """``xs`` as varints, a run of n zeros as 2(n - 1), any other x as 2 zigzag(x) - 1."""
+    i, n = 0, len(xs)
+    while i < n:
+        if xs[i] == 0:
+            j = i + 1
+            while j < n and xs[j] == 0:
+                j += 1
+            _varint(out, 2 * (j - i - 1))
+            i = j
+        else:
+            _varint(out, 2 * _zigzag(xs[i]) - 1)
+            i += 1
+
+
+class _Reader:
+    """Varints out of one column, each checked against the column's end."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def varint(self) -> int:
+        v = shift = 0
+        while True:
+            if self.pos >= len(self.data) or shift > 63:
+                raise DecodeError(f"raw {self.what} column ends inside a varint or has one over 64 bits")
+            b = self.data[self.pos]
+            self.pos += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                return v
+            shift += 7
+
+    def signed(self) -> int:
+        return _unzigzag(self.varint())
+
+    def runs(self, n: int) -> list[int]:
+        """``n`` integers written by ``_runs``."""
+        out: list[int] = []
+        while len(out) < n:
+            v = self.varint()
+            if v & 1:
+                out.append(_unzigzag((v + 1) >> 1))
+            elif len(out) + v // 2 + 1 > n:
+                raise DecodeError(f"raw {self.what} column runs past its sample count")
+            else:
+                out.extend([0] * (v // 2 + 1))
+        return out
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise DecodeError(f"raw {self.what} column has {len(self.data) - self.pos} trailing bytes")
+
+
+def _raw_series(sid: int, dec: int, base: int, times: list[int], steps: list[int]) -> list[Any]:
+    """``[sig, e, g, n, times, values]`` of one signal's samples (ms, whole steps)."""
+    tcol, vcol = bytearray(), bytearray()
+    _varint(tcol, _zigzag(times[0] - base))
+    if len(times) > 1:
+        _varint(tcol, _zigzag(times[1] - times[0]))
+        _runs(tcol, [times[i + 1] - 2 * times[i] + times[i - 1] for i in range(1, len(times) - 1)])
+    deltas = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    g = 0
+    for d in deltas:
+        g = math.gcd(g, d)
+    g = g or 1
+    _varint(vcol, _zigzag(steps[0]))
+    _runs(vcol, [d // g for d in deltas])
+    return [sid, -dec, g, len(times), bytes(tcol), bytes(vcol)]
+
+
+def _raw_compress(columns: bytes) -> tuple[str, bytes]:
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = z.compress(columns) + z.flush()
+    packed = lzma.compress(columns, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    return (CODEC_LZMA, packed) if len(packed) < len(deflated) else (CODEC_DEFLATE, deflated)
+
+
+def raw_record(start: float, end: float, samples: Iterable[tuple[int, float, float]],
+                  decimals: Mapping[int, int], lost: int = 0) -> tuple[bytes, int]:
+    """Body of a raw record of the span ``start``..``end`` (s) from ``(signal id, time,
+    value)`` samples in any order (series keep the order given), each signal at
+    ``decimals[sid]``; ``lost``: samples the kernel's ring overwrote before they were read.
+    Returns the body and how many samples were left out as not finite or beyond 2^53
+    steps (the kernel believes neither, so this is 0 unless the caller mixed others in);
+    the body says that count too (``skip``)."""
+    base = round(start * 1000)
+    per: dict[int, tuple[list[int], list[int]]] = {}
+    skipped = 0
+    for sid, t, value in samples:
+        scale = 10.0 ** decimals[sid]
+        k = value * scale
+        if not abs(k) < _RAW_STEP_LIMIT:  # NaN too
+            skipped += 1
+            continue
+        col = per.setdefault(sid, ([], []))
+        col[0].append(round(t * 1000))
+        col[1].append(round(k))
+    series = [_raw_series(sid, decimals[sid], base, ts, ks) for sid, (ts, ks) in sorted(per.items())]
+    codec, packed = _raw_compress(cbor2.dumps(series))
+    body: dict[str, Any] = {"k": KIND_RAW, "t": base, "d": max(0, round(end * 1000) - base), "z": codec, "b": packed}
+    if lost:
+        body["lost"] = lost
+    if skipped:
+        body["skip"] = skipped
+    return cbor2.dumps(body), skipped
+
+
+def raw_columns(rec: Mapping[str, Any]) -> bytes:
+    """The decompressed CBOR of a raw record's series (``raw-columns`` in the CDDL)."""
+    data, codec = rec.get("b"), rec.get("z")
+    if not isinstance(data, bytes):
+        raise DecodeError("raw record needs its compressed series as a byte string b")
+    try:
+        if codec == CODEC_DEFLATE:
+            d = zlib.decompressobj(-15)
+            out = d.decompress(data, MAX_RAW_COLUMNS)
+            whole = d.eof and not d.unconsumed_tail and not d.unused_data
+        elif codec == CODEC_LZMA:
+            lz = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+            out = lz.decompress(data, MAX_RAW_COLUMNS)
+            whole = lz.eof and not lz.unused_data
+        else:
+            raise DecodeError(f"raw record compression z must be {CODEC_DEFLATE!r} or {CODEC_LZMA!r}")
+    except (zlib.error, lzma.LZMAError) as e:
+        raise DecodeError(f"raw record's series do not decompress: {e}") from e
+    if not whole:
+        raise DecodeError(f"raw record's series are cut short, have trailing bytes or exceed {MAX_RAW_COLUMNS} bytes")
+    return bytes(out)
+
+
+def raw_samples(rec: Mapping[str, Any]) -> list[tuple[int, int, float]]:
+    """Every sample of a raw record as ``(signal id, ms since the epoch, value)``, series
+    after series; anything off the CDDL is a DecodeError."""
+    if not (_uint(rec.get("t")) and _uint(rec.get("d")) and _uint(rec.get("lost", 0)) and _uint(rec.get("skip", 0))):
+        raise DecodeError("raw record needs unsigned t and d (and lost, skip if present)")
+    try:
+        series = cbor2.loads(raw_columns(rec))
+    except (cbor2.CBORDecodeError, ValueError, EOFError, RecursionError) as e:
+        raise DecodeError(f"raw record's series are not CBOR: {e}") from e
+    if not isinstance(series, list):
+        raise DecodeError("raw record's series must be an array")
+    out: list[tuple[int, int, float]] = []
+    for s in series:
+        if (not isinstance(s, list) or len(s) != 6 or not _uint(s[0]) or type(s[1]) is not int
+                or not MIN_EXPONENT <= s[1] <= MAX_EXPONENT or not _uint(s[2]) or s[2] < 1
+                or not _uint(s[3]) or s[3] < 1 or not isinstance(s[4], bytes) or not isinstance(s[5], bytes)):
+            raise DecodeError("raw series must be [sig, e (-9..9), g >= 1, n >= 1, times, values]")
+        sid, exp, g, n, tcol, vcol = s
+        if len(out) + n > MAX_RAW_SAMPLES:
+            raise DecodeError(f"raw record holds more than {MAX_RAW_SAMPLES} samples")
+        tr, vr = _Reader(tcol, "time"), _Reader(vcol, "value")
+        t = rec["t"] + tr.signed()
+        times = [t]
+        if n > 1:
+            dt = tr.signed()
+            times.append(t + dt)
+            for dod in tr.runs(n - 2):
+                dt += dod
+                times.append(times[-1] + dt)
+        k = vr.signed()
+        steps = [k]
+        for d in vr.runs(n - 1):
+            k += d * g
+            steps.append(k)
+        tr.done()
+        vr.done()
+        if any(not 0 <= x < 2**64 for x in (times[0], times[-1])) or any(abs(x) >= _RAW_STEP_LIMIT for x in steps):
+            raise DecodeError("raw series has a time before the epoch or a value beyond 2^53 steps")
+        div, mul = (10.0 ** -exp, 1.0) if exp < 0 else (1.0, 10.0 ** exp)
+        out.extend((sid, ms, x / div * mul) for ms, x in zip(times, steps, strict=True))
+    return out

@@ -56,7 +56,6 @@ def effective(cfg: config.Config) -> dict[str, Any]:
         _code, name, level, _sid, _dir, thr, clr, on, off, _scale, _why = active.get(row[1], row)
         alarms[name] = {"enabled": name in active, "level": level, "threshold": thr, "clear": clr, "delay": on,
                         "clear_delay": off}
-    modes = {mode: name for name, mode in config.REPORT_MODES.items()}
     commands = {k: v for k, v in asdict(cfg.commands).items() if k not in ("keys", "ack_keys")}
     return {
         "device_id": cfg.device_id, "control_socket": cfg.control_socket,
@@ -64,8 +63,9 @@ def effective(cfg: config.Config) -> dict[str, Any]:
         "broker": broker, "outbox": asdict(cfg.outbox), "windows": asdict(cfg.windows),
         "fusion": {name: value for (name, *_rest), value in zip(PARAMS, cfg.fusion, strict=True)},
         "alarms": alarms,
-        "reporting": {BY_ID[sid].name: {"mode": modes[mode], "deadband": deadband}
-                      for sid, mode, deadband in cfg.reporting},
+        "reporting": dict({BY_ID[sid].name: config.policy_table(mode, deadband)
+                           for sid, mode, deadband in cfg.reporting},
+                          raw_sources=[cfg.sources[i].name for i in cfg.raw_sources], raw_block_s=cfg.raw_block_s),
         "commands": dict(commands, revoked=list(cfg.commands.revoked), keys=_fingerprints(cfg.commands.keys),
                          ack_keys=_fingerprints(cfg.commands.ack_keys)),
         "power": asdict(cfg.power), "update": asdict(cfg.update),

@@ -22,7 +22,7 @@ from agent.config import REPORT_MODES, Config
 from agent.errors import ConfigError, SourceError
 from agent.fusion import motion
 from agent.fusion.kernel import KernelApi
-from agent.fusion.spec import MOTION_STILL
+from agent.fusion.spec import MOTION_STILL, REPORT_RAW
 from agent.protocols import bafang, jbd, kt
 from agent.signals import BY_NAME
 from agent.sources.base import Source
@@ -173,14 +173,22 @@ class VehicleActions:
 
     def _set_reporting(self, cmd: Command, now: float) -> Outcome:
         """Kept in the configuration file first (so it survives a restart), then applied."""
-        signals: dict[str, dict[str, Any]] = cmd.args["signals"]
+        signals: dict[str, dict[str, Any]] = cmd.args.get("signals", {})
+        patch: dict[str, Any] = dict(signals)
+        if "raw_sources" in cmd.args:
+            patch["raw_sources"] = cmd.args["raw_sources"]
         try:
-            config_file.install_config(self.cfg.path, self._patched({"reporting": signals}))
+            config_file.install_config(self.cfg.path, self._patched({"reporting": patch}))
         except ConfigError as e:
             return Outcome("failed", str(e))
         for name, policy in signals.items():
-            self.kernel.set_policy(BY_NAME[name].id, REPORT_MODES[policy["mode"]], policy["deadband"])
-        return Outcome("executed", f"{len(signals)} signals")
+            mode = REPORT_MODES[policy["mode"]] | (REPORT_RAW if policy.get("raw") else 0)
+            self.kernel.set_policy(BY_NAME[name].id, mode, policy["deadband"])
+        if "raw_sources" in cmd.args:
+            for i, src in enumerate(self.cfg.sources):
+                self.kernel.set_source_raw(i, src.name in cmd.args["raw_sources"])
+        return Outcome("executed", f"{len(signals)} signals" + (
+            f", raw sources {', '.join(cmd.args['raw_sources']) or 'none'}" if "raw_sources" in cmd.args else ""))
 
     def _snapshot(self, cmd: Command, now: float) -> Outcome:
         out = self.kernel.snapshot(now)

@@ -72,25 +72,44 @@ def _set_speed_limit(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _set_reporting(args: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"signals": {"<signal>": {"mode": ..., "deadband": ...}}}``: the [reporting]
-    table of the configuration, for some signals."""
-    _only(args, "signals")
-    signals = args.get("signals")
+    """``{"signals": {"<signal>": {"mode": ..., "deadband": ..., "raw": ...}}, "raw_sources":
+    [...]}``: the [reporting] table of the configuration, for some signals and/or the
+    sources sent raw (the names are checked against the configuration when it runs)."""
+    _only(args, "signals", "raw_sources")
+    if "signals" not in args and "raw_sources" not in args:
+        raise ValueError("set_reporting needs signals, raw_sources or both")
+    out: dict[str, Any] = {}
+    if "signals" in args:
+        out["signals"] = _signal_policies(args["signals"])
+    if "raw_sources" in args:
+        names = args["raw_sources"]
+        if (not isinstance(names, list) or len(names) > MAX_REPORTING
+                or not all(isinstance(n, str) and 0 < len(n) <= 64 for n in names)):
+            raise ValueError(f"raw_sources must be a list of at most {MAX_REPORTING} source names")
+        out["raw_sources"] = list(names)
+    return out
+
+
+def _signal_policies(signals: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(signals, Mapping) or not 0 < len(signals) <= MAX_REPORTING:
         raise ValueError(f"signals must be a map of 1 to {MAX_REPORTING} signals")
     out = {}
     for name, policy in signals.items():
         if name not in BY_NAME:
             raise ValueError(f"unknown signal {name!r}")
-        if not isinstance(policy, Mapping) or set(policy) - {"mode", "deadband"} or "mode" not in policy:
-            raise ValueError(f"{name}: a policy is {{mode, deadband}}")
+        if not isinstance(policy, Mapping) or set(policy) - {"mode", "deadband", "raw"} or "mode" not in policy:
+            raise ValueError(f"{name}: a policy is {{mode, deadband, raw}}")
         if policy["mode"] not in REPORT_MODES:
             raise ValueError(f"{name}: mode must be one of {', '.join(REPORT_MODES)}")
         deadband = policy.get("deadband", 0.0)
         if not _number(deadband) or deadband < 0:
             raise ValueError(f"{name}: deadband must be a number >= 0")
         out[name] = {"mode": policy["mode"], "deadband": float(deadband)}
-    return {"signals": out}
+        if "raw" in policy:
+            if not isinstance(policy["raw"], bool):
+                raise ValueError(f"{name}: raw must be true or false")
+            out[name]["raw"] = policy["raw"]
+    return out
 
 
 def _set_config(args: Mapping[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,14 @@ class CompiledDbc:
         """Size of per-signal arrays able to hold every id this DBC produces."""
         return max(ID_SPACE, LOCAL_ID_BASE + len(self.local_names))
 
+    def decimals(self) -> dict[int, int]:
+        """Decimals each signal id's raw samples are sent with: the finest grid of its rows'
+        factor and offset (agent/raw.py)."""
+        out: dict[int, int] = {}
+        for sid, factor, offset in zip(self.sig_id, self.sig_factor, self.sig_offset, strict=True):
+            out[sid] = max(out.get(sid, 0), decimals_of(factor, offset))
+        return out
+
     def kernel_tables(self) -> tuple[Any, ...]:
         """The arguments ``Kernel.set_can_tables`` takes, in its order."""
         return (
@@ -112,6 +120,20 @@ class CompiledDbc:
         out.local_names = {int(k): str(v) for k, v in data["local_names"]}
         out.local_ids = {v: k for k, v in out.local_names.items()}
         return out
+
+
+# The finest grid a raw sample is sent on (agent/wire.py raw_record): 1e-9.
+_MAX_DECIMALS = 9
+
+
+def decimals_of(factor: float, offset: float = 0.0) -> int:
+    """Decimals of a DBC signal's grid ``offset + raw x factor``: the fewest (0-9) that
+    write both exactly (0.5 -> 1, 0.0625 -> 4); 9 if none do."""
+    for d in range(_MAX_DECIMALS + 1):
+        scale = 10.0 ** d
+        if all(abs(x * scale - round(x * scale)) <= 1e-9 * max(1.0, abs(x * scale)) for x in (factor, offset)):
+            return d
+    return _MAX_DECIMALS
 
 
 def frame_key(can_id: int, extended: bool) -> int:

@@ -128,9 +128,16 @@ class Kernel:
     def set_policy(self, sid, mode, deadband):
         """How signal ``sid`` is reported live: ``REPORT_WINDOW`` (a row in every live
         window it was sampled in), ``REPORT_CHANGE`` (a change record as soon as it moves
-        more than ``deadband`` from the last one reported) or both; history windows
+        more than ``deadband`` from the last one reported), ``REPORT_RAW`` (every sample,
+        as OUT_RAW at each live window's close), or any sum of them; history windows
         always carry every signal."""
         self.st.set_policy(sid, mode, deadband)
+
+    def set_source_raw(self, source, on):
+        """Every sample of the signals last heard from source ``source`` goes raw (OUT_RAW)
+        while ``on``, whatever their own policy; a signal two sources report follows the
+        one it was last heard from."""
+        self.st.set_source_raw(source, on)
 
     def set_can_tables(self, msg_index, msg_len, msg_first, msg_count, big_endian, shift,
                        length, signed, factor, offset, sig_id, no_value, mux_row, mux_value, row_min, row_max):

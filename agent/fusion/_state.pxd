@@ -4,6 +4,7 @@ import cython
 from agent.fusion._tables cimport Tables
 
 cdef int OUT_CHANGE, OUT_WINDOW, WIN_LIVE, WIN_HISTORY, REPORT_WINDOW, REPORT_CHANGE, SRC_FUSION, MAX_SOURCES
+cdef int OUT_RAW, REPORT_RAW, REPORT_ALL
 cdef int REFUSED_RANGE, REFUSED_RATE, P_RATE_MIN, P_RATE_SCALE, P_STALE_MIN, P_STALE_PERIODS
 cdef unsigned long long _M8, _M16, _M32
 cdef double _QUANTISE_LIMIT, INF
@@ -62,6 +63,10 @@ cdef class State:
     cdef int[::1] ref_count
     cdef long long[::1] src_refused
     cdef long long refused
+    # The raw lane (_drain_raw): off the decode loop's path, after it.
+    cdef int n_raw
+    cdef long long raw_tail
+    cdef signed char[::1] src_raw
 
     cdef bint due(self, double t) noexcept
 
@@ -102,6 +107,8 @@ cdef class State:
     @cython.locals(n=int, k=int, v=double)
     cdef int extremes(self, int first, int count, double t) noexcept
 
+    cdef int _count_raw(self, int was, int now) except -1
+
     @cython.locals(k=int)
     cdef int open_windows(self, double t) except -1
 
@@ -116,6 +123,10 @@ cdef class State:
 
     @cython.locals(c=int, base=Py_ssize_t, j=int, i=int, sid=int, n=int, rows=list)
     cdef int _close(self, int k, long long next_index) except -1
+
+    @cython.locals(size=cython.longlong, tail=cython.longlong, lost=cython.longlong, r=Py_ssize_t, sid=int, src=int,
+                   ids=list, times=list, values=list)
+    cdef int _drain_raw(self, int k) except -1
 
     @cython.locals(h=Py_ssize_t)
     cdef void _merge(self, int sid) noexcept

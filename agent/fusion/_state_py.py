@@ -15,6 +15,7 @@ from agent.fusion.spec import (
     INF,
     MAX_SOURCES,
     OUT_CHANGE,
+    OUT_RAW,
     OUT_WINDOW,
     P_RATE_MIN,
     P_RATE_SCALE,
@@ -22,7 +23,9 @@ from agent.fusion.spec import (
     P_STALE_PERIODS,
     REFUSED_RANGE,
     REFUSED_RATE,
+    REPORT_ALL,
     REPORT_CHANGE,
+    REPORT_RAW,
     REPORT_WINDOW,
     SRC_FUSION,
     WIN_HISTORY,
@@ -115,6 +118,11 @@ class State:
         self.r_t = _zeros("d", ring)
         self.r_v = _zeros("d", ring)
         self.r_head = 0
+        # The raw lane: how many signals are reported raw, and the ring position up to
+        # which their samples were handed over (_drain_raw).
+        self.n_raw = 0
+        self.raw_tail = 0
+        self.src_raw = _zeros("b", MAX_SOURCES)
         self.frames = 0
         self.samples = 0
         self.unknown = 0
@@ -335,11 +343,29 @@ class State:
         """See ``Kernel.set_policy``."""
         if sid < 0 or sid >= self.id_space:
             raise ValueError("signal id out of the kernel's id space")
-        if mode < 1 or mode > 3 or deadband < 0.0:
-            raise ValueError("mode must be 1-3 and the deadband >= 0")
+        if mode < 1 or mode > REPORT_ALL or deadband < 0.0:
+            raise ValueError("mode must be 1-%d and the deadband >= 0" % REPORT_ALL)
+        self._count_raw(self.policy[sid] & REPORT_RAW, mode & REPORT_RAW)
         self.policy[sid] = mode
         self.deadband[sid] = deadband
         self.reported[sid] = 0
+
+    def set_source_raw(self, source, on):
+        """See ``Kernel.set_source_raw``."""
+        _check_source(source)
+        self._count_raw(self.src_raw[source], on)
+        self.src_raw[source] = 1 if on else 0
+
+    def _count_raw(self, was, now):
+        """One more or one fewer signal or source reported raw; the first one starts the
+        raw lane at the ring's head, not in its past."""
+        if now and not was:
+            if self.n_raw == 0:
+                self.raw_tail = self.r_head
+            self.n_raw += 1
+        elif was and not now:
+            self.n_raw -= 1
+        return 0
 
     def open_windows(self, t):
         """The windows around the first sample's time ``t`` are the open ones."""
@@ -392,7 +418,37 @@ class State:
             self.n_touched[k] = 0
             if len(rows) > 0:
                 self.closed.append((OUT_WINDOW, k, self.win_index[k] * self.win_len[k], self.win_len[k], rows))
+        self._drain_raw(k)
         self.win_index[k] = next_index
+
+    def _drain_raw(self, k):
+        """At a live window's close (``k``), the raw signals' samples the ring took since
+        the last drain, as one OUT_RAW (see agent/fusion/spec.py), with the count of
+        samples overwritten unread if the ring went round meanwhile."""
+        if k != WIN_LIVE or self.n_raw == 0:
+            return 0
+        size = self.ring_mask + 1
+        tail = self.raw_tail
+        lost = 0
+        if self.r_head - tail > size:
+            lost = self.r_head - tail - size
+            tail = self.r_head - size
+        ids = []
+        times = []
+        values = []
+        while tail < self.r_head:
+            r = tail & self.ring_mask
+            sid = self.r_sid[r]
+            src = self.sig_src[sid]
+            if self.policy[sid] & REPORT_RAW or (0 <= src < MAX_SOURCES and self.src_raw[src]):
+                ids.append(sid)
+                times.append(self.r_t[r])
+                values.append(self.r_v[r])
+            tail += 1
+        self.raw_tail = tail
+        if len(ids) > 0 or lost > 0:
+            self.closed.append((OUT_RAW, self.win_index[k] * self.window, self.window, lost, ids, times, values))
+        return 0
 
     def _merge(self, sid):
         """Fold a closing live window's aggregate of ``sid`` into the open history window:

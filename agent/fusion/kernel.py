@@ -38,6 +38,8 @@ class KernelApi(Protocol):
 
     def set_policy(self, sid: int, mode: int, deadband: float) -> None: ...
 
+    def set_source_raw(self, source: int, on: bool) -> None: ...
+
     def set_can_tables(self, msg_index: dict[int, int], msg_len: Sequence[int], msg_first: Sequence[int],
                        msg_count: Sequence[int], big_endian: Sequence[int], shift: Sequence[int],
                        length: Sequence[int], signed: Sequence[int], factor: Sequence[float],

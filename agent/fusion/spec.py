@@ -19,16 +19,25 @@ from array import array
 #   raised (1) or cleared (0) with the value that did it and the threshold it crossed;
 # * ``(OUT_SNAPSHOT, time, code, instance, start, end, ids, times, values)``: every
 #   sample of the ring buffer from ``capture_before_s`` before a level >= 2 alarm to
-#   ``capture_after_s`` after it.
+#   ``capture_after_s`` after it;
+# * ``(OUT_RAW, start, length, lost, ids, times, values)``: at the close of the live
+#   window ``start`` .. ``start + length``, every sample of the signals reported raw
+#   (``REPORT_RAW``) taken since the previous one, in the order they came; ``lost``
+#   counts the samples (of any signal) the ring overwrote before they could be read,
+#   so the raw series of that span may miss up to that many (never silently).
 OUT_WINDOW = 0
 OUT_CHANGE = 1
 OUT_ALARM = 2
 OUT_SNAPSHOT = 3
+OUT_RAW = 4
 WIN_LIVE = 0
 WIN_HISTORY = 1
-# Reporting policy bits of a signal's live reports.
+# Reporting policy bits of a signal's live reports: a row in each live window, a change
+# record when it moves beyond its deadband, every sample (OUT_RAW); any combination.
 REPORT_WINDOW = 1
 REPORT_CHANGE = 2
+REPORT_RAW = 4
+REPORT_ALL = 7
 # Source of a sample the fusion step derived.
 SRC_FUSION = -1
 MAX_SOURCES = 16

@@ -45,7 +45,10 @@ LANE_ALARM = 0
 LANE_LIVE = 1
 LANE_EVENT = 2
 LANE_HISTORY = 3
-LANES = {"alarm": LANE_ALARM, "live": LANE_LIVE, "event": LANE_EVENT, "history": LANE_HISTORY}
+# Every sample of the signals reported raw (agent/raw.py): the bulkiest and least
+# important, so sent last and, over quota, dropped first.
+LANE_RAW = 4
+LANES = {"alarm": LANE_ALARM, "live": LANE_LIVE, "event": LANE_EVENT, "history": LANE_HISTORY, "raw": LANE_RAW}
 
 FREE_SHARE = 0.9  # of the space free for the outbox at open: the most its quota may be
 BALLAST_MAX = 4 << 20  # bytes kept in reserve beside the outbox, released when the disk is full

@@ -12,6 +12,13 @@ with the commits (``Outbox.keep_state``, ``Outbox.ack_later``), written on their
 only when no records come within the interval; and once the kernel has said the vehicle
 is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, until
 it moves again. Alarms and command results are committed at once whatever the interval.
+
+The raw lane (README "Reporting"): the kernel hands the raw signals' samples at every
+live window's close (OUT_RAW); they gather in memory for ``[reporting] raw_block_s`` and
+become one raw record (agent/wire.py raw_record), compressed as a whole, in the raw lane, which is
+sent last and dropped first. ``set_raw_enabled(False)`` switches the lane off at run
+time (the data budget's last step): what is gathered goes out, later samples are
+counted and not recorded, until it is switched on again.
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ from agent.fusion.spec import (
     MOTION_STILL,
     OUT_ALARM,
     OUT_CHANGE,
+    OUT_RAW,
     OUT_SNAPSHOT,
     OUT_WINDOW,
     PERSISTENT,
     WIN_LIVE,
 )
+from agent.signals import raw_decimals
 from agent.store.memory import Storage
-from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE
+from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, LANE_RAW
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,8 @@ RECENT_S = 600.0
 class Recorder:
     """Kernel outputs into ``pending`` records, and ``pending`` into the outbox."""
 
-    def __init__(self, cfg: Config, kernel: KernelApi, outbox: Storage) -> None:
+    def __init__(self, cfg: Config, kernel: KernelApi, outbox: Storage,
+                 can_decimals: dict[int, int] | None = None) -> None:
         self.cfg = cfg
         self.kernel = kernel
         self.outbox = outbox
@@ -72,6 +82,7 @@ class Recorder:
         self.state_saved = time.monotonic()
         self.still_since: float | None = None
         self.motion_checked = -MOTION_CHECK_S
+        self.raw = RawLane(cfg.raw_block_s, can_decimals or {})
         self._restore_state()
 
     def add(self, outputs: list[Any], now: float) -> None:
@@ -94,8 +105,27 @@ class Recorder:
                 log.info("event snapshot for alarm %s: %d samples", ALARM_NAMES.get(code, "request"), len(ids))
                 for body in wire.snapshot_records(t, code, inst, start, end, ids, times, values):
                     self.pending.append((LANE_EVENT, t, body))
+            elif kind == OUT_RAW:
+                self.pending.extend(self.raw.add(*out[1:]))
         if changes:
             self.pending.append((LANE_LIVE, now, wire.change_record(changes)))
+
+    def set_raw_enabled(self, enabled: bool) -> None:
+        """Switch the raw lane off (samples gathered so far still go out) or on again."""
+        if not enabled:
+            self.pending.extend(self.raw.flush())
+        self.raw.enabled = enabled
+
+    def raw_status(self) -> dict[str, Any]:
+        """The raw lane for ``status``: on or off, samples recorded, gathered, overwritten
+        in the ring unread, and left out while it was off."""
+        lane = self.raw
+        return {"enabled": lane.enabled, "block_s": lane.block_s, "recorded": lane.recorded,
+                "gathered": len(lane.samples), "lost": lane.lost_total, "off_dropped": lane.off_dropped}
+
+    def flush_raw(self) -> None:
+        """The raw samples gathered so far into a record now (at a stop)."""
+        self.pending.extend(self.raw.flush())
 
     def _alarm(self, t: float, code: int, inst: int, level: int, raised: int, value: float, thr: float) -> None:
         name = ALARM_NAMES[code]
@@ -170,3 +200,54 @@ class Recorder:
             log.warning("kernel state in %s not restored, counting from zero: %s", self.cfg.outbox.path, e)
             return
         log.info("kernel state restored: trip %.3f km, energy out %.1f Wh", saved["trip_km"], saved["energy_out_wh"])
+
+
+class RawLane:
+    """OUT_RAW outputs gathered into raw records of ``block_s`` seconds each."""
+
+    def __init__(self, block_s: float, can_decimals: dict[int, int]) -> None:
+        self.block_s = block_s
+        self.can_decimals = can_decimals
+        self.decimals: dict[int, int] = {}
+        self.enabled = True
+        self.samples: list[tuple[int, float, float]] = []
+        self.start: float | None = None
+        self.end = 0.0
+        self.lost = 0
+        # Since the start: samples recorded, overwritten in the ring unread, and not
+        # recorded because the lane was off (status).
+        self.recorded = 0
+        self.lost_total = 0
+        self.off_dropped = 0
+
+    def add(self, start: float, length: float, lost: int, ids: list[int], times: list[float],
+            values: list[float]) -> list[tuple[int, float, bytes]]:
+        """One live window's raw samples; the records (lane, time, body) now complete."""
+        self.lost_total += lost
+        if not self.enabled:
+            self.off_dropped += len(ids)
+            return []
+        if self.start is None:
+            self.start = start
+        self.end = start + length
+        self.lost += lost
+        self.samples.extend(zip(ids, times, values, strict=True))
+        if self.end - self.start >= self.block_s or len(self.samples) >= wire.RAW_RECORD_SAMPLES:
+            return self.flush()
+        return []
+
+    def flush(self) -> list[tuple[int, float, bytes]]:
+        """What is gathered as one raw record (none if nothing is)."""
+        if self.start is None:
+            return []
+        for sid, _t, _v in self.samples:
+            if sid not in self.decimals:
+                self.decimals[sid] = raw_decimals(sid, self.can_decimals)
+        body, skipped = wire.raw_record(self.start, self.end, self.samples, self.decimals, self.lost)
+        if self.lost or skipped:
+            log.warning("raw record from %.3f: %d samples overwritten unread in the kernel's ring, %d not finite",
+                        self.start, self.lost, skipped)
+        self.recorded += len(self.samples) - skipped
+        out = [(LANE_RAW, self.start, body)]
+        self.samples, self.start, self.lost = [], None, 0
+        return out
