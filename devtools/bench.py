@@ -23,8 +23,9 @@ Writes every round to bench-results.json.
    kernel (built untimed); the compiled one 10 times a round, its mean taken.
    Frames = CAN frames + NMEA sentences + JBD answers.
 6. Uplink (devtools/bench_uplink.py): draining a 24 h backlog, and the first live window
-   after the broker comes back; bytes per sample-signal of the wire format against
-   ThingsBoard JSON and Sparkplug B protobuf (devtools/bench_wire.py).
+   after the broker comes back; the wire format's size, like for like
+   (devtools/bench_wire.py): every 10 Hz sample (the raw lane) against ThingsBoard JSON
+   and Sparkplug B carrying every sample, the 1 s aggregates against the same aggregates.
 7. The agent: CPU (% of one core, user + sys) and RSS of the whole ``ebike-agent run``
    process on a saturated 1 Mbit/s CAN bus (``ebike-sim --can-fill``), see bench_agent.py.
 8. SD-card care (devtools/bench_writes.py): bytes the agent process writes (write_bytes of
@@ -348,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_frames_per_s_commute": traffic_results[kernel]["median"],
         "kernel_speedup_vs_pure_commute": traffic_results[kernel]["ratio"] if "c" in KERNELS else None,
         **uplink,
-        "wire_bytes_per_sample_signal": wire_figures["wire_bytes_per_sample_signal"],
-        "wire_smaller_than_json": wire_figures["wire_smaller_than_json"],
-        "wire_smaller_than_protobuf": wire_figures["wire_smaller_than_protobuf"],
+        **bench_wire.summary(wire_figures),
         "agent_cpu_pct_saturated_can": agent.get("cpu_pct"),
         "agent_rss_mb": agent.get("rss_mb"),
         "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
@@ -369,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['kernel_speedup_vs_pure_commute']:.1f}x commute (goal >= {KERNEL_SPEEDUP_GOAL:g}x)")
     for name, value in uplink.items():
         print(f"{name}: {value:.2f}")
-    print(f"wire_bytes_per_sample_signal: {wire_figures['wire_bytes_per_sample_signal']:.3f} (goal <= 0.5; "
-          f"{wire_figures['wire_signals']:.0f} signals at 10 Hz, 30 min; ThingsBoard JSON "
-          f"{wire_figures['json_bytes_per_sample_signal']:.1f} = {wire_figures['wire_smaller_than_json']:.0f}x, "
-          f"Sparkplug B protobuf {wire_figures['protobuf_bytes_per_sample_signal']:.1f} = "
-          f"{wire_figures['wire_smaller_than_protobuf']:.0f}x; goal >= 30x both)")
+    print(bench_wire.report(wire_figures))
     if "error" not in agent:
         print(f"agent_cpu_pct_saturated_can: {agent['cpu_pct']:.1f} % of one core (goal <= {CPU_GOAL_PCT:g} %; "
               f"kernel {agent['kernel']}, over {agent['interval_s']:.1f} s; the simulator feeding it: "

@@ -117,7 +117,8 @@ class WireSchema:
                        for kind, rule in (("win", "window-record"), ("gap", "gap-record"),
                                           ("chg", "change-record"), ("alm", "alarm-record"),
                                           ("snap", "snapshot-record"), ("res", "result-record"),
-                                          ("upd", "update-record"))}
+                                          ("upd", "update-record"), ("raw", "raw-record"))}
+        self.raw_columns = pycddl.Schema("root = raw-columns\n" + cddl)
 
     def validate_cbor(self, payload: bytes) -> None:
         try:
@@ -134,6 +135,8 @@ class WireSchema:
             self.bodies.get(kind, self.bodies["win"]).validate_cbor(cbor2.dumps(body))
             for row in body["s"] if kind == "win" else ():
                 self._row(cbor2.dumps(row))
+            if kind == "raw":
+                self.raw_columns.validate_cbor(wire.raw_columns(body))
 
     def _row(self, row: bytes) -> None:
         try:

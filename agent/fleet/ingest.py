@@ -18,10 +18,12 @@ from agent.fleet.signing import Signer
 from agent.wire import (
     KIND_CHANGE,
     KIND_GAP,
+    KIND_RAW,
     KIND_WINDOW,
     batch_digest,
     decode_batch,
     encode_ack,
+    raw_samples,
     record_bytes,
     window_values,
 )
@@ -38,6 +40,14 @@ CREATE TABLE IF NOT EXISTS window_signals (
     signal INTEGER NOT NULL, count INTEGER NOT NULL, min REAL, max REAL, mean REAL, last REAL,
     PRIMARY KEY (device, seq, signal)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS raw_samples (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, signal INTEGER NOT NULL, t_ms INTEGER NOT NULL, value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS raw_samples_signal ON raw_samples (device, signal, t_ms);
+CREATE TABLE IF NOT EXISTS raw_lost (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, t_ms INTEGER NOT NULL, dur_ms INTEGER NOT NULL,
+    lost INTEGER NOT NULL, skipped INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS announced_gaps (
     device TEXT NOT NULL, seq INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, why TEXT NOT NULL
 );
@@ -142,6 +152,15 @@ class Ingest:
                     "INSERT INTO window_signals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(device, seq, rec["t"], rec["d"], *window_values(row)) for seq, rec in fresh.items()
                      if rec["k"] == KIND_WINDOW for row in rec["s"]])
+                raw = {seq: rec for seq, rec in fresh.items() if rec["k"] == KIND_RAW}
+                self.db.executemany(
+                    "INSERT INTO raw_samples VALUES (?, ?, ?, ?, ?)",
+                    [(device, seq, sid, t_ms, value) for seq, rec in raw.items()
+                     for sid, t_ms, value in raw_samples(rec)])
+                self.db.executemany(
+                    "INSERT INTO raw_lost VALUES (?, ?, ?, ?, ?, ?)",
+                    [(device, seq, rec["t"], rec["d"], rec.get("lost", 0), rec.get("skip", 0))
+                     for seq, rec in raw.items() if rec.get("lost") or rec.get("skip")])
         except (sqlite3.Error, OverflowError) as e:
             # Decodes but cannot be stored (a signal twice in one window, a uint beyond
             # int64): the whole batch is rolled back and counted; the consumer goes on.
@@ -178,6 +197,11 @@ class Ingest:
             out.setdefault(device, []).append((first, last))
         return out
 
+    def raw(self, device: str, signal: int) -> list[tuple[int, float]]:
+        """Every raw sample stored of one signal of a device: ``(ms, value)``, by time."""
+        return list(self.db.execute("SELECT t_ms, value FROM raw_samples WHERE device=? AND signal=?"
+                                    " ORDER BY t_ms, rowid", (device, signal)))
+
     def report(self) -> dict[str, Any]:
         devices = {d: {"records": n, "first": lo, "last": hi} for d, n, lo, hi in self.db.execute(
             "SELECT device, count(*), min(seq), max(seq) FROM records GROUP BY device")}
@@ -186,6 +210,8 @@ class Ingest:
             "bad_batches": self.bad_batches, "devices": devices,
             "gaps": {d: [list(g) for g in gs] for d, gs in self.gaps().items()},
             "announced_drops": {d: [list(g) for g in gs] for d, gs in self.announced().items()},
+            "raw_samples": dict(self.db.execute("SELECT device, count(*) FROM raw_samples GROUP BY device").fetchall()),
+            "raw_lost": dict(self.db.execute("SELECT device, sum(lost) FROM raw_lost GROUP BY device").fetchall()),
         }
 
     def close(self) -> None:
