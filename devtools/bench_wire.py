@@ -272,7 +272,8 @@ def report(fig: dict[str, float]) -> str:
         f"{fig['aggregates_smaller_than_json']:.0f}x, as Sparkplug B "
         f"{fig['protobuf_aggregates_bytes_per_signal_window']:.1f} B = {fig['aggregates_smaller_than_protobuf']:.0f}x "
         f"(1 s messages as sent); deflated in the same 200 s batches "
-        f"{fig['aggregates_smaller_than_json_deflated']:.1f}x and {fig['aggregates_smaller_than_protobuf_deflated']:.1f}x")
+        f"{fig['aggregates_smaller_than_json_deflated']:.1f}x and "
+        f"{fig['aggregates_smaller_than_protobuf_deflated']:.1f}x")
 
 
 if __name__ == "__main__":
