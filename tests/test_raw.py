@@ -36,7 +36,7 @@ CADENCE = signal_id("Vehicle.LEV.Pedal.Cadence")
 def at_resolution(value: float, decimals: int) -> float:
     """What the lane promises back: the reading in whole steps of 10^-decimals, as the
     double nearest that many steps."""
-    return round(value * 10**decimals) / 10**decimals
+    return float(round(value * 10**decimals) / 10**decimals)
 
 
 def round_trip(samples: list[tuple[int, float, float]], decimals: dict[int, int], start: float = T0,
@@ -179,7 +179,8 @@ def feed_random(k: Any, rng: random.Random, seconds: float, ids: list[int]) -> l
         times = [t + rng.uniform(0, 0.02) for _ in range(n)]
         outs += k.feed_values(chunk, times, [rng.uniform(0, 100) for _ in range(n)])
         t += rng.uniform(0.001, 0.05)
-    return outs + k.flush()
+    outs += k.flush()
+    return outs
 
 
 def test_both_builds_hand_the_same_raw_samples() -> None:
