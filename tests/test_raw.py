@@ -17,7 +17,9 @@ import cbor2
 import pytest
 
 from agent import wire
+from agent.commands.actions import VehicleActions
 from agent.commands.catalogue import check_arguments
+from agent.commands.envelope import Command
 from agent.config import RAW_BLOCK_S, load
 from agent.errors import CommandRejected, ConfigError, DecodeError
 from agent.fusion.kernel import KERNELS
@@ -341,3 +343,20 @@ def test_set_reporting_refuses_bad_raw_arguments(args: dict[str, Any], why: str)
     with pytest.raises(CommandRejected, match=why) as info:
         check_arguments("set_reporting", args)
     assert info.value.reason == "bad_arguments"
+
+
+def test_set_reporting_keeps_raw_in_the_file_and_applies_it(tmp_path: Path, kernel_cls: Any) -> None:
+    path = config_file(tmp_path, "")
+    cfg = load(str(path))
+    kernel = kernel_cls(ID_SPACE, 1.0)
+    actions = VehicleActions(cfg, [], kernel, status=dict, record=lambda outs, now: None, recent_alarms=[],
+                             restart=lambda: None)
+    args = check_arguments("set_reporting", {"signals": {"Vehicle.Speed": {"mode": "raw"}}, "raw_sources": ["can0"]})
+    outcome = actions.act(Command("c1", "bike-1", "set_reporting", args, 0, 2**31, "k"), T0)
+    assert outcome is not None and outcome.status == "executed", outcome
+    kept = load(str(path))
+    assert kept.reporting == ((SPEED, REPORT_RAW, 0.0),) and kept.raw_sources == (0,)
+    kernel.source = 0
+    outs = kernel.feed_values([SPEED, CADENCE], [T0, T0], [10.0, 60.0]) + kernel.flush()
+    assert [o[4:] for o in raw_outputs(outs)] == [([SPEED, CADENCE], [T0, T0], [10.0, 60.0])]
+    assert all(row[0] != SPEED for o in outs if o[0] == OUT_WINDOW and o[1] == WIN_LIVE for row in o[4])
