@@ -312,7 +312,7 @@ def test_reporting_on_change_beyond_a_deadband(kernel_cls: Any) -> None:
     assert [o[3] for o in out if o[0] == kp.OUT_CHANGE] == [40.75]
     assert any(VOLTAGE in {r[0] for r in o[4]} for o in out if o[0] == kp.OUT_WINDOW and o[1] == kp.WIN_LIVE)
     with pytest.raises(ValueError):
-        k.set_policy(VOLTAGE, 4, 0.0)
+        k.set_policy(VOLTAGE, 8, 0.0)  # 4 is REPORT_RAW, 1-7 any sum of the bits
 
 
 def _gnss_and_wheel(k: Any, t0: float, t1: float, wheel: float | None, gnss: float = 20.0) -> list[Any]:

@@ -115,14 +115,14 @@ def test_release_makes_rows_leasable_again(tmp_path: Path) -> None:
 def test_stats_fields(tmp_path: Path) -> None:
     box = open_outbox(tmp_path)
     empty = box.stats()
-    assert empty["depth"] == {"alarm": 0, "live": 0, "event": 0, "history": 0}
+    assert empty["depth"] == {"alarm": 0, "live": 0, "event": 0, "history": 0, "raw": 0}
     assert (empty["records"], empty["bytes"], empty["oldest"], empty["last_seq"], empty["last_acked"]) == \
         (0, 0, None, 0, 0)
     box.append([(LANE_LIVE, 20.0, body(1, 10)), (LANE_ALARM, 15.0, body(2, 20)),
                 (LANE_HISTORY, 30.0, body(3, 30)), (LANE_LIVE, 25.0, body(4, 40))])
     box.lease(1, BIG)
     stats = box.stats()
-    assert stats["depth"] == {"alarm": 1, "live": 2, "event": 0, "history": 1}
+    assert stats["depth"] == {"alarm": 1, "live": 2, "event": 0, "history": 1, "raw": 0}
     assert stats["records"] == 4
     assert stats["bytes"] == 100
     assert stats["oldest"] == 15.0

@@ -17,6 +17,7 @@ import cbor2
 import pytest
 
 from agent import wire
+from agent.cli.buffer import describe
 from agent.commands.actions import VehicleActions
 from agent.commands.catalogue import check_arguments
 from agent.commands.envelope import Command
@@ -360,3 +361,11 @@ def test_set_reporting_keeps_raw_in_the_file_and_applies_it(tmp_path: Path, kern
     outs = kernel.feed_values([SPEED, CADENCE], [T0, T0], [10.0, 60.0]) + kernel.flush()
     assert [o[4:] for o in raw_outputs(outs)] == [([SPEED, CADENCE], [T0, T0], [10.0, 60.0])]
     assert all(row[0] != SPEED for o in outs if o[0] == OUT_WINDOW and o[1] == WIN_LIVE for row in o[4])
+
+
+def test_buffer_export_says_what_a_raw_record_holds() -> None:
+    body, _ = wire.raw_record(T0, T0 + 2, [(SPEED, T0, 1.0), (SPEED, T0 + 1, 2.0), (CADENCE, T0, 60.0)],
+                              {SPEED: 2, CADENCE: 0}, lost=5)
+    kind, detail = describe(cbor2.loads(body))
+    assert kind == "raw" and "+2 s" in detail and "5 overwritten unread" in detail
+    assert detail.endswith("Vehicle.Speed n=2; Vehicle.LEV.Pedal.Cadence n=1")

@@ -13,6 +13,7 @@ handles it.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime
 import os
@@ -171,7 +172,8 @@ def _csv_writer(out: IO[Any]) -> Writer:
 def describe(record: Any) -> tuple[str, str]:
     """A record's kind and its content in words (docs/wire.cddl): a window's signals with
     count, min, max, mean and last; changes; an alarm's raise or clear; a snapshot part;
-    the sequence numbers a gap announces; a command's result."""
+    the sequence numbers a gap announces; a command's result; a raw record's samples per
+    signal."""
     from agent import wire
     from agent.fusion.spec import ALARM_NAMES
 
@@ -205,6 +207,11 @@ def describe(record: Any) -> tuple[str, str]:
         return "result", f"command {r.get('id')} {r.get('status')}: {r.get('reason')}"
     if k == wire.KIND_UPDATE:
         return "update", f"version {record['failed']} failed ({record['why']}); back on {record['running']}"
+    if k == wire.KIND_RAW:
+        counts = collections.Counter(sid for sid, _ms, _v in wire.raw_samples(record))
+        lost = f", {record['lost']} overwritten unread" if record.get("lost") else ""
+        return "raw", (f"{_clock(record['t'])} +{record['d'] / 1000:g} s, {len(record['b'])} B {record['z']}{lost}: "
+                       + "; ".join(f"{_signal(sid)} n={n}" for sid, n in sorted(counts.items())))
     return str(k), repr(record)
 
 
