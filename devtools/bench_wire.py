@@ -36,6 +36,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from agent import wire
+from agent.config import BrokerConfig
 from agent.dbc.compile import compile_dbc, profile_path
 from agent.fusion.kernel import Kernel
 from agent.fusion.spec import OUT_RAW, OUT_WINDOW, REPORT_RAW, REPORT_WINDOW, WIN_LIVE
@@ -122,7 +123,7 @@ def _raw_bytes(lane: RawLane, outputs: Iterable[tuple[Any, ...]]) -> int:
 
 
 def _lane() -> RawLane:
-    return RawLane(RAW_BLOCK_S, compile_dbc(profile_path("bafang")).decimals())
+    return RawLane(RAW_BLOCK_S, compile_dbc(profile_path("bafang")).decimals(), BrokerConfig().max_batch_bytes // 2)
 
 
 def through_kernel(names: list[str], ticks: list[list[float]]) -> tuple[list[tuple[float, list[Any]]], int]:

@@ -264,7 +264,7 @@ def test_policy_bits_out_of_range_are_refused(kernel_cls: Any) -> None:
 # --- the recorder's lane -----------------------------------------------------------------------------
 
 def test_the_lane_makes_a_record_per_block_and_can_be_switched_off() -> None:
-    lane = RawLane(2.0, {})
+    lane = RawLane(2.0, {}, 1 << 20)
     records = []
     for w in range(5):
         records += lane.add(T0 + w, 1.0, 0, [SPEED, SPEED], [T0 + w, T0 + w + 0.5], [float(w), w + 0.25])
@@ -369,3 +369,18 @@ def test_buffer_export_says_what_a_raw_record_holds() -> None:
     kind, detail = describe(cbor2.loads(body))
     assert kind == "raw" and "+2 s" in detail and "5 overwritten unread" in detail
     assert detail.endswith("Vehicle.Speed n=2; Vehicle.LEV.Pedal.Cadence n=1")
+
+
+def test_a_record_too_large_for_a_batch_is_split_and_nothing_is_lost() -> None:
+    rng = random.Random(3)
+    lane = RawLane(10.0, {}, 4000)
+    ids = [SPEED, LAT] * 2000
+    times = [T0 + i * 0.0005 for i in range(4000)]
+    values = [rng.uniform(0, 90) for _ in range(4000)]
+    records = lane.add(T0, 1.0, 9, ids, times, values) + lane.flush()
+    assert len(records) > 2 and all(len(body) <= 4000 for _lane, _t, body in records)
+    decoded = [cbor2.loads(body) for _lane, _t, body in records]
+    assert [rec.get("lost", 0) for rec in decoded] == [9] + [0] * (len(records) - 1)
+    got = sorted(s for rec in decoded for s in wire.raw_samples(rec))
+    assert got == sorted((sid, round(t * 1000), at_resolution(v, raw_decimals(sid)))
+                         for sid, t, v in zip(ids, times, values, strict=True))

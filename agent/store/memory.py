@@ -4,7 +4,7 @@ queue in RAM and are sent as usual, until the file can be written again.
 SD cards switch to read-only when they wear out, the most common storage failure on
 Pi-class units; a permission or a missing mount does the same. Stopping the agent then
 would hide the vehicle as well as lose the records, so ``Storage`` runs the outbox
-from memory meanwhile (the alarm and live lanes only: history and events are what the
+from memory meanwhile (the alarm and live lanes only: history, events and raw samples are what the
 cloud can do without, and RAM is small), tries the file again every ``RETRY_S``, and
 moves what is still unacknowledged into it, under the numbers it was sent with, once
 it opens. The agent raises ``storage_failed`` meanwhile (the runtime asks ``failed``).
@@ -55,7 +55,7 @@ class MemoryQueue:
         self.rows: dict[int, tuple[int, float, bytes]] = {}
         self.size = 0
         self.leased: set[int] = set()
-        self.not_kept = 0  # history and event records, not kept in memory
+        self.not_kept = 0  # history, event and raw records, not kept in memory
         self.dropped = 0  # kept, then dropped for room before they were acknowledged
         self.appended = 0
         self.acked = 0

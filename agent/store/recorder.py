@@ -82,7 +82,8 @@ class Recorder:
         self.state_saved = time.monotonic()
         self.still_since: float | None = None
         self.motion_checked = -MOTION_CHECK_S
-        self.raw = RawLane(cfg.raw_block_s, can_decimals or {})
+        # A raw record fits a batch with room for others (the pump sends one larger alone).
+        self.raw = RawLane(cfg.raw_block_s, can_decimals or {}, cfg.broker.max_batch_bytes // 2)
         self._restore_state()
 
     def add(self, outputs: list[Any], now: float) -> None:
@@ -205,8 +206,9 @@ class Recorder:
 class RawLane:
     """OUT_RAW outputs gathered into raw records of ``block_s`` seconds each."""
 
-    def __init__(self, block_s: float, can_decimals: dict[int, int]) -> None:
+    def __init__(self, block_s: float, can_decimals: dict[int, int], max_bytes: int) -> None:
         self.block_s = block_s
+        self.max_bytes = max_bytes
         self.can_decimals = can_decimals
         self.decimals: dict[int, int] = {}
         self.enabled = True
@@ -237,17 +239,28 @@ class RawLane:
         return []
 
     def flush(self) -> list[tuple[int, float, bytes]]:
-        """What is gathered as one raw record (none if nothing is)."""
+        """What is gathered as raw records of the span (none if nothing is)."""
         if self.start is None:
             return []
         for sid, _t, _v in self.samples:
             if sid not in self.decimals:
                 self.decimals[sid] = raw_decimals(sid, self.can_decimals)
-        body, skipped = wire.raw_record(self.start, self.end, self.samples, self.decimals, self.lost)
-        if self.lost or skipped:
-            log.warning("raw record from %.3f: %d samples overwritten unread in the kernel's ring, %d not finite",
-                        self.start, self.lost, skipped)
-        self.recorded += len(self.samples) - skipped
-        out = [(LANE_RAW, self.start, body)]
+        if self.lost:
+            log.warning("raw samples from %.3f: %d samples overwritten unread in the kernel's ring",
+                        self.start, self.lost)
+        out = self._records(self.start, self.samples, self.lost)
         self.samples, self.start, self.lost = [], None, 0
         return out
+
+    def _records(self, start: float, samples: list[tuple[int, float, float]],
+                 lost: int) -> list[tuple[int, float, bytes]]:
+        """One record, or halves of the samples if it would exceed ``max_bytes`` (so it
+        fits a batch): each half covers the same span, the first says the loss."""
+        body, skipped = wire.raw_record(start, self.end, samples, self.decimals, lost)
+        if len(body) > self.max_bytes and len(samples) > 1:
+            half = len(samples) // 2
+            return self._records(start, samples[:half], lost) + self._records(start, samples[half:], 0)
+        if skipped:
+            log.warning("raw record from %.3f: %d samples not finite or too large, left out", start, skipped)
+        self.recorded += len(samples) - skipped
+        return [(LANE_RAW, start, body)]
