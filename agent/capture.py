@@ -542,7 +542,9 @@ def replay_config(cap: Capture, base: Config | None, can_protocol: str = "") -> 
         sources.append(SourceConfig(name=name, kind=KIND_OF[stream.fmt], port=cap.path, protocol=protocol))
     if base is None:
         return Config(path=cap.path, device_id="replay", sources=tuple(sources))
-    return replace(base, sources=tuple(sources))
+    raw_names = {base.sources[i].name for i in base.raw_sources}
+    return replace(base, sources=tuple(sources),
+                   raw_sources=tuple(i for i, s in enumerate(sources) if s.name in raw_names))
 
 
 class Replay:
