@@ -223,6 +223,7 @@ def measure(seconds: float = 1800.0) -> dict[str, float]:
     native_total, native_count = native_raw_bytes(names, native)
     return {
         "wire_signals": float(len(names)),
+        "wire_seconds": seconds,
         # Aggregates, per signal-window.
         "wire_aggregates_bytes_per_signal_window": agg / rows,
         "json_aggregates_bytes_per_signal_window": tb_agg / rows,
@@ -256,7 +257,8 @@ def summary(fig: dict[str, float]) -> dict[str, float]:
 def report(fig: dict[str, float]) -> str:
     """What ``make bench`` prints: each figure with what it compares."""
     return (
-        f"wire, every sample ({fig['wire_signals']:.0f} signals of the 30-min commute at 10 Hz, raw lane, "
+        f"wire, every sample ({fig['wire_signals']:.0f} signals of the {fig['wire_seconds'] / 60:g}-min commute at "
+        f"10 Hz, raw lane, "
         f"{RAW_BLOCK_S:g} s records):\n"
         f"  wire_full_rate_bytes_per_sample_signal: {fig['wire_full_rate_bytes_per_sample_signal']:.3f} "
         f"(goal <= 0.15; {fig['wire_full_rate_bytes_per_native_sample']:.3f} per native sample, "
