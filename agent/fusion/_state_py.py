@@ -118,8 +118,8 @@ class State:
         self.r_t = _zeros("d", ring)
         self.r_v = _zeros("d", ring)
         self.r_head = 0
-        # The raw lane: how many signals are reported raw, and the ring position up to
-        # which their samples were handed over (_drain_raw).
+        # The raw lane: how many signals and sources are reported raw, the ring position up to
+        # which their samples were handed over (_drain_raw), and the sources reported raw.
         self.n_raw = 0
         self.raw_tail = 0
         self.src_raw = _zeros("b", MAX_SOURCES)
