@@ -26,7 +26,7 @@ from agent.errors import CommandRejected, ConfigError, DecodeError
 from agent.fusion.kernel import KERNELS
 from agent.fusion.spec import OUT_RAW, OUT_WINDOW, REPORT_CHANGE, REPORT_RAW, REPORT_WINDOW, S_FUSED_SPEED, WIN_LIVE
 from agent.signals import ID_SPACE, raw_decimals, signal_id
-from agent.store.outbox import LANE_RAW, LANES
+from agent.store.outbox import LANE_HISTORY, LANE_RAW, LANES, Outbox
 from agent.store.recorder import RawLane
 from tests.conftest import assert_same_outputs
 
@@ -278,8 +278,20 @@ def test_the_lane_makes_a_record_per_block_and_can_be_switched_off() -> None:
     assert raw_decimals(SPEED) == 2 and raw_decimals(S_FUSED_SPEED) == 2 and raw_decimals(SPEED, {SPEED: 1}) == 1
 
 
-def test_the_raw_lane_is_sent_last_and_dropped_first() -> None:
-    assert LANES["raw"] == LANE_RAW == max(LANES.values())
+def test_the_raw_lane_is_sent_last_and_dropped_first(tmp_path: Path) -> None:
+    box = Outbox(str(tmp_path / "outbox.sqlite"), 256 * 1024)
+    try:
+        raw = box.append([(LANE_RAW, T0 + i, b"r" * 1000) for i in range(20)])
+        history = box.append([(LANE_HISTORY, T0 + i, b"h" * 1000) for i in range(20)])
+        assert box.stats()["dropped"] == 0
+        assert [s for s, _ in box.lease(1 << 30, 1 << 30)] == history + raw, "raw last"
+        box.release_all()
+        box.append([(LANE_HISTORY, T0 + 100 + i, b"h" * 1000) for i in range(200)])
+        kept = {s for s, _ in box.lease(1 << 30, 1 << 30)}
+        assert not kept & set(raw) and set(history) <= kept, "raw dropped before any history"
+        assert box.stats()["depth"]["raw"] == 0 and "raw" in LANES
+    finally:
+        box.close()
 
 
 # --- configuration and set_reporting -------------------------------------------------------------------
