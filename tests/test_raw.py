@@ -22,6 +22,7 @@ from agent.commands.actions import VehicleActions
 from agent.commands.catalogue import check_arguments
 from agent.commands.envelope import Command
 from agent.config import RAW_BLOCK_S, load
+from agent.dbc.compile import compile_dbc, decimals_of, profile_path
 from agent.errors import CommandRejected, ConfigError, DecodeError
 from agent.fusion.kernel import KERNELS
 from agent.fusion.spec import OUT_RAW, OUT_WINDOW, REPORT_CHANGE, REPORT_RAW, REPORT_WINDOW, S_FUSED_SPEED, WIN_LIVE
@@ -396,3 +397,16 @@ def test_a_record_too_large_for_a_batch_is_split_and_nothing_is_lost() -> None:
     got = sorted(s for rec in decoded for s in wire.raw_samples(rec))
     assert got == sorted((sid, round(t * 1000), at_resolution(v, raw_decimals(sid)))
                          for sid, t, v in zip(ids, times, values, strict=True))
+
+
+@pytest.mark.parametrize("factor,offset,decimals", [
+    (1.0, 0.0, 0), (0.1, -40.0, 1), (0.5, 0.0, 1), (0.01, 0.0, 2), (0.0625, 0.0, 4), (0.001, 0.5, 3),
+    (1 / 3, 0.0, 9), (1.0, 0.25, 2),
+])
+def test_a_dbc_signal_is_sent_at_its_factor_and_offset(factor: float, offset: float, decimals: int) -> None:
+    assert decimals_of(factor, offset) == decimals
+
+
+def test_the_bafang_dbc_gives_its_signals_resolutions() -> None:
+    can = compile_dbc(profile_path("bafang")).decimals()
+    assert raw_decimals(SPEED, can) == 2 and SPEED in can
