@@ -478,9 +478,10 @@ RAW_RECORD_SAMPLES = 1 << 20
 MAX_RAW_SAMPLES = 1 << 21
 # The decompressed series may take at most this (as wire.MAX_INFLATED for a batch).
 MAX_RAW_COLUMNS = 64 * 1024 * 1024
-# LZMA with a dictionary no larger than a record: about 10 MB of memory to compress,
-# 1 MB to decompress (the presets' 64 MB dictionary would take 670 MB on the device).
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20}]
+# LZMA with a dictionary of 256 KiB, larger than a 200 s record of a commute's columns
+# (32 KB): about 3 MB of memory to compress, 256 KiB to decompress (the presets' 64 MiB
+# dictionary would take 670 MB on the device).
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 18}]
 
 
 def _zigzag(x: int) -> int:
