@@ -580,7 +580,7 @@ def _raw_compress(columns: bytes) -> tuple[str, bytes]:
 
 
 def raw_record(start: float, end: float, samples: Iterable[tuple[int, float, float]],
-                  decimals: Mapping[int, int], lost: int = 0) -> tuple[bytes, int]:
+               decimals: Mapping[int, int], lost: int = 0) -> tuple[bytes, int]:
     """Body of a raw record of the span ``start``..``end`` (s) from ``(signal id, time,
     value)`` samples in any order (series keep the order given), each signal at
     ``decimals[sid]``; ``lost``: samples the kernel's ring overwrote before they were read.
@@ -668,7 +668,7 @@ def raw_samples(rec: Mapping[str, Any]) -> list[tuple[int, int, float]]:
             steps.append(k)
         tr.done()
         vr.done()
-        if any(not 0 <= x < 2**64 for x in (times[0], times[-1])) or any(abs(x) >= _RAW_STEP_LIMIT for x in steps):
+        if min(times) < 0 or max(times) > _UINT64 or any(abs(x) >= _RAW_STEP_LIMIT for x in steps):
             raise DecodeError("raw series has a time before the epoch or a value beyond 2^53 steps")
         div, mul = (10.0 ** -exp, 1.0) if exp < 0 else (1.0, 10.0 ** exp)
         out.extend((sid, ms, x / div * mul) for ms, x in zip(times, steps, strict=True))

@@ -140,6 +140,7 @@ def packed(series: Any, codec: str = wire.CODEC_DEFLATE, **extra: Any) -> dict[s
     (packed([[1, -2, 0, 1, b"\x00", b"\x00"]]), "g >= 1"),
     (packed([[1, -2, 1, 0, b"", b""]]), "n >= 1"),
     (packed([[1, -2, 1, 1, b"\x01", b"\x00"]], t=0), "before the epoch"),  # 1 ms before t = 0
+    (packed([[1, -2, 1, 3, b"\x02\x03\x0f", b"\x00\x02"]], t=0), "before the epoch"),  # 1, -1, then 1 ms
     (packed({"not": "a list"}), "must be an array"),
     (packed([[1, -2, 1, 1, b"\x00", b"\x00"]], codec="zstd"), "compression"),
     (dict(packed([]), b=b"\xff\xff\xff"), "decompress"),
