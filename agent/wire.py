@@ -448,7 +448,7 @@ def _window_row_ok(row: Any) -> bool:
 
 # The raw lane ------------------------------------------------------------------------
 # Raw records: every sample of a signal, lossless at its resolution, with its
-# time to the millisecond (docs/wire.cddl ``raw-record``; README "Reporting").
+# time to the millisecond (docs/wire.cddl ``raw-record``, docs/raw.md).
 #
 # A record holds a span of samples, grouped per signal (columnar). Each series keeps its
 # values as whole steps of its resolution (10^e) and its times as ms; both columns are

@@ -385,6 +385,15 @@ def test_buffer_export_says_what_a_raw_record_holds() -> None:
     assert detail.endswith("Vehicle.Speed n=2; Vehicle.LEV.Pedal.Cadence n=1")
 
 
+def test_a_block_whose_samples_stop_coming_goes_out_by_the_clock() -> None:
+    lane = RawLane(60.0, {}, 1 << 20)
+    assert lane.add(T0, 1.0, 0, [SPEED], [T0 + 0.5], [3.0]) == []
+    assert lane.due(T0 + 59.0) == []
+    (record,) = lane.due(T0 + 60.0)
+    assert wire.raw_samples(cbor2.loads(record[2])) == [(SPEED, round(T0 * 1000) + 500, 3.0)]
+    assert lane.due(T0 + 1000.0) == [] and lane.flush() == []
+
+
 def test_a_record_too_large_for_a_batch_is_split_and_nothing_is_lost() -> None:
     rng = random.Random(3)
     lane = RawLane(10.0, {}, 4000)

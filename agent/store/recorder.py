@@ -13,12 +13,13 @@ only when no records come within the interval; and once the kernel has said the 
 is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, until
 it moves again. Alarms and command results are committed at once whatever the interval.
 
-The raw lane (README "Reporting"): the kernel hands the raw signals' samples at every
-live window's close (OUT_RAW); they gather in memory for ``[reporting] raw_block_s`` and
-become one raw record (agent/wire.py raw_record), compressed as a whole, in the raw lane, which is
-sent last and dropped first. ``set_raw_enabled(False)`` switches the lane off at run
-time (the data budget's last step): what is gathered goes out, later samples are
-counted and not recorded, until it is switched on again.
+The raw lane (docs/raw.md): the kernel hands the raw signals' samples at every live
+window's close (OUT_RAW); they gather in memory for ``[reporting] raw_block_s`` (of
+sample time, or of the clock when the samples stop coming) and become one raw record
+(agent/wire.py raw_record), compressed as a whole, in the raw lane, which is sent last
+and dropped first. ``set_raw_enabled(False)`` switches the lane off at run time (the
+data budget's last step): what is gathered goes out, later samples are counted and not
+recorded, until it is switched on again.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Recorder:
                 self.pending.extend(self.raw.add(*out[1:]))
         if changes:
             self.pending.append((LANE_LIVE, now, wire.change_record(changes)))
+        self.pending.extend(self.raw.due(now))
 
     def set_raw_enabled(self, enabled: bool) -> None:
         """Switch the raw lane off (samples gathered so far still go out) or on again."""
@@ -235,6 +237,13 @@ class RawLane:
         self.lost += lost
         self.samples.extend(zip(ids, times, values, strict=True))
         if self.end - self.start >= self.block_s or len(self.samples) >= wire.RAW_RECORD_SAMPLES:
+            return self.flush()
+        return []
+
+    def due(self, now: float) -> list[tuple[int, float, bytes]]:
+        """The records of what is gathered once ``block_s`` has passed by the clock ``now``
+        since its start: a block whose samples stopped coming is not held for ever."""
+        if self.start is not None and now - self.start >= self.block_s:
             return self.flush()
         return []
 
