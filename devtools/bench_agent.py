@@ -32,7 +32,7 @@ from devtools.procs import log_has, spawn, stop, wait_for
 
 CAN_BITRATE = 1_000_000
 CPU_GOAL_PCT = 5.0
-RSS_GOAL_MB = 45.0
+RSS_GOAL_MB = 35.0
 START_LIMIT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

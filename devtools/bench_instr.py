@@ -1,33 +1,34 @@
-"""``make bench``'s machine-independent figures: instructions counted by valgrind's
-cachegrind (``--tool=cachegrind --cache-sim=no``: every instruction the process executes,
-the same on any x86-64 machine however loaded, unlike seconds), and the CPU share of a
-Raspberry Pi Zero 2 W core they project to.
+"""``make bench``'s machine-independent figures: instructions counted by valgrind
+(every instruction the process executes, the same on any x86-64 machine however loaded,
+unlike seconds), and the CPU share of a Raspberry Pi Zero 2 W core they project to.
 
-Kernel (``kernel_instructions_per_frame``): a child process under cachegrind builds the
-compiled kernel (``ride.new_kernel``, the Bafang tables) and loads the recorded saturated
-commute of the bench (devtools/ride.py, recorded here natively and handed over in a
-pickle), then replays it once; a second child does all of that but replays nothing. The
+Kernel (``kernel_instructions_per_frame``): a child process under cachegrind
+(``--tool=cachegrind --cache-sim=no``) builds the compiled kernel (``ride.new_kernel``,
+the Bafang tables; the pure one where it was not built) and loads the recorded saturated
+commute of the bench (devtools/ride.py, recorded natively and handed over in a pickle),
+then replays it once; a second child does all of that but replays nothing. The
 difference over the ride's frames (CAN + NMEA + JBD, as ``kernel_frames_per_s`` counts
 them) is the kernel's cost per frame, the fusion step and window ends of a saturated bus
 included; interpreter start-up, imports and set-up cancel out. The same is done for the
-packed decode buffer of the DBC benchmark (``decode_packed_instructions_per_frame``).
+packed decode buffer of the DBC benchmark (``packed``: decoding alone).
 
 Agent (``agent_instructions_per_s_saturated``, ``..._commute``): the whole ``ebike-agent
-run`` process under cachegrind in the rig of bench_agent.py (real mosquitto, reference
+run`` process under valgrind in the rig of bench_agent.py (real mosquitto, reference
 consumer acknowledging, simulator on ptys at ``--speed 1``, not instrumented), on a
 saturated 1 Mbit/s bus (``--can-fill``) and on the commute at the Bafang bus's own rate.
-Two runs of each, of different lengths of traffic: a run waits until the agent decodes,
-lets traffic flow for its length, stops the simulator, waits until the agent's frame
-count stands still, reads it (control socket) and stops the agent (SIGTERM; cachegrind
-writes its count at exit). Start-up, the wait for the first frame and shutdown are the
-same in both runs, so (instructions of the long run - of the short one) / (seconds of
-bus traffic the agent consumed more) is the agent's cost per second of riding, where
-seconds of traffic = CAN frames the agent counted / the bus's frame rate. Under valgrind
-the agent runs ~50x slower; if it falls behind a saturated bus it still pays every
-frame it took, but its per-second work (the 10 Hz fusion step, window ends, the
+Its instructions are counted over a window of steady traffic only: once the agent has
+decoded for a warm-up, its count is zeroed and, ``seconds`` later, dumped (valgrind's
+gdbserver, ``vgdb zero`` and ``vgdb dump``). That needs callgrind: cachegrind (3.19)
+counts the same instructions (Ir) but only reports at exit, and the difference of two
+runs of different lengths that it allows proved noisy (start-up under valgrind takes a
+varying time, with a varying number of status polls and idle turns in it). Instructions
+per second of bus traffic = instructions in the window / (CAN frames the agent counted
+in it, from its control socket just before and after / the bus's frame rate). Under
+valgrind the agent runs ~50x slower; if it falls behind a saturated bus it still pays
+every frame it took, but its per-second work (the 10 Hz fusion step, window ends, the
 uplink) then spans more wall seconds than the traffic it consumed, so the figure errs
-high, never low; ``kept_up`` (frames consumed / frames sent in the extra time) says how
-far it fell behind.
+high, never low; ``kept_up`` (bus seconds consumed / wall seconds of the window) says
+how far it fell behind.
 
 Projection: instructions per second / (clock x IPC). The Pi Zero 2 W has Cortex-A53
 cores at 1 GHz: in-order, dual-issue, small caches; on interpreter code (branchy, many
@@ -52,7 +53,7 @@ from devtools import ride
 from devtools.bench_agent import CAN_BITRATE, AgentBenchError, rig
 from devtools.bench_writes import BAFANG_BITRATE
 from devtools.broker import BrokerMissing
-from devtools.procs import REPO, stop, wait_for
+from devtools.procs import REPO, stop
 from firmware_sim.scenario import COMMUTE_CAN, STEPS_PER_S
 
 A53_HZ = 1e9
@@ -62,9 +63,9 @@ PI_ZERO2_COMMUTE_GOAL_PCT = 2.0
 # The Bafang bus's own CAN frames per second in the commute (64): messages every `period` steps.
 COMMUTE_CAN_FPS = sum(STEPS_PER_S / period for _kind, period, _offset, _encode in COMMUTE_CAN)
 CACHEGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no")
+CALLGRIND = ("valgrind", "--tool=callgrind")
 VALGRIND_START_LIMIT = 120.0   # the agent's start-up under valgrind, on a shared machine
 VALGRIND_STOP_LIMIT = 120.0
-SETTLE_S = 1.0                 # the frame count standing still this long: the agent has drained the pty
 
 
 # The figures bench.py puts in its summary.
@@ -84,7 +85,8 @@ def valgrind_missing() -> str | None:
 
 
 def _total(out_file: Path) -> int:
-    """The ``summary:`` line of a cachegrind output file: instructions executed (Ir)."""
+    """The ``summary:`` line of a cachegrind or callgrind output file: instructions
+    executed (Ir)."""
     try:
         for line in out_file.read_text().splitlines():
             if line.startswith("summary:"):
@@ -109,7 +111,7 @@ def _kernel_child(what: str, path: str, replays: int) -> None:
     from agent.fusion.kernel import KERNELS
 
     data = pickle.loads(Path(path).read_bytes())
-    k, slots = ride.new_kernel(KERNELS["c"])
+    k, slots = ride.new_kernel(KERNELS["c" if "c" in KERNELS else "py"])
     for _ in range(replays):
         if what == "ride":
             ride.replay(k, slots, data)
@@ -144,51 +146,42 @@ def _frames(sock: Path) -> int:
     return int(request(str(sock), timeout=30.0)["status"]["fusion"]["frames"])
 
 
-def _settled(sock: Path) -> int:
-    """The agent's frame count once it stands still for SETTLE_S (the simulator stopped)."""
-    last = [-1]
-
-    def still() -> int | None:
-        now = _frames(sock)
-        if now == last[0]:
-            return now
-        last[0] = now
-        time.sleep(SETTLE_S)
-        return None
-
-    return int(wait_for("the agent to drain its input", still, VALGRIND_STOP_LIMIT))
+def _vgdb(pid: int, command: str) -> None:
+    """A monitor command to the valgrind tool running process ``pid``."""
+    try:
+        proc = subprocess.run(["vgdb", f"--pid={pid}", command], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise InstrError(f"vgdb {command} to {pid} did not run: {e}") from e
+    if proc.returncode != 0:
+        raise InstrError(f"vgdb {command} to {pid} failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-500:]}")
 
 
-def _agent_run(sim_args: list[str], bitrate: int, seconds: float, out_file: Path) -> dict[str, Any]:
-    """One counted run of the agent: ``seconds`` of traffic after it first decodes."""
-    wrapper = (*CACHEGRIND, f"--cachegrind-out-file={out_file}")
-    with rig(sim_args, bitrate, VALGRIND_START_LIMIT + seconds + VALGRIND_STOP_LIMIT, agent_wrapper=wrapper,
-             start_limit=VALGRIND_START_LIMIT) as r:
-        first = _frames(r.sock)
+def _agent_window(sim_args: list[str], bitrate: int, rate: float, warmup_s: float, seconds: float,
+                  out_dir: Path) -> dict[str, Any]:
+    """Instructions of the agent over ``seconds`` of traffic after ``warmup_s`` of decoding."""
+    wrapper = (*CALLGRIND, f"--callgrind-out-file={out_dir}/agent.%p")
+    with rig(sim_args, bitrate, VALGRIND_START_LIMIT + warmup_s + seconds + VALGRIND_STOP_LIMIT,
+             agent_wrapper=wrapper, start_limit=VALGRIND_START_LIMIT) as r:
+        time.sleep(warmup_s)
+        frames0 = _frames(r.sock)
+        _vgdb(r.agent.pid, "zero")
         t0 = time.monotonic()
         time.sleep(seconds)
-        stop(r.sim)
-        traffic_s = time.monotonic() - t0
-        frames = _settled(r.sock)
-        code = stop(r.agent, VALGRIND_STOP_LIMIT)
-        if code != 0:
-            raise AgentBenchError(f"the agent under valgrind exited with {code}")
-    return {"instructions": _total(out_file), "frames": frames, "frames_at_first_status": first,
-            "traffic_s": traffic_s}
-
-
-def _agent_case(sim_args: list[str], bitrate: int, rate: float, short_s: float, long_s: float,
-                tmp: Path, name: str) -> dict[str, Any]:
-    """Instructions per second of bus traffic: the long run minus the short one."""
-    short = _agent_run(sim_args, bitrate, short_s, tmp / f"{name}-short.cg")
-    long = _agent_run(sim_args, bitrate, long_s, tmp / f"{name}-long.cg")
-    bus_s = (long["frames"] - short["frames"]) / rate
+        _vgdb(r.agent.pid, "dump")
+        wall_s = time.monotonic() - t0
+        frames1 = _frames(r.sock)
+        stop(r.agent, VALGRIND_STOP_LIMIT)
+    dumps = sorted(out_dir.glob(f"agent.{r.agent.pid}.*"))
+    if len(dumps) != 1:
+        raise InstrError(f"expected one callgrind dump of the window, found {[d.name for d in dumps]}")
+    instructions = _total(dumps[0])
+    bus_s = (frames1 - frames0) / rate
     if bus_s <= 0:
-        raise InstrError(f"{name}: the long run consumed no more traffic than the short one ({short}, {long})")
-    per_s = (long["instructions"] - short["instructions"]) / bus_s
-    return {"instructions_per_s": per_s, "bus_s": bus_s, "frame_rate_sent": rate,
-            "kept_up": bus_s / (long["traffic_s"] - short["traffic_s"]),
-            "pi_zero2_cpu_pct": pi_zero2_pct(per_s), "runs": {"short": short, "long": long}}
+        raise InstrError(f"the agent decoded no CAN frame in the {wall_s:.1f} s window")
+    per_s = instructions / bus_s
+    return {"instructions_per_s": per_s, "instructions": instructions, "frames": frames1 - frames0, "bus_s": bus_s,
+            "wall_s": wall_s, "kept_up": bus_s / wall_s, "frame_rate_sent": rate, "warmup_s": warmup_s,
+            "pi_zero2_cpu_pct": pi_zero2_pct(per_s)}
 
 
 def pi_zero2_pct(instructions_per_s: float) -> float:
@@ -196,23 +189,23 @@ def pi_zero2_pct(instructions_per_s: float) -> float:
     return 100.0 * instructions_per_s / (A53_HZ * A53_IPC)
 
 
-def agent_figures(fill: int, short_s: float, long_s: float) -> dict[str, Any]:
+def agent_figures(fill: int, warmup_s: float, seconds: float) -> dict[str, Any]:
     """The agent counted on a saturated bus (``fill`` CAN frames/s) and on the commute;
     a case that failed is ``{"error": ...}``."""
     cases = {"saturated": (["--can-fill", str(fill)], CAN_BITRATE, float(fill)),
              "commute": (["--scenario", "commute"], BAFANG_BITRATE, COMMUTE_CAN_FPS)}
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="ebike-instr-") as tmp:
-        for name, (sim_args, bitrate, rate) in cases.items():
+    for name, (sim_args, bitrate, rate) in cases.items():
+        with tempfile.TemporaryDirectory(prefix="ebike-instr-") as tmp:
             try:
-                out[name] = _agent_case(sim_args, bitrate, rate, short_s, long_s, Path(tmp), name)
+                out[name] = _agent_window(sim_args, bitrate, rate, warmup_s, seconds, Path(tmp))
             except (InstrError, AgentBenchError, AgentError, BrokerMissing, AssertionError) as e:
                 out[name] = {"error": str(e)}
     return out
 
 
 def measure(saturated: ride.Recorder, packed_reads: list[bytes], packed_frames: int, fill: int,
-            short_s: float, long_s: float) -> dict[str, Any]:
+            warmup_s: float, seconds: float) -> dict[str, Any]:
     """Every instruction figure, and the summary keys; ``{"error": ...}`` without valgrind."""
     missing = valgrind_missing()
     if missing:
@@ -221,7 +214,7 @@ def measure(saturated: ride.Recorder, packed_reads: list[bytes], packed_frames: 
         kernel = kernel_figures(saturated, packed_reads, packed_frames)
     except InstrError as e:
         kernel = {"error": str(e)}
-    agent = agent_figures(fill, short_s, long_s)
+    agent = agent_figures(fill, warmup_s, seconds)
     out: dict[str, Any] = {"kernel": kernel, "agent": agent, "a53_ipc": A53_IPC, "a53_hz": A53_HZ,
                            "commute_can_frames_per_s": COMMUTE_CAN_FPS}
     out["kernel_instructions_per_frame"] = kernel["ride"]["instructions_per_frame"] if "ride" in kernel else None
@@ -253,8 +246,8 @@ def report(instr: dict[str, Any]) -> None:
             print(f"error: no agent instruction count ({name}): {case['error']}", file=sys.stderr)
             continue
         print(f"agent_instructions_per_s_{name}: {case['instructions_per_s']:,.0f} (whole ebike-agent run per "
-              f"second of bus traffic, {case['bus_s']:.1f} s more consumed by the long run; kept up "
-              f"{100 * case['kept_up']:.0f} %)")
+              f"second of bus traffic, counted over {case['bus_s']:.1f} s of it after {case['warmup_s']:g} s; "
+              f"kept up {100 * case['kept_up']:.0f} %)")
         print(f"pi_zero2_cpu_pct_{name}: {case['pi_zero2_cpu_pct']:.2f} % (goal <= {goals[name]:g} %; "
               f"projected: 1 GHz Cortex-A53 at an assumed IPC of {A53_IPC:g})")
 
