@@ -30,9 +30,10 @@ Writes every round to bench-results.json.
 8. SD-card care (devtools/bench_writes.py): bytes the agent process writes (write_bytes of
    /proc/<pid>/io) per hour of riding and per hour parked, on its default [outbox]
    settings, the consumer acknowledging; medians of runs made at once.
-9. Instructions (devtools/bench_instr.py, valgrind's cachegrind): per frame of the compiled
-   kernel on the recorded saturated ride, per second of bus traffic of the whole agent on
-   a saturated bus and on a commute, and the CPU share of a Pi Zero 2 W core they project to.
+9. Instructions (devtools/bench_instr.py, valgrind): per frame of the compiled kernel on
+   the recorded saturated ride (cachegrind), per second of bus traffic of the whole agent
+   on a saturated bus and on a commute (callgrind, over a window of steady traffic), and
+   the CPU share of a Pi Zero 2 W core they project to.
 
 ``--smoke`` runs every section once at tiny sizes (about two minutes), to prove the bench
 works; its figures are not worth quoting and the JSON says ``"smoke": true``.
