@@ -60,7 +60,8 @@ package-tools:
 deb: setup package-tools
 	$(PY) -m devtools.deb --arch $(ARCH)
 
-bench: setup broker
+bench: setup
+	sh devtools/ensure-system.sh bench
 	$(PY) -m devtools.bench
 
 # >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).

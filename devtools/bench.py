@@ -31,6 +31,13 @@ Writes every round to bench-results.json.
 8. SD-card care (devtools/bench_writes.py): bytes the agent process writes (write_bytes of
    /proc/<pid>/io) per hour of riding and per hour parked, on its default [outbox]
    settings, the consumer acknowledging; medians of runs made at once.
+9. Instructions (devtools/bench_instr.py, valgrind): per frame of the compiled kernel on
+   the recorded saturated ride (cachegrind), per second of bus traffic of the whole agent
+   on a saturated bus and on a commute (callgrind, over a window of steady traffic), and
+   the CPU share of a Pi Zero 2 W core they project to.
+
+``--smoke`` runs every section once at tiny sizes (about two minutes), to prove the bench
+works; its figures are not worth quoting and the JSON says ``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_uplink, bench_wire, bench_writes, ride
+from devtools import bench_instr, bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
@@ -67,7 +74,7 @@ BATCH = 64
 # A read of the SLCAN adapter: about 8 ms of a saturated 1 Mbit/s bus as SLCAN text
 # (27-byte lines); a tty read returns at most 4 KiB.
 SLCAN_READ_BYTES = 2048
-COMMUTE_CAN_FPS = 64    # the simulated Bafang bus's own frames: 31/00 at 50 Hz, four at 4 Hz... (scenario.py)
+COMMUTE_CAN_FPS = round(bench_instr.COMMUTE_CAN_FPS)  # the simulated Bafang bus's own frames (scenario.py)
 COMPILED_PASSES = 10    # ~15 ms a pass compiled; the pure kernel takes ~1 s for one
 KERNEL_FPS_GOAL = 5_000_000
 KERNEL_SPEEDUP_GOAL = 30.0
@@ -93,10 +100,15 @@ def _frames(db: Any, n: int, seed: int) -> list[tuple[int, int, bytes, bool]]:
     return out
 
 
+def _packed_reads(frames: list[tuple[int, int, bytes, bool]]) -> list[bytes]:
+    """The frames as packed ``struct can_frame`` records, cut into reads of READ_BYTES."""
+    buf = b"".join(struct.pack("=IB3x8s", fid | (0x80000000 if ext else 0), len(d), d) for _, fid, d, ext in frames)
+    return [buf[i:i + READ_BYTES] for i in range(0, len(buf), READ_BYTES)]
+
+
 def _packed_run(kind: str, path: str, frames: list[tuple[int, int, bytes, bool]]) -> Callable[[], None]:
     dbc = compile_dbc(path)
-    buf = b"".join(struct.pack("=IB3x8s", fid | (0x80000000 if ext else 0), len(d), d) for _, fid, d, ext in frames)
-    reads = [buf[i:i + READ_BYTES] for i in range(0, len(buf), READ_BYTES)]
+    reads = _packed_reads(frames)
 
     def run() -> None:
         k = _kernel(kind, dbc)
@@ -232,12 +244,12 @@ def _agent(seconds: float, fill: int, warmup: float) -> dict[str, Any]:
     return agent
 
 
-def _sd_writes(rounds: int, riding_s: float, parked_s: float) -> dict[str, Any]:
+def _sd_writes(rounds: int, riding_s: float, parked_s: float, warmup_s: float | None) -> dict[str, Any]:
     """The SD-card figures (bench_writes.py); ``{"error": ...}`` if a run failed."""
     print(f"\nSD-card writes: {rounds} riding runs of {riding_s:g} s and {rounds} parked runs of {parked_s:g} s, "
           f"all at once...", flush=True)
     try:
-        return bench_writes.measure(rounds, riding_s, parked_s)
+        return bench_writes.measure(rounds, riding_s, parked_s, warmup_s)
     except (AgentBenchError, BrokerMissing) as e:
         print(f"error: no SD-card figures: {e}", file=sys.stderr)
         return {"error": str(e)}
@@ -263,6 +275,22 @@ def _outbox_run(tmp: str, records: int, group: int) -> Callable[[], None]:
     return run
 
 
+# --smoke: every section once, at sizes that take seconds (each overrides the option's value).
+SMOKE = {"frames": 2000, "log_lines": 2000, "rounds": 1, "framer_seconds": 0.02, "outbox_records": 2000,
+         "group": 100, "traffic_seconds": 20.0, "saturated_seconds": 2.0, "agent_warmup": 1.0, "agent_seconds": 2.0,
+         "writes_rounds": 1, "writes_riding_seconds": 3.0, "writes_parked_seconds": 3.0, "writes_warmup": 1.0,
+         "uplink_rounds": 1, "uplink_backlog_seconds": 600, "wire_seconds": 60.0, "instr_warmup": 1.0,
+         "instr_seconds": 3.0}
+
+
+def _instr(saturated: ride.Recorder, reads: list[bytes], frames: int, fill: int, warmup_s: float,
+           seconds: float) -> dict[str, Any]:
+    """The instruction counts (bench_instr.py); ``{"error": ...}`` where they failed."""
+    print(f"\ninstructions (valgrind): the kernel on the recorded saturated ride and the packed buffer; the agent "
+          f"on a saturated bus and a commute, {seconds:g} s after {warmup_s:g} s of decoding...", flush=True)
+    return bench_instr.measure(saturated, reads, frames, fill, warmup_s, seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,17 +310,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writes-riding-seconds", type=float, default=240.0, help="interval a riding run is measured over")
     p.add_argument("--writes-parked-seconds", type=float, default=240.0,
                    help="interval a parked run is measured over (at least two parked commits)")
+    p.add_argument("--writes-warmup", type=float, default=None,
+                   help="s before a write run is measured (default: each case's own, see bench_writes.py)")
+    p.add_argument("--uplink-rounds", type=int, default=3, help="rounds of the uplink figures (a 24 h backlog each)")
+    p.add_argument("--uplink-backlog-seconds", type=int, default=bench_uplink.DAY_S)
+    p.add_argument("--wire-seconds", type=float, default=1800.0, help="s of the commute the wire figures encode")
+    p.add_argument("--instr-warmup", type=float, default=5.0,
+                   help="s of decoding under valgrind before the agent's instructions are counted")
+    p.add_argument("--instr-seconds", type=float, default=30.0, help="window the agent's instructions are counted over")
+    p.add_argument("--smoke", action="store_true", help="every section once at tiny sizes, to prove the bench runs")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
-    if args.rounds < 5:
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    elif args.rounds < 5:
         p.error("--rounds must be >= 5 (medians of fewer are not worth quoting)")
-    if args.agent_seconds < 20:
+    if args.agent_seconds < 20 and not args.smoke:
         p.error("--agent-seconds must be >= 20 (a CPU share over less is not steady)")
-    if args.writes_parked_seconds < 2 * PARKED_COMMIT_S:
+    if args.writes_parked_seconds < 2 * PARKED_COMMIT_S and not args.smoke:
         p.error(f"--writes-parked-seconds must be >= {2 * PARKED_COMMIT_S:g} (two parked commits)")
     path = profile_path("bafang")
     frames = _frames(load_cantools(path), args.frames, seed=1)
-    print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians")
+    print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians"
+          f"{' (SMOKE RUN: tiny sizes, figures not worth quoting)' if args.smoke else ''}")
 
     decode: dict[str, Callable[[], None]] = {}
     if "c" in KERNELS:
@@ -333,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     commute = ride.record("commute", args.traffic_seconds, seed=1)
     traffic_results = _recorded_ride(f"recorded commute ({COMMUTE_CAN_FPS} CAN frames/s, a read per 10 ms), "
                                      f"{args.traffic_seconds:g} s", commute, args.rounds)
-    uplink = bench_uplink.measure(3)  # a round is a 24 h backlog: medians of three
-    wire_figures = bench_wire.measure()
+    uplink = bench_uplink.measure(args.uplink_rounds, args.uplink_backlog_seconds)
+    wire_figures = bench_wire.measure(args.wire_seconds)
     agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
-    writes = _sd_writes(args.writes_rounds, args.writes_riding_seconds, args.writes_parked_seconds)
+    writes = _sd_writes(args.writes_rounds, args.writes_riding_seconds, args.writes_parked_seconds,
+                        args.writes_warmup)
+    instr = _instr(saturated, _packed_reads(frames), len(frames), args.can_fill, args.instr_warmup,
+                   args.instr_seconds)
 
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
@@ -355,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
         "sd_write_mb_per_h_riding": writes.get("sd_write_mb_per_h_riding"),
         "sd_write_mb_per_h_parked": writes.get("sd_write_mb_per_h_parked"),
+        **{key: instr.get(key) for key in bench_instr.SUMMARY_KEYS},
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
@@ -383,14 +428,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sd_write_mb_per_h_{case}: {writes[f'sd_write_mb_per_h_{case}']:.2f} (goal <= {goal:g}; "
                   f"{writes[f'{case}_source']} of the agent process over {writes[f'{case}_interval_s']:g} s after "
                   f"{writes[f'{case}_warmup_s']:g} s, per hour; runs {runs})")
+    bench_instr.report(instr)
     Path(args.out).write_text(json.dumps({
-        "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
+        "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds, "smoke": args.smoke,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
-        "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes,
+        "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes, "instructions": instr,
     }, indent=1))
     print(f"written to {args.out}")
-    return 1 if "error" in agent or "error" in writes else 0
+    return 1 if "error" in agent or "error" in writes or "error" in instr else 0
 
 
 if __name__ == "__main__":

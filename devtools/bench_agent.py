@@ -32,7 +32,7 @@ from devtools.procs import log_has, spawn, stop, wait_for
 
 CAN_BITRATE = 1_000_000
 CPU_GOAL_PCT = 5.0
-RSS_GOAL_MB = 45.0
+RSS_GOAL_MB = 35.0
 START_LIMIT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -130,9 +130,11 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(sim_args: list[str], bitrate: int, ride: float) -> Iterator[Rig]:
+def rig(sim_args: list[str], bitrate: int, ride: float, agent_wrapper: tuple[str, ...] = (),
+        start_limit: float = START_LIMIT) -> Iterator[Rig]:
     """Broker, consumer, simulator (``--speed 1``, ``sim_args`` added, riding ``ride``
-    s) and agent, until the agent decodes CAN frames; on leaving, everything it started
+    s) and agent (run by ``agent_wrapper`` if given, e.g. valgrind), until the agent
+    decodes CAN frames (within ``start_limit`` s); on leaving, everything it started
     stopped, agent first. A failure inside is an AgentBenchError with the logs."""
     with tempfile.TemporaryDirectory(prefix="ebike-bench-") as tmp, Mosquitto(tmp) as broker:
         run = Path(tmp)
@@ -148,10 +150,10 @@ def rig(sim_args: list[str], bitrate: int, ride: float) -> Iterator[Rig]:
             wait_for("the simulator's ptys", lambda: log_has(run / "sim.log", "ready"), START_LIMIT)
             config = run / "agent.toml"
             config.write_text(CONFIG.format(run=run, bitrate=bitrate, host=broker.host, port=broker.port))
-            agent = spawn(["agent", "run", "--config", str(config)], run / "agent.log")
+            agent = spawn(["agent", "run", "--config", str(config)], run / "agent.log", wrapper=agent_wrapper)
             procs.append(agent)
             sock = run / "control.sock"
-            wait_for("the agent to decode CAN frames", lambda: _decoding(agent, sock), START_LIMIT)
+            wait_for("the agent to decode CAN frames", lambda: _decoding(agent, sock), start_limit)
             yield Rig(run, agent, sim, sock)
         except (AssertionError, AgentError, AgentBenchError) as e:
             raise AgentBenchError(f"{e}{_log_tails(run)}") from e

@@ -65,12 +65,15 @@ def one_run(scenario: str, seconds: float, warmup: float) -> dict[str, Any]:
             "cancelled_write_mb_per_h": delta["cancelled_write_bytes"] * per_h, "interval_s": t1 - t0}
 
 
-def measure(rounds: int, riding_s: float, parked_s: float) -> dict[str, Any]:
-    """``rounds`` runs of each case, all at once; the median per case and every run."""
+def measure(rounds: int, riding_s: float, parked_s: float, warmup_s: float | None = None) -> dict[str, Any]:
+    """``rounds`` runs of each case, all at once; the median per case and every run.
+    ``warmup_s`` replaces each case's warm-up (the smoke run: a parked run is then not
+    yet counted as parked)."""
     seconds = {"riding": riding_s, "parked": parked_s}
+    warmups = {case: warmup if warmup_s is None else warmup_s for case, (_scenario, warmup) in CASES.items()}
     with ThreadPoolExecutor(max_workers=rounds * len(CASES)) as pool:
-        futures = {case: [pool.submit(one_run, scenario, seconds[case], warmup) for _ in range(rounds)]
-                   for case, (scenario, warmup) in CASES.items()}
+        futures = {case: [pool.submit(one_run, scenario, seconds[case], warmups[case]) for _ in range(rounds)]
+                   for case, (scenario, _warmup) in CASES.items()}
         runs = {case: [f.result() for f in fs] for case, fs in futures.items()}
     out: dict[str, Any] = {"runs": runs}
     for case, figures in runs.items():
@@ -78,5 +81,5 @@ def measure(rounds: int, riding_s: float, parked_s: float) -> dict[str, Any]:
         out[f"sd_write_mb_per_h_{case}"] = statistics.median(f["mb_per_h"] for f in figures)
         out[f"{case}_source"] = sources.pop() if len(sources) == 1 else "mixed: " + ", ".join(sorted(sources))
         out[f"{case}_interval_s"] = seconds[case]
-        out[f"{case}_warmup_s"] = CASES[case][1]
+        out[f"{case}_warmup_s"] = warmups[case]
     return out

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Install the Debian packages a target needs when they are missing and we may (root);
-# otherwise name exactly what to install. Usage: ensure-system.sh build|broker|package [ARCH]
+# otherwise name exactly what to install. Usage: ensure-system.sh build|broker|bench|package [ARCH]
 #   build:  a C compiler, the Python headers and venv, to build the Cython kernel; libfuse3's
 #           headers and pkg-config, to build pyfuse3 (a dev extra: the power-loss test's FUSE
 #           filesystem), and fuse3 for fusermount3
 #   broker: mosquitto and openssl (tests and make run start their own broker on a free loopback port;
 #           policy-rc.d keeps apt from starting the system one on 1883 here)
+#   bench:  the broker's, and valgrind (make bench counts instructions with its cachegrind tool)
 set -eu
 PYTHON=${PYTHON:-python3}
 missing=""
@@ -29,12 +30,15 @@ case "${1:-}" in
             command -v update-binfmts >/dev/null 2>&1 || missing="$missing binfmt-support"
         fi
         ;;
-    broker)
+    broker|bench)
+        if [ "$1" = bench ]; then
+            command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
+        fi
         command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
         command -v openssl >/dev/null 2>&1 || missing="$missing openssl"  # the TLS tests make certificates
         ;;
     *)
-        echo "usage: $0 build|broker|package [ARCH]" >&2
+        echo "usage: $0 build|broker|bench|package [ARCH]" >&2
         exit 2
         ;;
 esac

@@ -17,11 +17,13 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``python -m <args>`` from the repo, stdout and stderr to ``log``."""
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None,
+          wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``python -m <args>`` from the repo, stdout and stderr to ``log``; run by ``wrapper``
+    (e.g. valgrind and its options) when given."""
     out: IO[bytes] = open(log, "wb")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([*wrapper, sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
     finally:
         out.close()

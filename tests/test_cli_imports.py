@@ -16,6 +16,10 @@ import pytest
 
 import agent.cli
 from agent.cli import main
+from agent.control.client import request
+from devtools.bench_agent import rig
+from devtools.bench_writes import BAFANG_BITRATE
+from devtools.procs import stop
 
 REPO = Path(__file__).resolve().parents[1]
 # Third-party libraries (and the runtime, which loads them all) that --help must not pay for.
@@ -73,3 +77,20 @@ def test_a_named_command_loads_only_its_own_module() -> None:
     assert not {"agent.cli.checks", "agent.capture"} & modules  # config's and selftest's, decode's
     modules, _ = imported("--help")
     assert {"agent.cli.view", "agent.cli.checks", "agent.capture"} <= modules
+
+
+@pytest.mark.e2e
+def test_the_running_agent_loads_only_what_its_configuration_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ebike-agent run`` on the bench's default configuration (SLCAN Bafang CAN from the
+    shipped DBC profile, a polled JBD BMS, NMEA; no [commands]), decoding from the
+    simulator and asked for its status, has not imported cantools (the DBC is compiled in
+    a child process), python-can (another source kind), the COSE stack (only with
+    [commands]) or the CLI's views: what ``-X importtime`` of the agent process lists."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    with rig([], BAFANG_BITRATE, 60.0) as r:
+        assert request(str(r.sock))["status"]["fusion"]["frames"] > 0
+        assert stop(r.agent) == 0
+        log = (r.run / "agent.log").read_text()
+    modules = {line.rsplit("|", 1)[1].strip() for line in log.splitlines() if line.startswith("import time:")}
+    assert {"agent.runtime", "paho.mqtt.client", "serial"} <= modules  # the run's own imports are listed
+    assert not {m for m in modules if m.split(".")[0] in ("cantools", "can", "cryptography", "rich", "matplotlib")}
