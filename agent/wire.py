@@ -131,10 +131,15 @@ def _window_row(sid: int, count: int, vmin: float, vmax: float, mean: float, las
     ``[sig, count, min, max, mean, last]``."""
     total = mean * count
     if count >= 1 and all(math.isfinite(v) for v in (vmin, vmax, mean, last)):
-        for e in range(MAX_EXPONENT, MIN_EXPONENT - 1, -1):
-            lo, hi, end = _exact(vmin, e), _exact(vmax, e), _exact(last, e)
+        # A fraction lies on no grid coarser than 10^-1: those are not tried (the encoder
+        # runs for every signal of every window).
+        for e in range(MAX_EXPONENT if float(vmin).is_integer() else -1, MIN_EXPONENT - 1, -1):
+            lo = _exact(vmin, e)
+            if lo is None:
+                continue
+            hi, end = _exact(vmax, e), _exact(last, e)
             steps = _steps(total, e)
-            if lo is None or hi is None or end is None or not abs(steps) < _INT_LIMIT \
+            if hi is None or end is None or not abs(steps) < _INT_LIMIT \
                     or abs(_unscaled(round(steps), e) - total) > _SUM_TOLERANCE * abs(total):
                 continue
             dsum = round(steps) - count * lo
