@@ -54,15 +54,27 @@ TICK = 0.1
 # time leave little more); STATE_RESERVE of it is kept for the last state message.
 STOP_WITHIN = 1.5
 STATE_RESERVE = 0.5
-# While data streams in, a turn of the loop lasts at least this long: each read then
+# While data streams in, a turn of the loop lasts at least MIN_BUSY_TURN: each read then
 # brings a few ms of frames for one kernel call, instead of a turn per burst of bytes
 # (the loop's own cost, not the decoding, is what a saturated bus makes expensive).
 # Well inside what a tty buffers (4 KiB is 18 ms of a saturated bus as SLCAN text;
-# 10 ms of a 115200-baud UART is 115 bytes).
+# 10 ms of a 115200-baud UART is 115 bytes). On a slower stream the turn grows, up to
+# MAX_BUSY_TURN, while the busiest source's bytes in one turn stay within READ_AHEAD
+# (a quarter of a tty's buffer): a commute's 64 CAN frames/s then cost 20 turns a
+# second, not 60 (the loop's cost per turn is most of what a commute costs).
 MIN_BUSY_TURN = 0.01
+MAX_BUSY_TURN = 0.05
+READ_AHEAD = 1024
 # With this set to 1, SIGUSR2 hangs the main loop (Runtime._stall): tests prove that a hung
 # loop stops the watchdog pings. Unset, SIGUSR2 keeps its default action.
 TEST_HOOKS = "EBIKE_AGENT_TEST_HOOKS"
+
+
+def busy_turn(bytes_per_s: float) -> float:
+    """How long a busy turn lasts when the busiest source streams ``bytes_per_s``."""
+    if bytes_per_s <= 0:
+        return MAX_BUSY_TURN
+    return min(MAX_BUSY_TURN, max(MIN_BUSY_TURN, READ_AHEAD / bytes_per_s))
 
 
 class Runtime:
@@ -78,6 +90,7 @@ class Runtime:
         self.stopping = False
         self.restart = False  # with stopping: ``ebike-agent run`` starts the agent again
         self.busy = False
+        self.busy_turn = MIN_BUSY_TURN
         self.rate_mark = (time.monotonic(), 0)
         self.frame_rate = 0.0
         self.dbc = one_dbc(cfg)
@@ -93,6 +106,7 @@ class Runtime:
                              ack_keys=dict(cfg.commands.ack_keys), revoked=cfg.commands.revoked)
         self.pump = Pump(self.outbox, self.uplink, cfg.device_id, cfg.broker)
         self.sources = [make_source(s) for s in cfg.sources]
+        self.read_bytes = [0] * len(self.sources)  # per source since the last _rate
         self.feeds = [make_feed(c, s, i, self.kernel) for i, (c, s) in enumerate(zip(cfg.sources, self.sources,
                                                                                            strict=True))]
         self.selector = selectors.DefaultSelector()
@@ -140,7 +154,7 @@ class Runtime:
                 # The first turn has tried every source: the start is done.
                 self.notifier.ready_now(self.summary)
                 self.notifier.alive(self.summary)
-                rest = MIN_BUSY_TURN - (time.monotonic() - started)
+                rest = self.busy_turn - (time.monotonic() - started)
                 if self.busy and rest > 0:
                     time.sleep(rest)
         finally:
@@ -184,6 +198,7 @@ class Runtime:
             self.selector.unregister(fd)
         if data:
             self.busy = True
+            self.read_bytes[i] += len(data)
             now = time.time()
             self.diagnostics.read(i, now, data)
             self.recorder.add(self.feeds[i].feed(data, now, src), now)
@@ -205,6 +220,8 @@ class Runtime:
         if mono - mark_t >= 1.0:
             frames = self.kernel.frames + sum(f.frames_outside_kernel() for f in self.feeds)
             self.frame_rate = (frames - mark_frames) / (mono - mark_t)
+            self.busy_turn = busy_turn(max(self.read_bytes, default=0) / (mono - mark_t))
+            self.read_bytes = [0] * len(self.sources)
             self.rate_mark = (mono, frames)
             self.diagnostics.tick(mono, self.uplink.window.records_acked)
 
