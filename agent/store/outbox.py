@@ -89,6 +89,9 @@ class Outbox:
         self.refused = 0  # records not stored at all: the disk full and nothing left to drop
         self.unannounced: list[int] = []  # dropped for a full disk, gap record not stored yet
         self.leased: set[int] = set()
+        # Every row is leased or held since the last lease found none: the next lease needs no
+        # query (the send stage asks every turn of the loop, records come every few seconds).
+        self.drained = False
         self.acked_held: set[int] = set()  # acknowledged, deleted by the next transaction
         self.state_held: dict[str, float] | None = None  # kernel state for the next transaction
         self.state_on_disk: dict[str, float] = {}
@@ -270,6 +273,7 @@ class Outbox:
         return [(LANE_ALARM, time.time(), self.gap_body(seq_runs(self.unannounced), "disk-full"))]
 
     def _insert(self, rows: list[tuple[int, float, bytes]]) -> list[int]:
+        self.drained = False
         (first,) = self.db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         seqs = list(range(first, first + len(rows)))
         self.db.executemany(
@@ -421,6 +425,8 @@ class Outbox:
         with ``newest_live_first`` (after a reconnect) alarms, then the newest live window,
         so the cloud sees the vehicle as it is now before the backlog. ``max_bytes`` bounds
         the bodies plus ``overhead`` bytes per record (what the batch adds around each)."""
+        if self.drained and not newest_live_first:
+            return []
         try:
             if newest_live_first:
                 cur = self.db.execute(
@@ -429,16 +435,22 @@ class Outbox:
             else:
                 cur = self.db.execute("SELECT seq, body FROM records ORDER BY lane, seq")
             rows = ((seq, body) for seq, body in cur if seq not in self.acked_held)
-            return lease_from(rows, self.leased, max_records, max_bytes, overhead)
+            out = lease_from(rows, self.leased, max_records, max_bytes, overhead)
         except sqlite3.Error as e:
             raise StoreError(f"outbox {self.path}: read failed: {e}") from e
+        self.drained = not out
+        return out
 
     def release(self, seqs: Iterable[int]) -> None:
         """Give leased rows back (the message carrying them failed); they will be sent again."""
+        before = len(self.leased)
         self.leased.difference_update(seqs)
+        if len(self.leased) != before:
+            self.drained = False
 
     def release_all(self) -> None:
         self.leased.clear()
+        self.drained = False
 
     def ack(self, seqs: list[int]) -> None:
         """The broker has these: delete them now, durably (with any held)."""
@@ -473,6 +485,8 @@ class Outbox:
     def adopt(self, rows: list[tuple[int, int, float, bytes]], next_seq: int) -> None:
         """Store ``(seq, lane, time, body)`` rows numbered elsewhere (while the agent ran
         from memory) under their own numbers, and go on numbering above ``next_seq``."""
+        self.drained = False
+
         def put() -> int:
             self.db.executemany("INSERT OR IGNORE INTO records (seq, lane, t, body) VALUES (?, ?, ?, ?)", rows)
             self.db.execute("UPDATE meta SET value=max(value, ?) WHERE key='next_seq'", (next_seq,))
