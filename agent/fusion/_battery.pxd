@@ -1,5 +1,6 @@
 # Types for compiling _battery_py.py with Cython as agent.fusion._battery (see _kernel.pxd).
 import cython
+from libc cimport math
 
 from agent.fusion._state cimport State
 

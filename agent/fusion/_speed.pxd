@@ -1,5 +1,6 @@
 # Types for compiling _speed_py.py with Cython as agent.fusion._speed (see _kernel.pxd).
 import cython
+from libc cimport math
 
 from agent.fusion._state cimport State
 
