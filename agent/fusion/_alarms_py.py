@@ -192,12 +192,17 @@ class Alarms:
             code = self.a_code[a]
             sid = self.a_sid[a]
             if self.a_block[a] >= 0:
+                # Only the sources that can have an instance: those with a health slot
+                # heard from, those with a refused value.
                 base = self.n_alarms + self.a_block[a] * MAX_SOURCES
-                for s in range(MAX_SOURCES):
-                    if code == A_COMM_LOST and health.src_seen[s] > 0:
-                        self._debounce(a, base + s, s, t, 1.0 if health.src_live[s] == 0 else 0.0)
-                    elif code == A_DATA_QUALITY and self.st.src_refused[s] > 0:
-                        self._debounce(a, base + s, s, t, self.q_rate[s])
+                if code == A_COMM_LOST:
+                    for s in range(health.src_top):
+                        if health.src_seen[s] > 0:
+                            self._debounce(a, base + s, s, t, 1.0 if health.src_live[s] == 0 else 0.0)
+                elif code == A_DATA_QUALITY and self.st.refused > 0:
+                    for s in range(MAX_SOURCES):
+                        if self.st.src_refused[s] > 0:
+                            self._debounce(a, base + s, s, t, self.q_rate[s])
             elif sid == SPECIAL:
                 if self.spec_ok[code]:
                     self._debounce(a, a, -1, t, self.spec_value[code])
