@@ -27,6 +27,7 @@ from agent.fusion import spec as kp
 from agent.fusion.kernel import KERNELS
 from agent.signals import BY_ID, ID_SPACE, signal_id
 from devtools import ride
+from firmware_sim.scenario import scenario_names
 from tests.conftest import BUILD_REQUIRED, assert_same_outputs
 from tests.helpers import REPO, micropython_binary
 
@@ -577,3 +578,29 @@ def test_incremental_step_equals_full_evaluation_on_recorded_rides(kernel_cls: A
                     k.counters(), list(k.persistent())))
     assert any(o[0] == kp.OUT_ALARM for o in got[0][0])
     assert got[1] == got[0]
+
+
+def _random_fault_rides(n: int, seed: int) -> list[tuple[str, int, float]]:
+    """``n`` random rides: two or three of the simulator's scenarios composed, a seed, the
+    time their faults start."""
+    rng = random.Random(seed)
+    return [("+".join(rng.sample(scenario_names(), rng.randint(2, 3))), rng.randint(1, 1000),
+             float(rng.randint(10, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("scenario", "seed", "fault_at"), _random_fault_rides(3, 18))
+def test_random_fault_rides_agree_between_builds_and_with_full_evaluation(scenario: str, seed: int,
+                                                                           fault_at: float) -> None:
+    """Random compositions of the simulator's faults: the compiled and the pure kernel give
+    the same outputs, and each gives exactly the outputs of judging everything at every step."""
+    rec = ride.record(scenario, 90.0, seed, fault_at, kt=True)
+    results = {}
+    for kind in KERNELS:
+        for incremental in (False, True):
+            k, slots = ride.new_kernel(KERNELS[kind])
+            k.incremental = incremental
+            results[kind, incremental] = (ride.replay(k, slots, rec.calls), k.alarms(), k.state(90.0),
+                                          k.health(90.0))
+        assert results[kind, True] == results[kind, False]
+    if "c" in KERNELS:
+        assert_same_outputs(results["c", True], results["py", True])
