@@ -1,6 +1,6 @@
 # Types for compiling _alarms_py.py with Cython as agent.fusion._alarms (see _kernel.pxd).
 import cython
-from libc cimport math
+from libc cimport math  # the .py's math.exp, .cos... become the C functions, not module lookups
 
 from agent.fusion._frames cimport Health
 from agent.fusion._state cimport State
