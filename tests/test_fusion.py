@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from agent.fusion import spec as kp
 from agent.fusion.kernel import KERNELS
 from agent.signals import BY_ID, ID_SPACE, signal_id
 from devtools import ride
+from firmware_sim.scenario import scenario_names
 from tests.conftest import BUILD_REQUIRED, assert_same_outputs
 from tests.helpers import REPO, micropython_binary
 
@@ -478,3 +480,127 @@ def test_restore_refuses_what_no_kernel_saved(kernel_cls: Any, values: list[floa
     with pytest.raises(ValueError, match=why):
         k.restore(values)
     assert list(k.persistent()) == before, "a refused restore changed the kernel"
+
+
+def _alarm_inputs(seed: int) -> tuple[tuple[Any, ...], list[int], dict[int, list[float]]]:
+    """A random alarm table over the signal alarms' inputs (thresholds, clear thresholds
+    and delays drawn anew, zero delays included) and, per input, a few levels either side
+    of its thresholds, so a ride of them raises, holds and clears."""
+    rng = random.Random(seed)
+    rows = []
+    levels: dict[int, list[float]] = {}
+    for r in kp.ALARMS:
+        if r[3] == kp.SPECIAL:
+            rows.append(r)
+            continue
+        thr = round(rng.uniform(1.0, 50.0), 1)
+        gap = round(rng.uniform(0.0, 5.0), 1)
+        clr = thr - gap if r[4] == kp.ABOVE else thr + gap
+        on = rng.choice([0.0, 0.1, 0.5, 2.0])
+        off = rng.choice([0.0, 0.3, 1.0, 3.0])
+        rows.append(r[:5] + (thr, clr, on, off) + r[9:])
+        levels.setdefault(r[3], []).extend([thr - 2.0 * gap - 1.0, clr, (thr + clr) / 2.0, thr, thr + 1.0, -0.0, 0.0])
+    return tuple(rows), sorted(levels), levels
+
+
+def _judged_ride(kernel_cls: Any, seed: int, incremental: bool) -> tuple[list[Any], Any]:
+    """A random ride of the alarm inputs (levels repeated, inputs that fall silent long
+    enough to go stale and come back, the storage condition toggled) through a kernel with
+    the random table of ``_alarm_inputs``; every output and the kernel."""
+    rows, sids, levels = _alarm_inputs(seed)
+    rng = random.Random(seed + 1)
+    k = kernel_cls(ID_SPACE, 1.0)
+    k.set_alarms(rows)
+    k.incremental = incremental
+    out: list[Any] = []
+    t = 100.0
+    silent: dict[int, float] = {}
+    value = {sid: rng.choice(levels[sid]) for sid in sids}
+    while t < 400.0:
+        ids, times, values = [], [], []
+        for sid in sids:
+            if silent.get(sid, 0.0) > t:
+                continue
+            if rng.random() < 0.002:
+                silent[sid] = t + rng.uniform(0.5, 30.0)
+                continue
+            if rng.random() < 0.05:
+                value[sid] = rng.choice(levels[sid])
+            if rng.random() < 0.7:
+                ids.append(sid)
+                times.append(t)
+                values.append(value[sid])
+        if rng.random() < 0.01:
+            k.set_condition(kp.A_STORAGE_FAILED, rng.choice([0.0, 1.0]))
+        out += k.feed_values(ids, times, values)
+        t = round(t + rng.choice([0.05, 0.1, 0.1, 0.2, 0.35]), 6)
+    out += k.close_due(t + 20.0)
+    return out + k.flush(), k
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_incremental_judging_equals_judging_everything(kernel_cls: Any, seed: int) -> None:
+    """An alarm at rest given the value it was judged on is skipped: on random tables and
+    rides (raises, holds, clears, inputs going stale, zero delays) every output and every
+    active alarm are exactly those of judging everything at every step."""
+    out_full, k_full = _judged_ride(kernel_cls, seed, False)
+    out_inc, k_inc = _judged_ride(kernel_cls, seed, True)
+    events = alarms_of(out_full)
+    assert any(e[4] for e in events) and any(not e[4] for e in events), "the ride must raise and clear alarms"
+    assert out_inc == out_full
+    assert k_inc.alarms() == k_full.alarms()
+    assert k_inc.state(400.0) == k_full.state(400.0)
+
+
+def test_compiled_and_pure_judge_random_tables_alike() -> None:
+    if "c" not in KERNELS:
+        if BUILD_REQUIRED:
+            pytest.fail("EBIKE_AGENT_BUILD_EXT=1 but the compiled kernel is not importable")
+        pytest.skip("the compiled kernel was not built")
+    for seed in (4, 5):
+        out_c, kc = _judged_ride(KERNELS["c"], seed, True)
+        out_py, kpy = _judged_ride(KERNELS["py"], seed, True)
+        assert_same_outputs(out_c, out_py)
+        assert_same_outputs(kc.alarms(), kpy.alarms())
+
+
+@pytest.mark.parametrize(("scenario", "duration"), RECORDED, ids=[r[0] for r in RECORDED])
+def test_incremental_step_equals_full_evaluation_on_recorded_rides(kernel_cls: Any, scenario: str,
+                                                                   duration: float) -> None:
+    """The recorded fault rides give exactly the same outputs, alarms, state and health
+    with the step's skipping as with everything evaluated at every step."""
+    rec = recording(scenario, duration, kt=True)
+    got = []
+    for incremental in (False, True):
+        k, slots = ride.new_kernel(kernel_cls)
+        k.incremental = incremental
+        got.append((ride.replay(k, slots, rec.calls), k.alarms(), k.state(duration), k.health(duration),
+                    k.counters(), list(k.persistent())))
+    assert any(o[0] == kp.OUT_ALARM for o in got[0][0])
+    assert got[1] == got[0]
+
+
+def _random_fault_rides(n: int, seed: int) -> list[tuple[str, int, float]]:
+    """``n`` random rides: two or three of the simulator's scenarios composed, a seed, the
+    time their faults start."""
+    rng = random.Random(seed)
+    return [("+".join(rng.sample(scenario_names(), rng.randint(2, 3))), rng.randint(1, 1000),
+             float(rng.randint(10, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("scenario", "seed", "fault_at"), _random_fault_rides(3, 18))
+def test_random_fault_rides_agree_between_builds_and_with_full_evaluation(scenario: str, seed: int,
+                                                                           fault_at: float) -> None:
+    """Random compositions of the simulator's faults: the compiled and the pure kernel give
+    the same outputs, and each gives exactly the outputs of judging everything at every step."""
+    rec = ride.record(scenario, 90.0, seed, fault_at, kt=True)
+    results = {}
+    for kind in KERNELS:
+        for incremental in (False, True):
+            k, slots = ride.new_kernel(KERNELS[kind])
+            k.incremental = incremental
+            results[kind, incremental] = (ride.replay(k, slots, rec.calls), k.alarms(), k.state(90.0),
+                                          k.health(90.0))
+        assert results[kind, True] == results[kind, False]
+    if "c" in KERNELS:
+        assert_same_outputs(results["c", True], results["py", True])

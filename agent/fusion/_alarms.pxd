@@ -1,5 +1,6 @@
 # Types for compiling _alarms_py.py with Cython as agent.fusion._alarms (see _kernel.pxd).
 import cython
+from libc cimport math  # the .py's math.exp, .cos... become the C functions, not module lookups
 
 from agent.fusion._frames cimport Health
 from agent.fusion._state cimport State
@@ -18,6 +19,7 @@ cdef class Alarms:
     cdef double[::1] q_rate
     cdef long long snapshots
     cdef long long snapshots_truncated
+    cdef public bint incremental
     cdef object alarm_rows
     cdef int n_alarms
     cdef int[::1] a_code
@@ -33,6 +35,7 @@ cdef class Alarms:
     cdef double[::1] a_since
     cdef double[::1] a_raised_t
     cdef double[::1] a_value
+    cdef signed char[::1] a_quiet
     cdef double[::1] spec_value
     cdef signed char[::1] spec_ok
     cdef int[::1] a_row

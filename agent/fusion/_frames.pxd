@@ -24,6 +24,7 @@ cdef class Health:
     cdef double[::1] params
     cdef int[::1] src_seen
     cdef int[::1] src_live
+    cdef int src_top
     cdef Py_ssize_t n_msgs
     cdef Py_ssize_t n_slots
     cdef signed char[::1] m_src

@@ -84,6 +84,7 @@ class Health:
         self.params = params
         self.src_seen = _zeros("i", MAX_SOURCES)
         self.src_live = _zeros("i", MAX_SOURCES)
+        self.src_top = 0
         self.size(0)
 
     def size(self, n_msgs):
@@ -148,10 +149,12 @@ class Health:
 
     def step(self, t):
         """Time out messages not heard for ``health_periods`` learned periods; a source
-        is lost when every message it has sent is timed out."""
-        for s in range(MAX_SOURCES):
+        is lost when every message it has sent is timed out. ``src_top``: one past the
+        highest source heard from, so the alarms look at no more."""
+        for s in range(self.src_top):
             self.src_seen[s] = 0
             self.src_live[s] = 0
+        self.src_top = 0
         for m in range(self.n_slots):
             if not self.m_seen[m]:
                 continue
@@ -163,6 +166,8 @@ class Health:
                 self.m_timeouts[m] += 1
             s = self.m_src[m]
             self.src_seen[s] += 1
+            if s >= self.src_top:
+                self.src_top = s + 1
             if not self.m_out[m]:
                 self.src_live[s] += 1
 

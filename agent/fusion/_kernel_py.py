@@ -96,6 +96,16 @@ class Kernel:
         self.st.source = value
 
     @property
+    def incremental(self):
+        """Whether a fusion step skips the work its inputs did not change (the default);
+        False judges everything at every step, the reference the tests compare it with."""
+        return self.al.incremental == 1
+
+    @incremental.setter
+    def incremental(self, value):
+        self.al.incremental = 1 if value else 0
+
+    @property
     def frames(self):
         """CAN frames decoded so far."""
         return self.st.frames

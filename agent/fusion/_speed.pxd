@@ -1,5 +1,6 @@
 # Types for compiling _speed_py.py with Cython as agent.fusion._speed (see _kernel.pxd).
 import cython
+from libc cimport math  # the .py's math.exp, .cos... become the C functions, not module lookups
 
 from agent.fusion._state cimport State
 

@@ -121,7 +121,9 @@ cdef class State:
     @cython.locals(k=int)
     cdef int flush_windows(self) except -1
 
-    @cython.locals(c=int, base=Py_ssize_t, j=int, i=int, sid=int, n=int, rows=list)
+    @cython.locals(c=int, base=Py_ssize_t, j=int, i=int, sid=int, n=int, rows=list, lt_prev=double, lt=double,
+                   lt_obj=object, lo=double, lo_obj=object, hi=double, hi_obj=object, mean=double, mean_obj=object,
+                   last=double, last_obj=object)
     cdef int _close(self, int k, long long next_index) except -1
 
     @cython.locals(size=cython.longlong, tail=cython.longlong, lost=cython.longlong, r=Py_ssize_t, sid=int, src=int,

@@ -405,13 +405,30 @@ class State:
         if c > 0:
             base = k * self.id_space
             rows = []
+            # A number equal to one already in the rows is handed out as the same object
+            # (most rows share the last time of the row before, a steady signal's minimum
+            # is its maximum): each new one is an allocation of the compiled kernel. Not
+            # a zero, whose sign equality does not see.
+            lt_prev = 0.0
+            lt_obj = None
             for j in range(c):
                 i = self.touched[base + j]
                 sid = i - base
                 n = self.w_count[i]
                 if k == WIN_HISTORY or self.policy[sid] & REPORT_WINDOW:
-                    rows.append((sid, n, self.w_min[i], self.w_max[i], self.w_sum[i] / n,
-                                 self.w_last[sid], self.w_last_time[sid]))
+                    lt = self.w_last_time[sid]
+                    if lt_obj is None or lt != lt_prev or lt == 0.0:
+                        lt_prev = lt
+                        lt_obj = lt
+                    lo = self.w_min[i]
+                    lo_obj = lo
+                    hi = self.w_max[i]
+                    hi_obj = lo_obj if hi == lo and lo != 0.0 else hi
+                    mean = self.w_sum[i] / n
+                    mean_obj = lo_obj if mean == lo and lo != 0.0 else mean
+                    last = self.w_last[sid]
+                    last_obj = lo_obj if last == lo and lo != 0.0 else last
+                    rows.append((sid, n, lo_obj, hi_obj, mean_obj, last_obj, lt_obj))
                 if k == WIN_LIVE:
                     self._merge(sid)
                 self.w_count[i] = 0

@@ -26,6 +26,8 @@ class KernelApi(Protocol):
     id_space: int
     # The index the agent gave the port it feeds next.
     source: int
+    # False: every alarm judged in full at every fusion step (the tests' reference).
+    incremental: bool
 
     @property
     def frames(self) -> int: ...
