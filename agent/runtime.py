@@ -267,6 +267,7 @@ class Runtime:
         self.notifier.stopping(f"stopping: committing {len(self.recorder.pending)} pending records")
         now = time.time()
         self.recorder.add(self.kernel.flush(), now)
+        self.recorder.flush_windows()
         self.recorder.commit(force=True)
         self.budget.snapshot(time.time())
         self.recorder.save_state()

@@ -129,6 +129,13 @@ class Recorder:
             if merged is not None:
                 self._window(lane, *merged)
 
+    def flush_windows(self) -> None:
+        """The windows gathered for merging, stored as one now (at a stop)."""
+        for lane, coalescer in self.coalescers.items():
+            merged = coalescer.flush()
+            if merged is not None:
+                self._window(lane, *merged)
+
     def _alarm(self, t: float, code: int, inst: int, level: int, raised: int, value: float, thr: float) -> None:
         name = ALARM_NAMES[code]
         log.warning("alarm %s%s level %d %s: value %g, threshold %g", name,
@@ -154,11 +161,6 @@ class Recorder:
         """Pending records into the outbox when urgent, forced, or the interval has passed;
         without records, the outbox's held writes once they are that old."""
         mono = time.monotonic()
-        if force:
-            for lane, coalescer in self.coalescers.items():
-                merged = coalescer.flush()
-                if merged is not None:
-                    self._window(lane, *merged)
         interval = self.interval(mono)
         if self.pending and (force or self.urgent or mono - self.last_commit >= interval):
             self.records += len(self.outbox.append(self.pending))

@@ -15,11 +15,13 @@ the last few days cost, as an exponentially weighted average (RATE_TAU_S): long 
 that a day's pattern (a ride, then parked) does not swing it much, short enough to
 follow a change of use. It is kept per kind of record, at full resolution (a merged
 window counts as the windows it stands for), so the cost of every level is known
-without trying it: the record stage reports what it stores (``stored``), and the
-bytes on the link per byte stored (deflate, batching, overheads) is measured over the
-same span. Every EVAL_S the level moves at most one step: coarser when the pace at the
-current level exceeds HIGH of the budget, finer when the pace at the finer level would
-stay under LOW of it (the gap between the two is the hysteresis). Alarms, events,
+without trying it: the record stage reports what it stores (``stored``), the payload
+published per byte stored (deflate, batching) is measured over the same span, and
+what the link costs whatever the level (the overheads of each publish and its acks,
+whose number follows the commits; keepalive pings; connections) is added as measured. Every EVAL_S the level moves at most one step: coarser when the pace at the
+current level exceeds HIGH of the budget, finer when the pace at the finer level has
+stayed under LOW of it for a day (the gap between the two and the day are the
+hysteresis: the rate's daily swing must not move the level every day). Alarms, events,
 command results and gap announcements are never withheld or merged: at the last level
 the budget may still be overrun by them, and status says so.
 """
@@ -65,6 +67,9 @@ EVAL_S = 60.0
 SAVE_S = 600.0
 HIGH = 0.95
 LOW = 0.85
+# A step back to finer resolution waits until the finer level's pace has stayed under
+# LOW for this long: a whole daily cycle, the ride (when the rate is highest) included.
+RETURN_AFTER_S = 86400.0
 # Level: (history windows merged, live windows merged, raw lanes on, what it means).
 HISTORY_FACTOR = 10
 LIVE_FACTOR = 10
@@ -148,9 +153,13 @@ class Budget:
         self.since: float | None = None
         self.full = {c: Rate() for c in CATEGORIES}  # stored, at full resolution
         self.stored_rate = Rate()  # stored, as stored
-        self.wire_rate = Rate()  # on the link
+        self.payload_rate = Rate()  # published payload (what was stored, deflated and batched)
+        # On the link whatever the level: overheads, acks, pings, connections (the
+        # batches, and so their overheads, follow the commits, not the bytes stored).
+        self.fixed_rate = Rate()
         self.level = 0
         self.changes = 0
+        self.finer_since: float | None = None  # since when the finer level's pace fits
         self.evaluated = -EVAL_S
         self.last_traffic: float | None = None
         self.saved: dict[str, float] = {}
@@ -172,7 +181,8 @@ class Budget:
             for c in CATEGORIES:
                 self.full[c] = Rate(saved.get(p + c, 0.0), at)
             self.stored_rate = Rate(saved.get(p + "stored", 0.0), at)
-            self.wire_rate = Rate(saved.get(p + "wire", 0.0), at)
+            self.payload_rate = Rate(saved.get(p + "payload_rate", 0.0), at)
+            self.fixed_rate = Rate(saved.get(p + "fixed", 0.0), at)
             self.level = min(len(LEVELS) - 1, max(0, int(saved.get(p + "level", 0)))) if self.enabled else 0
         self._roll(now)
         self._apply()
@@ -187,10 +197,11 @@ class Budget:
         """The count as it is now, for ``state``."""
         self.saved_at = now
         p = STATE_PREFIX
-        at = max(r.at for r in (*self.full.values(), self.stored_rate, self.wire_rate))
+        at = max(r.at for r in (*self.full.values(), self.stored_rate, self.payload_rate, self.fixed_rate))
         out = {p + "month": float(self.month), p + "used": self.used, p + "payload": self.payload,
                p + "level": float(self.level), p + "at": at,
-               p + "stored": self.stored_rate.decayed(at), p + "wire": self.wire_rate.decayed(at)}
+               p + "stored": self.stored_rate.decayed(at), p + "payload_rate": self.payload_rate.decayed(at),
+               p + "fixed": self.fixed_rate.decayed(at)}
         out.update({p + c: r.decayed(at) for c, r in self.full.items()})
         if self.since is not None:
             out[p + "since"] = self.since
@@ -205,10 +216,10 @@ class Budget:
 
     # --- counting ------------------------------------------------------------------
 
-    def _link(self, n: int, now: float) -> None:
+    def _link(self, n: int, now: float, rate: Rate) -> None:
         self._roll(now)
         self.used += n
-        self.wire_rate.add(n, now)
+        rate.add(n, now)
         self.last_traffic = now
 
     def published(self, topic_len: int, payload_len: int, now: float) -> None:
@@ -218,10 +229,12 @@ class Budget:
         if self.cloud_acks:
             n += publish_bytes(self.topic_len, CLOUD_ACK_PAYLOAD)
         self.payload += payload_len
-        self._link(n, now)
+        self.payload_rate.add(payload_len, now)
+        self._link(n - payload_len, now, self.fixed_rate)
+        self.used += payload_len
 
     def connected(self, now: float) -> None:
-        self._link(CONNECT_BYTES, now)
+        self._link(CONNECT_BYTES, now, self.fixed_rate)
 
     def idle(self, now: float, connected: bool) -> None:
         """A keepalive ping (and its answer) for each keepalive without traffic."""
@@ -230,7 +243,7 @@ class Budget:
         elif self.last_traffic is None:
             self.last_traffic = now
         elif now - self.last_traffic >= self.keepalive:
-            self._link(2 * _framed(MQTT_PING), now)
+            self._link(2 * _framed(MQTT_PING), now, self.fixed_rate)
 
     def stored(self, category: str, nbytes: int, windows: int, now: float) -> None:
         """A record the record stage stored: ``windows`` merged windows count as that
@@ -247,12 +260,13 @@ class Budget:
         full = {c: r.per_s(now, since) for c, r in self.full.items()}
         cost = full["other"] + full["history"] / hist_k + full["live"] / live_k + (full["raw"] if raw_on else 0.0)
         stored = self.stored_rate.per_s(now, since)
-        per_stored = self.wire_rate.per_s(now, since) / stored if stored > 0 else 1.0
-        return self.used + per_stored * cost * max(0.0, self.month_end - now)
+        per_stored = self.payload_rate.per_s(now, since) / stored if stored > 0 else 1.0
+        rate = self.fixed_rate.per_s(now, since) + per_stored * cost
+        return self.used + rate * max(0.0, self.month_end - now)
 
     def step(self, now: float) -> None:
         """Every EVAL_S: one step coarser when the pace overruns HIGH x budget, one step
-        finer when the finer level's pace stays under LOW x budget."""
+        finer when the finer level's pace has stayed under LOW x budget RETURN_AFTER_S."""
         if now - self.saved_at >= SAVE_S:
             self.snapshot(now)
         if not self.enabled or now - self.evaluated < EVAL_S:
@@ -261,12 +275,17 @@ class Budget:
         self._roll(now)
         if not LEVELS[self.level][2]:
             self.full["raw"].hold(now)
+        if self.level > 0 and self.pace(self.level - 1, now) < LOW * self.budget:
+            self.finer_since = now if self.finer_since is None else self.finer_since
+        else:
+            self.finer_since = None
         if self.level < len(LEVELS) - 1 and self.pace(self.level, now) > HIGH * self.budget:
             self.level += 1
-        elif self.level > 0 and self.pace(self.level - 1, now) < LOW * self.budget:
+        elif self.finer_since is not None and now - self.finer_since >= RETURN_AFTER_S:
             self.level -= 1
         else:
             return
+        self.finer_since = None
         self.changes += 1
         self._apply()
 
