@@ -18,10 +18,12 @@ window counts as the windows it stands for), so the cost of every level is known
 without trying it: the record stage reports what it stores (``stored``), the payload
 published per byte stored (deflate, batching) is measured over the same span, and
 what the link costs whatever the level (the overheads of each publish and its acks,
-whose number follows the commits; keepalive pings; connections) is added as measured. Every EVAL_S the level moves at most one step: coarser when the pace at the
-current level exceeds HIGH of the budget, finer when the pace at the finer level has
-stayed under LOW of it for a day (the gap between the two and the day are the
-hysteresis: the rate's daily swing must not move the level every day). Alarms, events,
+whose number follows the commits; keepalive pings; connections) is added as measured.
+
+Every EVAL_S the level moves at most one step: coarser when the pace at the current
+level exceeds HIGH of the budget, finer when the pace at the finer level has stayed
+under LOW of it for a day (the gap between the two and the day are the hysteresis: the
+rate's daily swing must not move the level every day). Alarms, events,
 command results and gap announcements are never withheld or merged: at the last level
 the budget may still be overrun by them, and status says so.
 """
