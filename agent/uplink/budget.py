@@ -62,7 +62,7 @@ CONNECT_BYTES = 6000
 # --- the pace ----------------------------------------------------------------------------
 RATE_TAU_S = 3 * 86400.0  # a daily ride/parked pattern swings the rate by about +-17 %
 RATE_MIN_SPAN_S = 86400.0  # until a day is seen, the bytes so far count as one day's
-EVAL_S = 60.0
+EVAL_S = 10.0
 # The count is handed to the outbox at most this often (and at a stop): a parked unit's
 # pings would otherwise rewrite the state at every commit. A power cut loses at most this
 # much of the count.
