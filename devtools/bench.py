@@ -30,6 +30,9 @@ Writes every round to bench-results.json.
 8. SD-card care (devtools/bench_writes.py): bytes the agent process writes (write_bytes of
    /proc/<pid>/io) per hour of riding and per hour parked, on its default [outbox]
    settings, the consumer acknowledging; medians of runs made at once.
+9. Data budget (devtools/bench_budget.py): MB a month of a typical day (2 h riding, 22 h
+   parked) with the default configuration, recorded rides through the agent's record and
+   send stages in accelerated time, payload plus the budget's overhead estimate.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_uplink, bench_wire, bench_writes, ride
+from devtools import bench_budget, bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     wire_figures = bench_wire.measure()
     agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
     writes = _sd_writes(args.writes_rounds, args.writes_riding_seconds, args.writes_parked_seconds)
+    budget = bench_budget.measure()
 
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
@@ -356,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_can_frames_per_s_received": agent.get("can_frames_per_s"),
         "sd_write_mb_per_h_riding": writes.get("sd_write_mb_per_h_riding"),
         "sd_write_mb_per_h_parked": writes.get("sd_write_mb_per_h_parked"),
+        "mb_per_month_typical": budget["mb_per_month_typical"],
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
@@ -388,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sd_write_mb_per_h_{case}: {writes[f'sd_write_mb_per_h_{case}']:.2f} (goal <= {goal:g}; "
                   f"{writes[f'{case}_source']} of the agent process over {writes[f'{case}_interval_s']:g} s after "
                   f"{writes[f'{case}_warmup_s']:g} s, per hour; runs {runs})")
+    bench_budget.report(budget)
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
-        "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes,
+        "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes, "budget": budget,
     }, indent=1))
     print(f"written to {args.out}")
     return 1 if "error" in agent or "error" in writes else 0

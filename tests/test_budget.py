@@ -40,6 +40,7 @@ from agent.store.outbox import LANE_HISTORY, LANE_LIVE
 from agent.store.recorder import Recorder
 from agent.uplink import budget as budget_module
 from agent.uplink.budget import LEVELS, Budget, month_bounds, publish_bytes
+from devtools import bench_budget
 
 SPEED = signal_id("Vehicle.Speed")
 VOLTAGE = signal_id("Vehicle.Powertrain.TractionBattery.CurrentVoltage")
@@ -340,3 +341,13 @@ def test_the_budget_defaults_to_none(tmp_path: Path) -> None:
     cfg = config.parse(str(tmp_path / "agent.toml"), {"device_id": DEVICE, "sources": [
         {"name": "g", "kind": "uart", "port": "/dev/null", "protocol": "nmea"}]})
     assert cfg.uplink.budget_mb_per_month == 0.0
+
+
+def test_the_bench_figure_comes_from_the_agents_output() -> None:
+    """devtools/bench_budget.py on short rides: a figure, each level costing no more than
+    the one before, payload under the link's bytes."""
+    fig = bench_budget.measure(riding_s=60.0, parked_s=300.0)
+    months = [lv["mb_per_month"] for lv in fig["levels"]]
+    assert fig["mb_per_month_typical"] == months[0] > 0
+    assert all(a >= b for a, b in zip(months, months[1:], strict=False)) and months[2] < months[0] / 2
+    assert all(0 < lv["payload_mb_per_month"] < lv["mb_per_month"] for lv in fig["levels"])
