@@ -41,6 +41,7 @@ from agent.store.recorder import Recorder
 from agent.uplink import budget as budget_module
 from agent.uplink.budget import LEVELS, Budget, month_bounds, publish_bytes
 from devtools import bench_budget
+from tests.test_cli_status import assert_fits, one_line, rendered, status_reply
 
 SPEED = signal_id("Vehicle.Speed")
 VOLTAGE = signal_id("Vehicle.Powertrain.TractionBattery.CurrentVoltage")
@@ -351,3 +352,17 @@ def test_the_bench_figure_comes_from_the_agents_output() -> None:
     assert fig["mb_per_month_typical"] == months[0] > 0
     assert all(a >= b for a, b in zip(months, months[1:], strict=False)) and months[2] < months[0] / 2
     assert all(0 < lv["payload_mb_per_month"] < lv["mb_per_month"] for lv in fig["levels"])
+
+
+def test_status_shows_the_month_the_pace_and_the_level() -> None:
+    st = status_reply()
+    st["budget"] = {"budget_mb": 5.0, "month": "2026-02", "used_mb": 4.21, "payload_mb": 3.02, "pace_mb": 6.34,
+                    "level": 2, "meaning": LEVELS[2][3], "history_merged": 10, "live_merged": 10,
+                    "raw_enabled": True, "level_changes": 2}
+    text = rendered(st)
+    assert_fits(text)
+    flat = one_line(text)
+    assert "DATA BUDGET" in flat and "4.2 MB sent in 2026-02 (payload 3.0 MB) of 5 MB" in flat
+    assert "pace 6.3 MB at month end" in flat and f"level 2: {LEVELS[2][3]}" in flat
+    st["budget"].update(budget_mb=0.0, level=0, meaning=LEVELS[0][3])
+    assert "no budget set" in one_line(rendered(st))
