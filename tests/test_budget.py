@@ -362,7 +362,7 @@ def test_status_shows_the_month_the_pace_and_the_level() -> None:
     text = rendered(st)
     assert_fits(text)
     flat = one_line(text)
-    assert "DATA BUDGET" in flat and "4.2 MB sent in 2026-02 (payload 3.0 MB) of 5 MB" in flat
+    assert "DATA BUDGET" in flat and "4.2 MB sent in 2026-02 (payload 3.0 MB) of 5.0 MB" in flat
     assert "pace 6.3 MB at month end" in flat and f"level 2: {LEVELS[2][3]}" in flat
     st["budget"].update(budget_mb=0.0, level=0, meaning=LEVELS[0][3])
     assert "no budget set" in one_line(rendered(st))

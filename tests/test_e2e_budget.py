@@ -85,7 +85,7 @@ def test_a_tiny_budget_degrades_the_agent_and_every_alarm_still_arrives(tmp_path
                 stop(proc)
 
     assert levels == list(range(levels[0], len(LEVELS))), f"levels seen {levels}: one step at a time"
-    assert "DATA BUDGET" in text and f"of {TINY_MB:g} MB" in text and f"level {len(LEVELS) - 1}:" in text, text
+    assert "DATA BUDGET" in text and f"of {TINY_MB * 1e3:.1f} kB" in text and f"level {len(LEVELS) - 1}:" in text, text
     assert saved["budget.used"] >= budget["used_mb"] * 1e6, "the month's count is kept in the outbox"
     logged = sorted((name, how == "raised") for name, how in LOGGED_ALARM.findall(agent_log.read_text()))
     alarms = sorted((a["name"], a["on"]) for a in _cloud(db, "alm"))

@@ -158,14 +158,14 @@ def _uplink(up: dict[str, Any], now: float) -> list[tuple[str, str]]:
 
 
 def _budget(b: dict[str, Any]) -> list[tuple[str, str]]:
-    """The data budget: the month's MB, the pace at month end, the level and its meaning."""
-    used = f"{b['used_mb']:.1f} MB sent in {b['month']} (payload {b['payload_mb']:.1f} MB)"
+    """The data budget: the month's bytes, the pace at month end, the level and its meaning."""
+    used = f"{_size(b['used_mb'] * 1e6)} sent in {b['month']} (payload {_size(b['payload_mb'] * 1e6)})"
+    pace = f"pace {_size(b['pace_mb'] * 1e6)} at month end"
     if not b.get("budget_mb"):
-        return [("DATA BUDGET", "bold"), (f"{INDENT}{used}, pace {b['pace_mb']:.1f} MB; no budget set", "")]
+        return [("DATA BUDGET", "bold"), (f"{INDENT}{used}, {pace}; no budget set", "")]
     over = b["pace_mb"] > b["budget_mb"]
     return [("DATA BUDGET", "bold"),
-            (f"{INDENT}{used} of {b['budget_mb']:g} MB; pace {b['pace_mb']:.1f} MB at month end",
-             "yellow" if over else ""),
+            (f"{INDENT}{used} of {_size(b['budget_mb'] * 1e6)}; {pace}", "yellow" if over else ""),
             (f"{INDENT}level {b['level']}: {b['meaning']}", "yellow" if b["level"] else "green")]
 
 
