@@ -70,7 +70,7 @@ def link_bytes(rec: ride.Recorder, parked: bool, level: int, tmp: Path) -> tuple
                                     cfg.broker.max_batch_bytes - wire.batch_overhead(DEVICE),
                                     overhead=wire.RECORD_OVERHEAD):
             payload = wire.encode_batch(DEVICE, batch, cfg.broker.deflate)
-            budget.published(len(topic), len(payload), now)
+            budget.published(len(topic), len(payload), now, sum(len(b) for _, b in batch))
             outbox.ack([seq for seq, _ in batch])
 
     for call in rec.calls:

@@ -155,7 +155,7 @@ class Month:
             if not batch:
                 return
             payload = wire.encode_batch(DEVICE, batch, deflate=True)
-            self.budget.published(len(TOPIC), len(payload), now)
+            self.budget.published(len(TOPIC), len(payload), now, sum(len(b) for _, b in batch))
             for _seq, rec in wire.decode_batch(payload)[1]:
                 if rec["k"] == wire.KIND_ALARM and rec["on"]:
                     self.alarms_received += 1
@@ -289,9 +289,10 @@ def test_levels_go_one_step_at_a_time_in_order_and_back_to_full_resolution(tmp_p
     month = Month(tmp_path, unbudgeted / 5, days(17))
     month.run(days(17), days(20), rides=((6 * 3600.0, 6.5 * 3600.0), (16 * 3600.0, 16.5 * 3600.0)))
     month.run(days(20), MONTH_END, rides=())
-    assert month.levels == [0, 1, 2, 3, 2, 1, 0]
-    assert month.coarsened == [(1, 1), (10, 1), (10, 10), (10, 10), (10, 10), (10, 1), (1, 1)]
-    assert month.raw == [True, True, True, False, True, True, True]
+    assert month.levels[:4] == [0, 1, 2, 3] and month.levels[-4:] == [3, 2, 1, 0], month.levels
+    assert all(abs(a - b) == 1 for a, b in zip(month.levels, month.levels[1:], strict=False))
+    assert month.coarsened == [LEVELS[level][:2] for level in month.levels]
+    assert month.raw == [LEVELS[level][2] for level in month.levels] and month.raw[3] is False
     assert month.budget.used / 1e6 <= 1.05 * unbudgeted / 5
 
 
@@ -366,3 +367,19 @@ def test_status_shows_the_month_the_pace_and_the_level() -> None:
     assert "pace 6.3 MB at month end" in flat and f"level 2: {LEVELS[2][3]}" in flat
     st["budget"].update(budget_mb=0.0, level=0, meaning=LEVELS[0][3])
     assert "no budget set" in one_line(rendered(st))
+
+
+def test_a_clock_behind_the_month_counted_keeps_its_count(tmp_path: Path) -> None:
+    """A unit without a real-time clock boots in 1970 until NTP sets the time: the
+    month's count restored is kept (counted on), and the level is not judged meanwhile."""
+    budget = Budget(1.0, 30, True, len(TOPIC))
+    budget.start({"budget.month": float(month_bounds(days(10))[0]), "budget.used": 5e5, "budget.level": 2.0},
+                 days(10))
+    booted = 3600.0
+    budget.start(budget.state() | {"budget.used": 5e5}, booted)
+    budget.published(len(TOPIC), 1000, booted, 5000)
+    budget.stored("live", 10**9, 1, booted)
+    budget.step(booted)
+    assert budget.used > 5e5 and budget.level == 2 and budget.status(booted)["month"] == "2026-02"
+    budget.step(days(11))
+    assert budget.month == month_bounds(days(11))[0] and budget.used > 5e5

@@ -16,7 +16,7 @@ that a day's pattern (a ride, then parked) does not swing it much, short enough 
 follow a change of use. It is kept per kind of record, at full resolution (a merged
 window counts as the windows it stands for), so the cost of every level is known
 without trying it: the record stage reports what it stores (``stored``), the payload
-published per byte stored (deflate, batching) is measured over the same span, and
+published per record byte (deflate, batching) is measured on the batches sent, and
 what the link costs whatever the level (the overheads of each publish and its acks,
 whose number follows the commits; keepalive pings; connections) is added as measured.
 
@@ -109,6 +109,11 @@ def month_bounds(now: float) -> tuple[int, float, float]:
     return tm.tm_year * 12 + tm.tm_mon - 1, float(start), float(calendar.timegm((year, month, 1, 0, 0, 0)))
 
 
+def _first_second(month: int) -> float:
+    """The first second (UTC) of month ``year x 12 + month - 1``."""
+    return float(calendar.timegm((month // 12, month % 12 + 1, 1, 0, 0, 0)))
+
+
 class Rate:
     """Bytes per second over the last RATE_TAU_S or so, exponentially weighted."""
 
@@ -154,8 +159,10 @@ class Budget:
         self.payload = 0.0
         self.since: float | None = None
         self.full = {c: Rate() for c in CATEGORIES}  # stored, at full resolution
-        self.stored_rate = Rate()  # stored, as stored
-        self.payload_rate = Rate()  # published payload (what was stored, deflated and batched)
+        # Batches published: the record bytes in them, and their payload (deflated, framed):
+        # measured on the publishes themselves, so an outage's backlog does not skew it.
+        self.records_rate = Rate()
+        self.payload_rate = Rate()
         # On the link whatever the level: overheads, acks, pings, connections (the
         # batches, and so their overheads, follow the commits, not the bytes stored).
         self.fixed_rate = Rate()
@@ -182,7 +189,7 @@ class Budget:
             at = saved.get(p + "at", now)
             for c in CATEGORIES:
                 self.full[c] = Rate(saved.get(p + c, 0.0), at)
-            self.stored_rate = Rate(saved.get(p + "stored", 0.0), at)
+            self.records_rate = Rate(saved.get(p + "records", 0.0), at)
             self.payload_rate = Rate(saved.get(p + "payload_rate", 0.0), at)
             self.fixed_rate = Rate(saved.get(p + "fixed", 0.0), at)
             self.level = min(len(LEVELS) - 1, max(0, int(saved.get(p + "level", 0)))) if self.enabled else 0
@@ -199,10 +206,10 @@ class Budget:
         """The count as it is now, for ``state``."""
         self.saved_at = now
         p = STATE_PREFIX
-        at = max(r.at for r in (*self.full.values(), self.stored_rate, self.payload_rate, self.fixed_rate))
+        at = max(r.at for r in (*self.full.values(), self.records_rate, self.payload_rate, self.fixed_rate))
         out = {p + "month": float(self.month), p + "used": self.used, p + "payload": self.payload,
                p + "level": float(self.level), p + "at": at,
-               p + "stored": self.stored_rate.decayed(at), p + "payload_rate": self.payload_rate.decayed(at),
+               p + "records": self.records_rate.decayed(at), p + "payload_rate": self.payload_rate.decayed(at),
                p + "fixed": self.fixed_rate.decayed(at)}
         out.update({p + c: r.decayed(at) for c, r in self.full.items()})
         if self.since is not None:
@@ -210,9 +217,16 @@ class Budget:
         self.saved = out
 
     def _roll(self, now: float) -> None:
-        month, self.month_start, self.month_end = month_bounds(now)
-        if month != self.month:
+        """A new month starts the count again. A clock behind the month counted (a unit
+        without a real-time clock boots in the past until NTP or GNSS sets it) keeps
+        counting into that month instead of losing it."""
+        month, start, end = month_bounds(now)
+        if month > self.month:
             self.month, self.used, self.payload = month, 0.0, 0.0
+        if month == self.month:
+            self.month_start, self.month_end = start, end
+        elif not self.month_end:
+            _, self.month_start, self.month_end = month_bounds(_first_second(self.month))
         if self.since is None:
             self.since = now
 
@@ -224,16 +238,21 @@ class Budget:
         rate.add(n, now)
         self.last_traffic = now
 
-    def published(self, topic_len: int, payload_len: int, now: float) -> None:
+    def published(self, topic_len: int, payload_len: int, now: float, record_bytes: int = 0) -> None:
         """One publish that paho took: its payload and the estimated overhead; with cloud
-        acks, the consumer's ack of it and our PUBACK of that."""
+        acks, the consumer's ack of it and our PUBACK of that. ``record_bytes``: the
+        record bodies a batch carries (0: not a batch, e.g. a command result)."""
         n = publish_bytes(topic_len, payload_len)
-        if self.cloud_acks:
+        if self.cloud_acks and record_bytes:
             n += publish_bytes(self.topic_len, CLOUD_ACK_PAYLOAD)
         self.payload += payload_len
-        self.payload_rate.add(payload_len, now)
-        self._link(n - payload_len, now, self.fixed_rate)
-        self.used += payload_len
+        if record_bytes:
+            self.records_rate.add(record_bytes, now)
+            self.payload_rate.add(payload_len, now)
+            self._link(n - payload_len, now, self.fixed_rate)
+            self.used += payload_len
+        else:
+            self._link(n, now, self.fixed_rate)
 
     def connected(self, now: float) -> None:
         self._link(CONNECT_BYTES, now, self.fixed_rate)
@@ -251,7 +270,6 @@ class Budget:
         """A record the record stage stored: ``windows`` merged windows count as that
         many records of its size at full resolution."""
         self.full[category].add(nbytes * windows, now)
-        self.stored_rate.add(nbytes, now)
 
     # --- the pace --------------------------------------------------------------------
 
@@ -261,8 +279,8 @@ class Budget:
         hist_k, live_k, raw_on, _ = LEVELS[level]
         full = {c: r.per_s(now, since) for c, r in self.full.items()}
         cost = full["other"] + full["history"] / hist_k + full["live"] / live_k + (full["raw"] if raw_on else 0.0)
-        stored = self.stored_rate.per_s(now, since)
-        per_stored = self.payload_rate.per_s(now, since) / stored if stored > 0 else 1.0
+        records = self.records_rate.per_s(now, since)
+        per_stored = self.payload_rate.per_s(now, since) / records if records > 0 else 1.0
         rate = self.fixed_rate.per_s(now, since) + per_stored * cost
         return self.used + rate * max(0.0, self.month_end - now)
 
@@ -275,6 +293,8 @@ class Budget:
             return
         self.evaluated = now
         self._roll(now)
+        if now < self.month_start:
+            return  # the clock is behind the month counted: no pace to judge until it is set
         if not LEVELS[self.level][2]:
             self.full["raw"].hold(now)
         if self.level > 0 and self.pace(self.level - 1, now) < LOW * self.budget:

@@ -373,7 +373,7 @@ class Uplink:
             self.sent_bytes.popleft()
         return sum(n for _, n in self.sent_bytes) < self.cfg.max_bytes_per_s
 
-    def publish(self, seqs: list[int], payload: bytes) -> bool:
+    def publish(self, seqs: list[int], payload: bytes, record_bytes: int = 0) -> bool:
         """Queue one batch; False if paho would not take it (the rows stay leased-free).
         Nothing is handed to paho while it is not connected: it would keep the message
         and send it first on the next connect, ahead of the newest live data."""
@@ -385,15 +385,16 @@ class Uplink:
             self.last_error = mqtt.error_string(info.rc)
             return False
         self.window.sent(info.mid, payload, seqs)
-        self._count(self.topic_telemetry, payload)
+        self._count(self.topic_telemetry, payload, record_bytes)
         if self.cfg.max_bytes_per_s:
             self.sent_bytes.append((time.monotonic(), len(payload)))
         return True
 
-    def _count(self, topic: str, payload: bytes) -> None:
-        """A publish paho took, counted against the data budget."""
+    def _count(self, topic: str, payload: bytes, record_bytes: int = 0) -> None:
+        """A publish paho took, counted against the data budget (``record_bytes``: the
+        record bodies of a batch)."""
         if self.budget is not None:
-            self.budget.published(len(topic.encode()), len(payload), time.time())
+            self.budget.published(len(topic.encode()), len(payload), time.time(), record_bytes)
 
     def poll(self) -> tuple[list[int], list[int]]:
         """Drain paho's events: sequence numbers acknowledged, and ones to send again."""
