@@ -383,3 +383,9 @@ def test_a_clock_behind_the_month_counted_keeps_its_count(tmp_path: Path) -> Non
     assert budget.used > 5e5 and budget.level == 2 and budget.status(booted)["month"] == "2026-02"
     budget.step(days(11))
     assert budget.month == month_bounds(days(11))[0] and budget.used > 5e5
+
+
+def test_config_show_has_the_budget(tmp_path: Path) -> None:
+    from agent.cli.config_cmd import effective
+
+    assert effective(agent_config(tmp_path, 5.0))["uplink"] == {"budget_mb_per_month": 5.0}
