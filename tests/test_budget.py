@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from agent import config, wire
+from agent.cli.config_cmd import effective
 from agent.errors import ConfigError
 from agent.feed import make_kernel
 from agent.fusion import spec as kp
@@ -386,6 +387,4 @@ def test_a_clock_behind_the_month_counted_keeps_its_count(tmp_path: Path) -> Non
 
 
 def test_config_show_has_the_budget(tmp_path: Path) -> None:
-    from agent.cli.config_cmd import effective
-
     assert effective(agent_config(tmp_path, 5.0))["uplink"] == {"budget_mb_per_month": 5.0}
