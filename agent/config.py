@@ -142,6 +142,13 @@ class UpdateConfig:
     restart: str = "systemctl reset-failed ebike-agent.service; systemctl restart ebike-agent.service"
 
 
+@dataclass(frozen=True)
+class UplinkConfig:
+    """[uplink]: the data budget of a metered SIM (agent/uplink/budget.py)."""
+
+    budget_mb_per_month: float = 0.0  # 0 = no budget
+
+
 # An alarm row as the kernel takes it (see ALARMS in agent/fusion/spec.py).
 AlarmRow = tuple[int, str, int, int, int, float, float, float, float, int, str]
 REPORT_MODES = {"window": REPORT_WINDOW, "change": REPORT_CHANGE, "both": REPORT_WINDOW | REPORT_CHANGE,
@@ -172,6 +179,7 @@ class Config:
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     power: PowerConfig = field(default_factory=PowerConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
 
     @property
     def topic_prefix(self) -> str:
@@ -302,6 +310,13 @@ _UPDATE: Schema = (
 )
 
 
+_UPLINK: Schema = (
+    # MB (10^6 bytes) a month the SIM may carry, counted as the link's bytes both ways
+    # (payload and an estimate of MQTT/TLS/TCP overhead); 0: no budget.
+    ("budget_mb_per_month", float, 0.0, _non_negative),
+)
+
+
 def _power_of_two(v: int) -> str | None:
     return None if v >= 16 and v & (v - 1) == 0 else "must be a power of two >= 16"
 
@@ -342,7 +357,7 @@ _COMMANDS: Schema = (
     ("kt_assist_level", int, 3, _one_of(tuple(range(10)))),
 )
 _TOP_KEYS = ("device_id", "control_socket", "sources", "broker", "outbox", "windows", "fusion", "alarms",
-             "reporting", "commands", "power", "update")
+             "reporting", "commands", "power", "update", "uplink")
 
 
 def _alarms(path: str, raw: Any) -> tuple[AlarmRow, ...]:
@@ -537,6 +552,7 @@ def parse(path: str, data: dict[str, Any]) -> Config:
         commands=_commands(path, data.get("commands", {})),
         power=_power(path, data.get("power", {})),
         update=UpdateConfig(**_table(path, "update", data.get("update", {}), _UPDATE)),
+        uplink=UplinkConfig(**_table(path, "uplink", data.get("uplink", {}), _UPLINK)),
     )
 
 

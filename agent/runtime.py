@@ -43,6 +43,7 @@ from agent.store.lock import OutboxLock
 from agent.store.memory import Storage
 from agent.store.outbox import LANE_ALARM
 from agent.store.recorder import Recorder
+from agent.uplink.budget import Budget
 from agent.uplink.mqtt import Uplink
 from agent.uplink.pump import Pump
 
@@ -105,6 +106,7 @@ class Runtime:
                              birth=self._state(True), death=self._state(False), commands=cfg.commands.enabled,
                              ack_keys=dict(cfg.commands.ack_keys), revoked=cfg.commands.revoked)
         self.pump = Pump(self.outbox, self.uplink, cfg.device_id, cfg.broker)
+        self.budget = self._budget()
         self.sources = [make_source(s) for s in cfg.sources]
         self.read_bytes = [0] * len(self.sources)  # per source since the last _rate
         self.feeds = [make_feed(c, s, i, self.kernel) for i, (c, s) in enumerate(zip(cfg.sources, self.sources,
@@ -122,6 +124,19 @@ class Runtime:
         self.commands = CommandStage(cfg, self.uplink, self.actions, keep=self.recorder.result)
         self.commands.start(self.outbox.failed)
         self.notifier = Notifier()
+
+    def _budget(self) -> Budget:
+        """The data budget: it counts what the uplink sends and what the recorder stores,
+        its count kept with the kernel's counters, its level merging the recorder's windows
+        and, last, switching its raw lane off."""
+        budget = Budget(self.cfg.uplink.budget_mb_per_month, self.cfg.broker.keepalive,
+                        self.cfg.broker.ack == "cloud", len(self.uplink.topic_ack.encode()),
+                        coarsen=self.recorder.coarsen, set_raw_enabled=self.recorder.set_raw_enabled)
+        self.recorder.on_stored = budget.stored
+        self.recorder.more_state = budget.state
+        self.uplink.budget = budget
+        budget.start(self.recorder.saved_state, time.time())
+        return budget
 
     def _report_rollback(self) -> None:
         """A rolled-back upgrade (packaging/update-guard's note) goes to the cloud as an
@@ -176,6 +191,8 @@ class Runtime:
         self.recorder.commit()
         self._watch_storage()
         self.pump.turn()
+        self.budget.idle(now, self.uplink.connected)
+        self.budget.step(now)
         self.commands.step(time.time())
         self.recorder.commit()  # the commands' results go out this turn
         self.recorder.save_state_when_due()
@@ -268,8 +285,9 @@ class Runtime:
         self.notifier.stopping(f"stopping: committing {len(self.recorder.pending)} pending records")
         now = time.time()
         self.recorder.add(self.kernel.flush(), now)
-        self.recorder.flush_raw()
+        self.recorder.flush()
         self.recorder.commit(force=True)
+        self.budget.snapshot(time.time())
         self.recorder.save_state()
         self.pump.drain(max(0.0, deadline - STATE_RESERVE - time.monotonic()))
         self.uplink.stop(self._state(False), timeout=max(0.1, deadline - time.monotonic()))
@@ -310,7 +328,7 @@ class Runtime:
                                                                 strict=True))],
             "motion": motion.to_json(self.actions.motion, still_s),
             "outbox": outbox, "uplink": dict(self.uplink.status(), **diag.drain(outbox["records"])),
-            "clock": diag.clock(), "commands": self.commands.status(still_s),
+            "clock": diag.clock(), "commands": self.commands.status(still_s), "budget": self.budget.status(now),
             "raw": self.recorder.raw_status(),
         }
 

@@ -36,6 +36,10 @@ Writes every round to bench-results.json.
    on a saturated bus and on a commute (callgrind, over a window of steady traffic), and
    the CPU share of a Pi Zero 2 W core they project to.
 
+10. Data budget (devtools/bench_budget.py): MB a month of a typical day (2 h riding, 22 h
+   parked) with the default configuration, recorded rides through the agent's record and
+   send stages in accelerated time, payload plus the budget's overhead estimate.
+
 ``--smoke`` runs every section once at tiny sizes (about two minutes), to prove the bench
 works; its figures are not worth quoting and the JSON says ``"smoke": true``.
 """
@@ -63,7 +67,7 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_instr, bench_uplink, bench_wire, bench_writes, ride
+from devtools import bench_budget, bench_instr, bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
@@ -381,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.writes_warmup)
     instr = _instr(saturated, _packed_reads(frames), len(frames), args.can_fill, args.instr_warmup,
                    args.instr_seconds)
+    budget = bench_budget.measure()
 
     best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
@@ -400,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "sd_write_mb_per_h_riding": writes.get("sd_write_mb_per_h_riding"),
         "sd_write_mb_per_h_parked": writes.get("sd_write_mb_per_h_parked"),
         **{key: instr.get(key) for key in bench_instr.SUMMARY_KEYS},
+        "mb_per_month_typical": budget["mb_per_month_typical"],
     }
     print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
@@ -429,11 +435,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{writes[f'{case}_source']} of the agent process over {writes[f'{case}_interval_s']:g} s after "
                   f"{writes[f'{case}_warmup_s']:g} s, per hour; runs {runs})")
     bench_instr.report(instr)
+    bench_budget.report(budget)
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds, "smoke": args.smoke,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
         "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes, "instructions": instr,
+        "budget": budget,
     }, indent=1))
     print(f"written to {args.out}")
     return 1 if "error" in agent or "error" in writes or "error" in instr else 0

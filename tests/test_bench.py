@@ -44,6 +44,7 @@ SUMMARY_KEYS = (
     "agent_instructions_per_s_commute",
     "pi_zero2_cpu_pct_saturated",
     "pi_zero2_cpu_pct_commute",
+    "mb_per_month_typical",
 )
 
 

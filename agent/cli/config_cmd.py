@@ -68,7 +68,7 @@ def effective(cfg: config.Config) -> dict[str, Any]:
                           raw_sources=[cfg.sources[i].name for i in cfg.raw_sources], raw_block_s=cfg.raw_block_s),
         "commands": dict(commands, revoked=list(cfg.commands.revoked), keys=_fingerprints(cfg.commands.keys),
                          ack_keys=_fingerprints(cfg.commands.ack_keys)),
-        "power": asdict(cfg.power), "update": asdict(cfg.update),
+        "power": asdict(cfg.power), "update": asdict(cfg.update), "uplink": asdict(cfg.uplink),
     }
 
 

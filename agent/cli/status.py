@@ -157,6 +157,18 @@ def _uplink(up: dict[str, Any], now: float) -> list[tuple[str, str]]:
     return lines
 
 
+def _budget(b: dict[str, Any]) -> list[tuple[str, str]]:
+    """The data budget: the month's bytes, the pace at month end, the level and its meaning."""
+    used = f"{_size(b['used_mb'] * 1e6)} sent in {b['month']} (payload {_size(b['payload_mb'] * 1e6)})"
+    pace = f"pace {_size(b['pace_mb'] * 1e6)} at month end"
+    if not b.get("budget_mb"):
+        return [("DATA BUDGET", "bold"), (f"{INDENT}{used}, {pace}; no budget set", "")]
+    over = b["pace_mb"] > b["budget_mb"]
+    return [("DATA BUDGET", "bold"),
+            (f"{INDENT}{used} of {_size(b['budget_mb'] * 1e6)}; {pace}", "yellow" if over else ""),
+            (f"{INDENT}level {b['level']}: {b['meaning']}", "yellow" if b["level"] else "green")]
+
+
 def _clock(clock: dict[str, Any], now: float) -> list[tuple[str, str]]:
     sync = {True: "synchronized (NTP)", False: "NOT synchronized", None: "synchronization unknown"}[
         clock.get("synchronized")]
@@ -185,6 +197,8 @@ def render(st: dict[str, Any], out: IO[str] | None = None) -> None:
                _health_rows(st.get("health", [])), stream=stream)
     lines = [*_health_notes(st.get("health", [])), ("", ""), *_outbox(st.get("outbox", {}), now), ("", ""),
              *_uplink(st.get("uplink", {}), now)]
+    if st.get("budget"):
+        lines += [("", ""), *_budget(st["budget"])]
     if st.get("clock"):
         lines += [("", ""), *_clock(st["clock"], now)]
     view.lines(lines, stream)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent import wire
@@ -44,6 +45,7 @@ from agent.fusion.spec import (
     WIN_LIVE,
 )
 from agent.signals import raw_decimals
+from agent.store.coalesce import Coalescer, Row
 from agent.store.memory import Storage
 from agent.store.outbox import LANE_ALARM, LANE_EVENT, LANE_HISTORY, LANE_LIVE, LANE_RAW
 
@@ -85,6 +87,12 @@ class Recorder:
         self.motion_checked = -MOTION_CHECK_S
         # A raw record fits a batch with room for others (the pump sends one larger alone).
         self.raw = RawLane(cfg.raw_block_s, can_decimals or {}, cfg.broker.max_batch_bytes // 2)
+        # The data budget (agent/uplink/budget.py): windows merged k to 1 before they are
+        # stored, what is stored reported to it, its count saved with the counters.
+        self.coalescers = {LANE_LIVE: Coalescer(), LANE_HISTORY: Coalescer()}
+        self.on_stored: Callable[[str, int, int, float], None] | None = None
+        self.more_state: Callable[[], dict[str, float]] | None = None
+        self.saved_state: dict[str, float] = {}
         self._restore_state()
 
     def add(self, outputs: list[Any], now: float) -> None:
@@ -95,9 +103,9 @@ class Recorder:
             if kind == OUT_WINDOW:
                 _, which, start, length, rows = out
                 lane = LANE_LIVE if which == WIN_LIVE else LANE_HISTORY
-                self.pending.append((lane, start, wire.window_record(start, length, rows)))
-                if lane == LANE_LIVE:
-                    self._remember(self.pending[-1])
+                merged = self.coalescers[lane].add(start, length, rows)
+                if merged is not None:
+                    self._window(lane, *merged)
             elif kind == OUT_CHANGE:
                 changes.append(out[1:])
             elif kind == OUT_ALARM:
@@ -106,17 +114,24 @@ class Recorder:
                 _, t, code, inst, start, end, ids, times, values = out
                 log.info("event snapshot for alarm %s: %d samples", ALARM_NAMES.get(code, "request"), len(ids))
                 for body in wire.snapshot_records(t, code, inst, start, end, ids, times, values):
-                    self.pending.append((LANE_EVENT, t, body))
+                    self._keep(LANE_EVENT, t, body)
             elif kind == OUT_RAW:
-                self.pending.extend(self.raw.add(*out[1:]))
+                self._raw(self.raw.add(*out[1:]))
         if changes:
-            self.pending.append((LANE_LIVE, now, wire.change_record(changes)))
-        self.pending.extend(self.raw.due(now))
+            self._keep(LANE_LIVE, now, wire.change_record(changes))
+        self._raw(self.raw.due(now))
+
+    def _raw(self, records: list[tuple[int, float, bytes]]) -> None:
+        """Raw records into ``pending``, reported to the budget as the lane it can switch off."""
+        self.pending.extend(records)
+        if self.on_stored is not None:
+            for _, t, body in records:
+                self.on_stored("raw", len(body), 1, t)
 
     def set_raw_enabled(self, enabled: bool) -> None:
         """Switch the raw lane off (samples gathered so far still go out) or on again."""
         if not enabled:
-            self.pending.extend(self.raw.flush())
+            self._raw(self.raw.flush())
         self.raw.enabled = enabled
 
     def raw_status(self) -> dict[str, Any]:
@@ -126,16 +141,45 @@ class Recorder:
         return {"enabled": lane.enabled, "block_s": lane.block_s, "recorded": lane.recorded,
                 "gathered": len(lane.samples), "lost": lane.lost_total, "off_dropped": lane.off_dropped}
 
-    def flush_raw(self) -> None:
-        """The raw samples gathered so far into a record now (at a stop)."""
-        self.pending.extend(self.raw.flush())
+    def _window(self, lane: int, start: float, length: float, rows: list[Row], windows: int) -> None:
+        """A window record (``windows`` kernel windows merged into it) into ``pending``."""
+        body = wire.window_record(start, length, rows)
+        self.pending.append((lane, start, body))
+        if lane == LANE_LIVE:
+            self._remember(self.pending[-1])
+        if self.on_stored is not None:
+            self.on_stored("live" if lane == LANE_LIVE else "history", len(body), windows, start)
+
+    def _keep(self, lane: int, t: float, body: bytes) -> None:
+        """A record the budget never merges nor withholds (alarm, event, change, result)
+        into ``pending``."""
+        self.pending.append((lane, t, body))
+        if self.on_stored is not None:
+            self.on_stored("other", len(body), 1, t)
+
+    def coarsen(self, history: int, live: int) -> None:
+        """History and live windows merged ``history`` and ``live`` to 1 from now on; what
+        was gathered at the old factor is stored at once when the factor falls."""
+        for lane, k in ((LANE_HISTORY, history), (LANE_LIVE, live)):
+            merged = self.coalescers[lane].set_factor(k)
+            if merged is not None:
+                self._window(lane, *merged)
+
+    def flush(self) -> None:
+        """What is gathered in memory stored now (at a stop): the windows gathered for
+        merging, as one, and the raw samples, as a record."""
+        for lane, coalescer in self.coalescers.items():
+            merged = coalescer.flush()
+            if merged is not None:
+                self._window(lane, *merged)
+        self._raw(self.raw.flush())
 
     def _alarm(self, t: float, code: int, inst: int, level: int, raised: int, value: float, thr: float) -> None:
         name = ALARM_NAMES[code]
         log.warning("alarm %s%s level %d %s: value %g, threshold %g", name,
                     f" (source {self.cfg.sources[inst].name})" if inst >= 0 else "", level,
                     "raised" if raised else "cleared", value, thr)
-        self.pending.append((LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised), value, thr)))
+        self._keep(LANE_ALARM, t, wire.alarm_record(t, code, name, inst, level, bool(raised), value, thr))
         self._remember(self.pending[-1])
         self.recent_alarms.append({"t": t, "name": name, "instance": inst, "level": level,
                                    "raised": bool(raised), "value": value, "threshold": thr})
@@ -148,7 +192,7 @@ class Recorder:
 
     def result(self, message: bytes, now: float) -> None:
         """A command's result message, in the alarm lane, committed this turn."""
-        self.pending.append((LANE_ALARM, now, wire.result_record(now, message)))
+        self._keep(LANE_ALARM, now, wire.result_record(now, message))
         self.urgent = True
 
     def commit(self, force: bool = False) -> None:
@@ -185,16 +229,23 @@ class Recorder:
         mono = time.monotonic()
         if mono - self.state_saved >= STATE_SAVE_S:
             self.state_saved = mono
-            self.outbox.keep_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
+            self.outbox.keep_state(self._state())
 
     def save_state(self) -> None:
         """The counters on disk now (at a stop)."""
         self.state_saved = time.monotonic()
-        self.outbox.save_state(dict(zip(PERSISTENT, self.kernel.persistent(), strict=True)))
+        self.outbox.save_state(self._state())
+
+    def _state(self) -> dict[str, float]:
+        """The kernel's counters, and the data budget's count beside them."""
+        state = dict(zip(PERSISTENT, self.kernel.persistent(), strict=True))
+        if self.more_state is not None:
+            state.update(self.more_state())
+        return state
 
     def _restore_state(self) -> None:
         """Trip, energy counters and the measured SoH carry on across restarts."""
-        saved = self.outbox.load_state()
+        saved = self.saved_state = self.outbox.load_state()
         if not saved:
             return
         try:

@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
 from agent.errors import UplinkError
+from agent.uplink.budget import Budget
 from agent.uplink.window import RECONNECT_MAX, RECONNECT_MIN, AckWindow, Backoff
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ class Uplink:
         self.backoff = Backoff()
         self.max_packet = 0  # the broker's MaximumPacketSize (MQTT 5 CONNACK), 0 = not limited
         self.sent_bytes: collections.deque[tuple[float, int]] = collections.deque()
+        self.budget: Budget | None = None  # counts what is sent, when set
         self.connected = False
         self.connected_since: float | None = None
         self.last_ack_at: float | None = None
@@ -371,7 +373,7 @@ class Uplink:
             self.sent_bytes.popleft()
         return sum(n for _, n in self.sent_bytes) < self.cfg.max_bytes_per_s
 
-    def publish(self, seqs: list[int], payload: bytes) -> bool:
+    def publish(self, seqs: list[int], payload: bytes, record_bytes: int = 0) -> bool:
         """Queue one batch; False if paho would not take it (the rows stay leased-free).
         Nothing is handed to paho while it is not connected: it would keep the message
         and send it first on the next connect, ahead of the newest live data."""
@@ -383,9 +385,16 @@ class Uplink:
             self.last_error = mqtt.error_string(info.rc)
             return False
         self.window.sent(info.mid, payload, seqs)
+        self._count(self.topic_telemetry, payload, record_bytes)
         if self.cfg.max_bytes_per_s:
             self.sent_bytes.append((time.monotonic(), len(payload)))
         return True
+
+    def _count(self, topic: str, payload: bytes, record_bytes: int = 0) -> None:
+        """A publish paho took, counted against the data budget (``record_bytes``: the
+        record bodies of a batch)."""
+        if self.budget is not None:
+            self.budget.published(len(topic.encode()), len(payload), time.time(), record_bytes)
 
     def poll(self) -> tuple[list[int], list[int]]:
         """Drain paho's events: sequence numbers acknowledged, and ones to send again."""
@@ -408,6 +417,8 @@ class Uplink:
                 self.connected = True
                 self.connected_since = time.time()
                 self.connects += 1
+                if self.budget is not None:
+                    self.budget.connected(time.time())
                 self._flush_results()
             elif what == "disconnect":  # its cause is logged and kept by _on_disconnect
                 self.connected = False
@@ -444,7 +455,7 @@ class Uplink:
         while self.results:
             if self.client.publish(self.topic_result, self.results[0], qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
                 return
-            self.results.popleft()
+            self._count(self.topic_result, self.results.popleft())
 
     def stop(self, death: bytes, timeout: float = 2.0) -> None:
         """Say goodbye on ``state`` (the will is for unclean ends) and disconnect."""

@@ -29,7 +29,7 @@ def send_batches(outbox: Outbox | Storage, uplink: Uplink, device_id: str, max_r
         if not batch:
             return
         seqs = [seq for seq, _ in batch]
-        if not uplink.publish(seqs, wire.encode_batch(device_id, batch, deflate)):
+        if not uplink.publish(seqs, wire.encode_batch(device_id, batch, deflate), sum(len(b) for _, b in batch)):
             outbox.release(seqs)
             return
 
