@@ -5,7 +5,12 @@ Writes every round to bench-results.json.
 1. DBC decode: frames/s of the kernel on the same 100,000 Bafang frames as packed
    ``struct can_frame`` records (as SocketCAN delivers them, 4 KiB per call) and as
    pre-split frames, compiled and pure, against cantools ``decode_message`` one frame
-   at a time (how cantools is used). The kernel also updates state and windows.
+   at a time (how cantools is used) and against a minimal typed C loop over the same
+   packed buffer that only keeps each signal's latest value (devtools/bench_c_decode.py:
+   generated from the same DBC tables, compiled with the system ``cc -O2`` at bench time;
+   without ``cc`` its row reports why). The kernel also updates state and windows, tests
+   range and rate, fills the sample ring and counts each message's health; each pass on a
+   fresh kernel, built untimed. ``decode_vs_c_loop``: ours compiled, packed / the C loop.
 2. Replay: ``ebike-agent decode --stats --file`` on a 1,000,000-line candump log (a
    subprocess, start-up included) against python-can's log reader + cantools on the
    same file (in-process, start-up not counted).
@@ -67,7 +72,7 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_budget, bench_instr, bench_uplink, bench_wire, bench_writes, ride
+from devtools import bench_budget, bench_c_decode, bench_instr, bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
@@ -82,6 +87,9 @@ COMMUTE_CAN_FPS = round(bench_instr.COMMUTE_CAN_FPS)  # the simulated Bafang bus
 COMPILED_PASSES = 10    # ~15 ms a pass compiled; the pure kernel takes ~1 s for one
 KERNEL_FPS_GOAL = 5_000_000
 KERNEL_SPEEDUP_GOAL = 30.0
+DECODE_CANTOOLS_GOAL = 60.0
+DECODE_C_GOAL = 0.6
+C_ROW = "C loop, packed (cc -O2)"
 
 
 def _kernel(kind: str, dbc: CompiledDbc) -> Any:
@@ -104,36 +112,45 @@ def _frames(db: Any, n: int, seed: int) -> list[tuple[int, int, bytes, bool]]:
     return out
 
 
-def _packed_reads(frames: list[tuple[int, int, bytes, bool]]) -> list[bytes]:
-    """The frames as packed ``struct can_frame`` records, cut into reads of READ_BYTES."""
-    buf = b"".join(struct.pack("=IB3x8s", fid | (0x80000000 if ext else 0), len(d), d) for _, fid, d, ext in frames)
+def _packed(frames: list[tuple[int, int, bytes, bool]]) -> bytes:
+    """The frames as Linux ``struct can_frame`` records, as a SocketCAN read delivers them."""
+    return b"".join(struct.pack("=IB3x8s", fid | (0x80000000 if ext else 0), len(d), d) for _, fid, d, ext in frames)
+
+
+def _reads(buf: bytes) -> list[bytes]:
+    """``buf`` cut into the reads of READ_BYTES the kernel is fed."""
     return [buf[i:i + READ_BYTES] for i in range(0, len(buf), READ_BYTES)]
 
 
-def _packed_run(kind: str, path: str, frames: list[tuple[int, int, bytes, bool]]) -> Callable[[], None]:
-    dbc = compile_dbc(path)
-    reads = _packed_reads(frames)
+def _packed_run(kind: str, dbc: CompiledDbc, buf: bytes, frames: int) -> Callable[[], float]:
+    """The seconds the kernel takes over ``buf`` in 4 KiB reads (a fresh kernel, built untimed)."""
+    reads = _reads(buf)
 
-    def run() -> None:
+    def run() -> float:
         k = _kernel(kind, dbc)
+        t0 = time.perf_counter()
         for r in reads:
             k.feed_packed(r, 1.0)
-        assert k.frames == len(frames)
+        took = time.perf_counter() - t0
+        assert k.frames == frames
+        return took
 
     return run
 
 
-def _split_run(kind: str, path: str, frames: list[tuple[int, int, bytes, bool]]) -> Callable[[], None]:
-    dbc = compile_dbc(path)
+def _split_run(kind: str, dbc: CompiledDbc, frames: list[tuple[int, int, bytes, bool]]) -> Callable[[], float]:
+    """The seconds the kernel takes over the frames pre-split, in batches (built untimed)."""
     keys = [f[0] for f in frames]
     datas = [f[2] for f in frames]
     times = [1.0] * len(frames)
     batches = [(keys[i:i + BATCH], datas[i:i + BATCH], times[i:i + BATCH]) for i in range(0, len(frames), BATCH)]
 
-    def run() -> None:
+    def run() -> float:
         k = _kernel(kind, dbc)
+        t0 = time.perf_counter()
         for b in batches:
             k.feed_frames(*b)
+        return time.perf_counter() - t0
 
     return run
 
@@ -295,6 +312,45 @@ def _instr(saturated: ride.Recorder, reads: list[bytes], frames: int, fill: int,
     return bench_instr.measure(saturated, reads, frames, fill, warmup_s, seconds)
 
 
+def _decode(path: str, frames: list[tuple[int, int, bytes, bool]], rounds: int) -> tuple[dict[str, Any],
+                                                                                          dict[str, Any]]:
+    """The decode table (section 1) and its summary keys: ours against cantools and against
+    the C reference loop (devtools/bench_c_decode.py), or why there is no C row."""
+    dbc = compile_dbc(path)
+    buf = _packed(frames)
+    decode: dict[str, Callable[[], float | None]] = {}
+    if "c" in KERNELS:
+        decode["ours compiled, packed reads"] = _packed_run("c", dbc, buf, len(frames))
+        decode["ours compiled, split frames"] = _split_run("c", dbc, frames)
+    decode["ours pure, packed reads"] = _packed_run("py", dbc, buf, len(frames))
+    decode["cantools decode_message"] = _cantools_run(path, frames)
+    c_loop, c_error = bench_c_decode.c_contender(dbc, buf, len(frames))
+    if c_loop is not None:
+        decode[C_ROW] = c_loop
+    results = _table(f"Bafang DBC decode, {len(frames):,} frames (frames/s)", _rounds(decode, rounds, len(frames)),
+                     "cantools decode_message", "frames/s")
+    if c_error is not None:
+        print(f"{C_ROW:34s} error: {c_error}")
+        results[C_ROW] = {"error": c_error}
+    best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
+    return results, {
+        "decode_speedup_vs_cantools": results[best]["ratio"],
+        "decode_vs_c_loop": results[best]["median"] / results[C_ROW]["median"] if c_error is None else None,
+        "decode_c_loop_error": c_error,
+        "decode_best": best,
+    }
+
+
+def _print_decode(summary: Mapping[str, Any]) -> None:
+    print(f"decode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x (goal >= "
+          f"{DECODE_CANTOOLS_GOAL:g}x; {summary['decode_best']})")
+    if summary["decode_vs_c_loop"] is None:
+        print(f"decode_vs_c_loop: none ({summary['decode_c_loop_error']})")
+    else:
+        print(f"decode_vs_c_loop: {summary['decode_vs_c_loop']:.2f} (goal >= {DECODE_C_GOAL:g}; "
+              f"{summary['decode_best']} / the {C_ROW})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="s of decoding under valgrind before the agent's instructions are counted")
     p.add_argument("--instr-seconds", type=float, default=30.0, help="window the agent's instructions are counted over")
     p.add_argument("--smoke", action="store_true", help="every section once at tiny sizes, to prove the bench runs")
+    p.add_argument("--only", choices=("decode",),
+                   help="run one section alone: 'decode' = the DBC decode table (1.) and its summary keys")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -339,14 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians"
           f"{' (SMOKE RUN: tiny sizes, figures not worth quoting)' if args.smoke else ''}")
 
-    decode: dict[str, Callable[[], None]] = {}
-    if "c" in KERNELS:
-        decode["ours compiled, packed reads"] = _packed_run("c", path, frames)
-        decode["ours compiled, split frames"] = _split_run("c", path, frames)
-    decode["ours pure, packed reads"] = _packed_run("py", path, frames)
-    decode["cantools decode_message"] = _cantools_run(path, frames)
-    decode_results = _table(f"Bafang DBC decode, {len(frames):,} frames (frames/s)",
-                            _rounds(decode, args.rounds, len(frames)), "cantools decode_message", "frames/s")
+    decode_results, decode_summary = _decode(path, frames, args.rounds)
+    if args.only == "decode":
+        print()
+        _print_decode(decode_summary)
+        Path(args.out).write_text(json.dumps({
+            "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds,
+            "summary": decode_summary, "decode": decode_results}, indent=1))
+        print(f"written to {args.out}")
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "replay.log"
@@ -383,14 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     agent = _agent(args.agent_seconds, args.can_fill, args.agent_warmup)
     writes = _sd_writes(args.writes_rounds, args.writes_riding_seconds, args.writes_parked_seconds,
                         args.writes_warmup)
-    instr = _instr(saturated, _packed_reads(frames), len(frames), args.can_fill, args.instr_warmup,
+    instr = _instr(saturated, _reads(_packed(frames)), len(frames), args.can_fill, args.instr_warmup,
                    args.instr_seconds)
     budget = bench_budget.measure()
 
-    best = "ours compiled, packed reads" if "c" in KERNELS else "ours pure, packed reads"
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
     summary = {
-        "decode_speedup_vs_cantools": decode_results[best]["ratio"],
+        **decode_summary,
         "replay_speedup_vs_python_can": replay_results["ebike-agent decode --stats"]["ratio"],
         "outbox_append_records_per_s": outbox_results["outbox append (group commit)"]["median"],
         "kernel_frames_per_s": saturated_results[kernel]["median"],
@@ -407,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         **{key: instr.get(key) for key in bench_instr.SUMMARY_KEYS},
         "mb_per_month_typical": budget["mb_per_month_typical"],
     }
-    print(f"\ndecode_speedup_vs_cantools: {summary['decode_speedup_vs_cantools']:.1f}x ({best})")
+    print()
+    _print_decode(decode_summary)
     print(f"replay_speedup_vs_python_can: {summary['replay_speedup_vs_python_can']:.1f}x")
     print(f"outbox_append_records_per_s: {summary['outbox_append_records_per_s']:,.0f}")
     print(f"kernel_frames_per_s: {summary['kernel_frames_per_s']:,.0f} (goal >= {KERNEL_FPS_GOAL:,}; {kernel}, "

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Every key of bench-results.json's summary; a new figure is added here.
 SUMMARY_KEYS = (
     "decode_speedup_vs_cantools",
+    "decode_vs_c_loop",
     "replay_speedup_vs_python_can",
     "outbox_append_records_per_s",
     "kernel_frames_per_s",

@@ -6,7 +6,8 @@ from agent.fusion._state cimport State, _learn
 cdef unsigned long long EFF_FLAG, RTR_FLAG, ERR_FLAG, EFF_MASK, ERR_CLASS_MASK
 cdef Py_ssize_t PACKED_SIZE
 cdef int _CR, _LF, _BEL, MAX_SOURCES, MAX_UART_SLOTS, P_HEALTH_MIN, P_HEALTH_PERIODS
-cdef long long _HASH_EMPTY
+cdef long long _HASH_EMPTY, _HASH_MAX
+cdef unsigned long long _ONES
 
 cdef long long _hash(long long key, long long mask) noexcept
 
@@ -67,7 +68,7 @@ cdef class Frames:
     cdef int[::1] h_vals
     cdef long long h_mask
 
-    @cython.locals(size=cython.longlong, h=cython.longlong)
+    @cython.locals(size=cython.longlong)
     cpdef index(self, msg_index, Py_ssize_t n_msgs)
 
     @cython.locals(h=cython.longlong)
@@ -83,8 +84,10 @@ cdef class Frames:
     @cython.locals(n=Py_ssize_t, data=bytes, size=Py_ssize_t)
     cdef Py_ssize_t split(self, list keys, list datas, list times, Py_ssize_t i) except -1
 
-    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, off=Py_ssize_t, raw_id=cython.ulonglong, dlc=int, k=int,
-                   le=cython.ulonglong, b=cython.ulonglong)
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, off=Py_ssize_t, raw_id=cython.ulonglong, dlc=int,
+                   le=cython.ulonglong, b0=cython.ulonglong, b1=cython.ulonglong, b2=cython.ulonglong,
+                   b3=cython.ulonglong, b4=cython.ulonglong, b5=cython.ulonglong, b6=cython.ulonglong,
+                   b7=cython.ulonglong)
     cdef int packed(self, const unsigned char[::1] buf, double t) except -1
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t, c=cython.uchar)

@@ -35,6 +35,9 @@ _CR = 13
 _LF = 10
 _BEL = 7
 _HASH_EMPTY = -1
+# The message index grows up to this many slots (48 KiB) to save probes.
+_HASH_MAX = 4096
+_ONES = 0xFFFFFFFFFFFFFFFF
 
 
 def _hex_table():
@@ -49,6 +52,23 @@ def _hex_table():
 
 def _hash(key, mask):
     return (key ^ (key >> 15) ^ (key >> 27)) & mask
+
+
+def _hash_table(msg_index, size):
+    """``msg_index`` in an open-addressing table of ``size`` slots (linear probing):
+    keys, rows, and the probes that finding every key once takes."""
+    keys = array("q", [_HASH_EMPTY] * size)
+    rows = array("i", [0] * size)
+    probes = 0
+    for key in msg_index:
+        h = _hash(key, size - 1)
+        probes += 1
+        while keys[h] != _HASH_EMPTY:
+            h = (h + 1) & (size - 1)
+            probes += 1
+        keys[h] = key
+        rows[h] = msg_index[key]
+    return keys, rows, probes
 
 
 def _skip_blanks(buf, p, end):
@@ -144,7 +164,8 @@ class Health:
             self.m_seen[slot] = 1
             self.m_t[slot] = t
         self.m_frames[slot] += 1
-        self.m_out[slot] = 0
+        if self.m_out[slot]:
+            self.m_out[slot] = 0
         return 0
 
     def step(self, t):
@@ -205,25 +226,26 @@ class Frames:
 
     def index(self, msg_index, n_msgs):
         """The message index: ``msg_index`` (message key, id | 0x80000000 for 29-bit
-        ids, -> row of ``n_msgs``) as an open-addressing table at most half full."""
-        size = 16
-        while size < 2 * len(msg_index):
-            size *= 2
-        h_keys = array("q", [_HASH_EMPTY] * size)
-        h_vals = array("i", [0] * size)
+        ids, -> row of ``n_msgs``) as an open-addressing table at most half full, made
+        larger (up to ``_HASH_MAX`` slots) while that saves probes: each probe of a
+        frame's lookup is a branch the CPU may mispredict."""
         for key in msg_index:
             if key < 0 or key > 0xFFFFFFFF:
                 raise ValueError("message key out of range")
             if msg_index[key] < 0 or msg_index[key] >= n_msgs:
                 raise ValueError("message row out of range")
-            h = _hash(key, size - 1)
-            while h_keys[h] != _HASH_EMPTY:
-                h = (h + 1) & (size - 1)
-            h_keys[h] = key
-            h_vals[h] = msg_index[key]
-        self.h_keys = h_keys
-        self.h_vals = h_vals
-        self.h_mask = size - 1
+        size = 16
+        while size < 2 * len(msg_index):
+            size *= 2
+        best = _hash_table(msg_index, size)
+        while best[2] > len(msg_index) and size < _HASH_MAX:
+            size *= 2
+            table = _hash_table(msg_index, size)
+            if table[2] < best[2]:
+                best = table
+        self.h_keys = best[0]
+        self.h_vals = best[1]
+        self.h_mask = len(best[0]) - 1
         return 0
 
     def message(self, key):
@@ -289,10 +311,19 @@ class Frames:
             elif dlc > 8:
                 self.bad_lines += 1
             else:
-                le = 0
-                for k in range(dlc):
-                    b = buf[off + 8 + k]
-                    le |= b << (8 * k)
+                # The record always holds 8 data bytes: all read (no loop on ``dlc`` to
+                # mispredict), ``dlc`` of them kept. Typed 64-bit in the .pxd.
+                b0 = buf[off + 8]
+                b1 = buf[off + 9]
+                b2 = buf[off + 10]
+                b3 = buf[off + 11]
+                b4 = buf[off + 12]
+                b5 = buf[off + 13]
+                b6 = buf[off + 14]
+                b7 = buf[off + 15]
+                le = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24) | (b4 << 32) | (b5 << 40) | (b6 << 48) | (b7 << 56)
+                if dlc < 8:
+                    le = le & (_ONES >> (64 - 8 * dlc)) if dlc else 0
                 self._take((raw_id & EFF_MASK) | EFF_FLAG if raw_id & EFF_FLAG else raw_id & 0x7FF, le, dlc, t, False)
         return 0
 

@@ -75,13 +75,14 @@ cdef class State:
     @cython.locals(out=list)
     cpdef object decode_frame(self, int m, unsigned long long le, Py_ssize_t size)
 
-    @cython.locals(be=cython.ulonglong, first=int, s=int, mux=int, raw=cython.ulonglong, value=double)
-    cdef int _decode(self, Tables tb, int m, unsigned long long le, double t, list out) except -1
+    @cython.locals(be=cython.ulonglong, first=int, s=int, raw=cython.ulonglong)
+    cdef inline int _decode(self, Tables tb, int m, unsigned long long le, double t, list out) except -1
 
     cdef double _value(self, Tables tb, int s, unsigned long long raw) noexcept
 
-    @cython.locals(value=double)
-    cdef int _row_slow(self, Tables tb, int s, unsigned long long raw, double t) except -1
+    @cython.locals(mux=int, value=double)
+    cdef int _row_slow(self, Tables tb, int s, unsigned long long raw, unsigned long long le, unsigned long long be,
+                       double t, list out) except -1
 
     cdef unsigned long long _raw(self, Tables tb, int s, unsigned long long le, unsigned long long be) noexcept
 
@@ -95,8 +96,10 @@ cdef class State:
     @cython.locals(s=int)
     cdef int _refuse(self, int sid, double t, int reason) noexcept
 
-    @cython.locals(dt=double, r=Py_ssize_t)
-    cdef int _sample(self, int sid, double t, double value) except -1
+    @cython.locals(seen=cython.schar, dt=double, r=Py_ssize_t)
+    cdef inline int _sample(self, int sid, double t, double value) except -1
+
+    cdef int _change(self, int sid, double t, double value) except -1
 
     @cython.locals(src=int)
     cdef int put(self, int sid, double t, double value) except -1

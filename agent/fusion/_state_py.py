@@ -173,24 +173,14 @@ class State:
         be = _bswap64(le)
         first = tb.msg_first[m]
         for s in range(first, first + tb.msg_count[m]):
-            mux = tb.sig_mux_row[s]
-            if mux >= 0 and self._raw(tb, mux, le, be) != tb.sig_mux_value[s]:
-                continue
             # _raw() written out: this is the hottest line of the agent.
             raw = ((be if tb.sig_big_endian[s] else le) >> tb.sig_shift[s]) & tb.sig_mask[s]
-            if out is not None:
-                if tb.sig_has_na[s] and raw == tb.sig_na[s]:
-                    self.no_value += 1
-                else:
-                    out.append((tb.sig_id[s], self._value(tb, s, raw)))
-            elif tb.row_raw_lo[s] <= raw <= tb.row_raw_hi[s]:
-                # A believable raw value of an unsigned row (see the tables' row limits):
-                # _value written out, and the rate where the signal has one.
-                value = float(raw) * tb.sig_factor[s] + tb.sig_offset[s]
-                if tb.row_rated[s] == 0 or self._rate_ok(tb.sig_id[s], t, value):
-                    self._sample(tb.sig_id[s], t, value)
+            if tb.row_raw_lo[s] <= raw <= tb.row_raw_hi[s] and out is None:
+                # A believable raw value of a plain row (see the tables' row limits):
+                # _value written out.
+                self._sample(tb.sig_id[s], t, float(raw) * tb.sig_factor[s] + tb.sig_offset[s])
             else:
-                self._row_slow(tb, s, raw, t)
+                self._row_slow(tb, s, raw, le, be, t, out)
 
     def _value(self, tb, s, raw):
         """The physical value of raw bits of row ``s``."""
@@ -198,14 +188,26 @@ class State:
             return -float((~raw & tb.sig_mask[s]) + 1) * tb.sig_factor[s] + tb.sig_offset[s]
         return float(raw) * tb.sig_factor[s] + tb.sig_offset[s]
 
-    def _row_slow(self, tb, s, raw, t):
-        """A raw value the decode loop's one test did not pass: "no value", a signed or
-        rated row, or a value out of the row's range."""
+    def _row_slow(self, tb, s, raw, le, be, t, out):
+        """A row the decode loop's one test did not pass: multiplexed, "no value", signed
+        or rated, out of the row's range, or decoded for a tool (into ``out``)."""
+        if tb.row_raw_lo[s] <= tb.row_raw_hi[s] and out is None:
+            # A plain row (it has a raw span): its raw is "no value" or out of range.
+            if tb.sig_has_na[s] and raw == tb.sig_na[s]:
+                self.no_value += 1
+            else:
+                self._refuse(tb.sig_id[s], t, REFUSED_RANGE)
+            return 0
+        mux = tb.sig_mux_row[s]
+        if mux >= 0 and self._raw(tb, mux, le, be) != tb.sig_mux_value[s]:
+            return 0
         if tb.sig_has_na[s] and raw == tb.sig_na[s]:
             self.no_value += 1
             return 0
         value = self._value(tb, s, raw)
-        if self._accept(tb.sig_id[s], t, value, tb.row_lo[s], tb.row_hi[s]):
+        if out is not None:
+            out.append((tb.sig_id[s], value))
+        elif self._accept(tb.sig_id[s], t, value, tb.row_lo[s], tb.row_hi[s]):
             self._sample(tb.sig_id[s], t, value)
         return 0
 
@@ -271,14 +273,14 @@ class State:
     # Samples and windows ---------------------------------------------------------------
 
     def _sample(self, sid, t, value):
-        self.samples += 1
-        if self.seen[sid]:
+        # The byte-array stores come last: in C a char store may alias anything, and
+        # every field read after one would be read again.
+        seen = self.seen[sid]
+        if seen:
             dt = t - self.w_last_time[sid]
             if dt > 0.0:
                 self.sig_period[sid] = _learn(self.sig_period[sid], dt)
-        else:
-            self.seen[sid] = 1
-        self.sig_src[sid] = self.source
+        self.samples += 1
         if self.w_count[sid] == 0:
             self.touched[self.n_touched[WIN_LIVE]] = sid
             self.n_touched[WIN_LIVE] += 1
@@ -286,10 +288,9 @@ class State:
             self.w_max[sid] = value
             self.w_sum[sid] = value
         else:
-            if value < self.w_min[sid]:
-                self.w_min[sid] = value
-            if value > self.w_max[sid]:
-                self.w_max[sid] = value
+            # Stored either way: no branch on the value to mispredict.
+            self.w_min[sid] = value if value < self.w_min[sid] else self.w_min[sid]
+            self.w_max[sid] = value if value > self.w_max[sid] else self.w_max[sid]
             self.w_sum[sid] += value
         self.w_count[sid] += 1
         self.w_last[sid] = value
@@ -299,11 +300,21 @@ class State:
         self.r_t[r] = t
         self.r_v[r] = value
         self.r_head += 1
-        if self.policy[sid] & REPORT_CHANGE and (
-                not self.reported[sid] or abs(value - self.reported_value[sid]) > self.deadband[sid]):
+        if self.policy[sid] & REPORT_CHANGE:
+            self._change(sid, t, value)
+        self.sig_src[sid] = self.source
+        if not seen:
+            self.seen[sid] = 1
+        return 0
+
+    def _change(self, sid, t, value):
+        """A sample of a signal reported on change: a change record if it moved beyond its
+        deadband (apart from ``_sample``, which is then small enough to inline)."""
+        if not self.reported[sid] or abs(value - self.reported_value[sid]) > self.deadband[sid]:
             self.reported[sid] = 1
             self.reported_value[sid] = value
             self.closed.append((OUT_CHANGE, sid, t, value))
+        return 0
 
     def put(self, sid, t, value):
         """A derived sample: it goes where a decoded one goes, stamped as the fusion's."""

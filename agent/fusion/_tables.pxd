@@ -28,7 +28,6 @@ cdef class Tables:
     cdef double[::1] row_hi
     cdef unsigned long long[::1] row_raw_lo
     cdef unsigned long long[::1] row_raw_hi
-    cdef signed char[::1] row_rated
     cdef double[::1] lim_lo
     cdef double[::1] lim_hi
     cdef double[::1] lim_rate

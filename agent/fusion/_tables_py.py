@@ -75,15 +75,15 @@ class Tables:
     def _row_limits(self):
         """Each CAN table row's range: its signal's limits, narrowed by the DBC's range of
         the row. The decode loop tests the raw bits against ``row_raw_lo``-``row_raw_hi``
-        (no float, no "no value" test): the raw values of a believable value, for an
-        unsigned row whose "no value" lies outside them; an empty span (1 to 0) sends
-        every value of any other row to the decoder's slow path. ``row_rated``: the signal has a rate."""
+        (no float, no "no value", multiplexer or rate test): the raw values of a believable
+        value, for an unsigned row, not multiplexed, of a signal without a rate, whose "no
+        value" lies outside them; an empty span (1 to 0) sends every value of any other row
+        to the decoder's slow path."""
         n = len(self.sig_id)
         self.row_lo = _zeros("d", n)
         self.row_hi = _zeros("d", n)
         self.row_raw_lo = _filled("Q", 1, n)
         self.row_raw_hi = _zeros("Q", n)
-        self.row_rated = _zeros("b", n)
         for s in range(n):
             sid = self.sig_id[s]
             lo = self.lim_lo[sid] if self.lim_lo[sid] > self.sig_min[s] else self.sig_min[s]
@@ -92,8 +92,7 @@ class Tables:
                 raise ValueError("signal row %d (id %d): its DBC range holds no believable value" % (s, sid))
             self.row_lo[s] = lo
             self.row_hi[s] = hi
-            self.row_rated[s] = 1 if self.lim_rate[sid] > 0.0 else 0
-            if not self.sig_signed[s]:
+            if not self.sig_signed[s] and self.sig_mux_row[s] < 0 and self.lim_rate[sid] == 0.0:
                 span = self._raw_span(s, lo, hi)
                 if span[0] <= span[1] and not (self.sig_has_na[s] and span[0] <= self.sig_na[s] <= span[1]):
                     self.row_raw_lo[s] = span[0]
