@@ -25,7 +25,7 @@ from agent.store import outbox as outbox_module
 from agent.store import recorder as recorder_module
 from agent.store.memory import Storage
 from agent.store.outbox import LANE_HISTORY, LANE_LIVE, Outbox
-from agent.store.recorder import PARKED_AFTER_S, PARKED_COMMIT_S, Recorder
+from agent.store.recorder import PARKED_AFTER_S, PARKED_COMMIT_S, PARKED_LIVE_MERGE, Recorder
 
 BIG = 1 << 40
 
@@ -209,35 +209,47 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
+class Ride:
+    """A recorder on a real outbox, turned as the runtime turns it every STEP of the fake
+    clock: read, close, commit, send (acknowledged at once), save the counters."""
+
+    def __init__(self, tmp_path: Path, clock: Clock) -> None:
+        self.clock = clock
+        self.cfg = Config(path="agent.toml", device_id="bike-1", sources=(),
+                          outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite")))
+        self.kernel = make_kernel(self.cfg, None)
+        self.store = Storage(self.cfg.outbox.path, BIG)
+        self.rec = Recorder(self.cfg, self.kernel, self.store)
+        assert self.store.disk is not None
+        self.seen = commits(self.store.disk.db)
+        self.at: list[float] = []  # monotonic times of the commits
+        self.live: list[tuple[float, int]] = []  # (wall time, kernel windows merged) of each live record
+        self.rec.on_stored = lambda kind, size, windows, t: self.live.append((clock.wall, windows)) \
+            if kind == "live" else None
+        self.wheel = BY_NAME["Vehicle.Speed"].id
+
+    def __call__(self, seconds: float, kmh: float) -> None:
+        for _ in range(int(seconds / STEP)):
+            self.clock.advance(STEP)
+            wall = self.clock.wall
+            self.rec.add(self.kernel.feed_values([self.wheel], [wall], [kmh]), wall)
+            self.rec.add(self.kernel.close_due(wall), wall)
+            before = len(self.seen)
+            self.rec.commit()
+            if len(self.seen) > before:
+                self.at.append(self.clock.mono)
+            self.store.ack([seq for seq, _ in self.store.lease(1000, BIG)])
+            self.rec.save_state_when_due()
+
+
 def test_a_parked_vehicle_commits_every_parked_interval(tmp_path: Path, clock: Clock) -> None:
     """Riding, a commit every commit_interval; still for PARKED_AFTER_S, every
     PARKED_COMMIT_S; a command result is committed at once even then, and the first
     turns after the vehicle moves commit what waited. The pump's acknowledgements and
     the counters never add a transaction of their own."""
-    cfg = Config(path="agent.toml", device_id="bike-1", sources=(),
-                 outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite")))
-    kernel = make_kernel(cfg, None)
-    store = Storage(cfg.outbox.path, BIG)
-    rec = Recorder(cfg, kernel, store)
-    assert store.disk is not None
-    seen = commits(store.disk.db)
-    wheel = BY_NAME["Vehicle.Speed"].id
-    at: list[float] = []
-
-    def ride(seconds: float, kmh: float) -> None:
-        """The runtime's turn, every STEP: read, close, commit, send (acknowledged at once)."""
-        for _ in range(int(seconds / STEP)):
-            clock.advance(STEP)
-            rec.add(kernel.feed_values([wheel], [clock.wall], [kmh]), clock.wall)
-            rec.add(kernel.close_due(clock.wall), clock.wall)
-            before = len(seen)
-            rec.commit()
-            if len(seen) > before:
-                at.append(clock.mono)
-            store.ack([seq for seq, _ in store.lease(1000, BIG)])
-            rec.save_state_when_due()
-
-    interval = cfg.outbox.commit_interval
+    ride = Ride(tmp_path, clock)
+    rec, store, seen, at = ride.rec, ride.store, ride.seen, ride.at
+    interval = ride.cfg.outbox.commit_interval
     ride(60, 18.0)
     assert len(at) >= 10 and gaps(at) == [interval] * (len(at) - 1)
     parked_from = clock.mono + PARKED_AFTER_S + interval
@@ -255,3 +267,21 @@ def test_a_parked_vehicle_commits_every_parked_interval(tmp_path: Path, clock: C
     moved = clock.mono
     ride(2, 18.0)
     assert at[-1] - moved <= 1.0 + STEP, "moving again, the parked records waited"
+
+
+def test_a_parked_vehicle_merges_its_live_windows(tmp_path: Path, clock: Clock) -> None:
+    """Riding, a live record per 1 s window; parked, one per PARKED_LIVE_MERGE windows;
+    moving again, what was gathered is stored at once and 1 s windows come back."""
+    ride = Ride(tmp_path, clock)
+    ride(30, 18.0)
+    assert len(ride.live) >= 25 and {windows for _, windows in ride.live} == {1}
+    ride(PARKED_AFTER_S + 5 * PARKED_LIVE_MERGE + 2, 0.0)
+    parked = [windows for _, windows in ride.live[-4:]]
+    assert parked == [PARKED_LIVE_MERGE] * 4, ride.live[-8:]
+    ride(0.5 * PARKED_LIVE_MERGE, 0.0)
+    gathered = len(ride.live)
+    moved = clock.wall
+    ride(10, 18.0)
+    t, windows = ride.live[gathered]
+    assert t - moved <= 1.0 + STEP and 0 < windows < PARKED_LIVE_MERGE, "moving again, the gathered windows waited"
+    assert {w for _, w in ride.live[gathered + 1:]} == {1} and len(ride.live) - gathered >= 8

@@ -10,8 +10,10 @@ Every commit is an fsync of a few pages on the unit's SD card, so the stage boun
 (README, "SD-card care"): the counters and the deletions of acknowledged rows ride along
 with the commits (``Outbox.keep_state``, ``Outbox.ack_later``), written on their own
 only when no records come within the interval; and once the kernel has said the vehicle
-is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, until
-it moves again. Alarms and command results are committed at once whatever the interval.
+is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, and
+its live windows are merged PARKED_LIVE_MERGE to 1 (agent/store/coalesce.py, as the data
+budget merges them), until it moves again. Alarms and command results are committed at
+once whatever the interval.
 
 The raw lane (docs/raw.md): the kernel hands the raw signals' samples at every live
 window's close (OUT_RAW); they gather in memory for ``[reporting] raw_block_s`` (of
@@ -59,6 +61,10 @@ STATE_SAVE_S = 60.0
 # PARKED_COMMIT_S (or commit_interval, if longer); the decision is asked every MOTION_CHECK_S.
 PARKED_AFTER_S = 60.0
 PARKED_COMMIT_S = 120.0
+# While parked, live windows are merged this many to 1 (1 s -> 10 s): a parked vehicle's
+# 1 s windows were most of what it wrote to the SD card and sent over the SIM, and a
+# parked vehicle's state changes slowly; its alarms and changes still go at once.
+PARKED_LIVE_MERGE = 10
 MOTION_CHECK_S = 1.0
 # Alarm events a diagnostics bundle carries.
 RECENT_ALARMS = 50
@@ -84,6 +90,8 @@ class Recorder:
         self.recent: collections.deque[tuple[int, float, bytes]] = collections.deque()
         self.state_saved = time.monotonic()
         self.still_since: float | None = None
+        self.parked = False
+        self.budget_merge = (1, 1)  # (history, live) windows merged to 1 by the data budget
         self.motion_checked = -MOTION_CHECK_S
         # A raw record fits a batch with room for others (the pump sends one larger alone).
         self.raw = RawLane(cfg.raw_block_s, can_decimals or {}, cfg.broker.max_batch_bytes // 2)
@@ -158,8 +166,16 @@ class Recorder:
             self.on_stored("other", len(body), 1, t)
 
     def coarsen(self, history: int, live: int) -> None:
-        """History and live windows merged ``history`` and ``live`` to 1 from now on; what
-        was gathered at the old factor is stored at once when the factor falls."""
+        """History and live windows merged ``history`` and ``live`` to 1 from now on (the
+        data budget's levels; parked, live windows are merged at least PARKED_LIVE_MERGE
+        to 1); what was gathered at the old factor is stored at once when the factor falls."""
+        self.budget_merge = (history, live)
+        self._merge_factors()
+
+    def _merge_factors(self) -> None:
+        history, live = self.budget_merge
+        if self.parked:
+            live = max(live, PARKED_LIVE_MERGE)
         for lane, k in ((LANE_HISTORY, history), (LANE_LIVE, live)):
             merged = self.coalescers[lane].set_factor(k)
             if merged is not None:
@@ -211,17 +227,20 @@ class Recorder:
             self.outbox.flush_held()
 
     def interval(self, mono: float) -> float:
-        """Seconds between commits now: ``commit_interval``, or while parked PARKED_COMMIT_S."""
+        """Seconds between commits now: ``commit_interval``, or while parked PARKED_COMMIT_S;
+        parking and moving again change the live windows' merge factor."""
         if mono - self.motion_checked >= MOTION_CHECK_S:
             self.motion_checked = mono
             if self.kernel.motion(time.time(), self.cfg.commands.stationary_kmh)[0] != MOTION_STILL:
                 self.still_since = None
             elif self.still_since is None:
                 self.still_since = mono
+        parked = self.still_since is not None and mono - self.still_since >= PARKED_AFTER_S
+        if parked != self.parked:
+            self.parked = parked
+            self._merge_factors()
         usual = self.cfg.outbox.commit_interval
-        if self.still_since is not None and mono - self.still_since >= PARKED_AFTER_S:
-            return max(usual, PARKED_COMMIT_S)
-        return usual
+        return max(usual, PARKED_COMMIT_S) if parked else usual
 
     def save_state_when_due(self) -> None:
         """The counters to the outbox every STATE_SAVE_S: written with its next commit,
