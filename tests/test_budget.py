@@ -352,7 +352,8 @@ def test_the_bench_figure_comes_from_the_agents_output() -> None:
     fig = bench_budget.measure(riding_s=60.0, parked_s=300.0)
     months = [lv["mb_per_month"] for lv in fig["levels"]]
     assert fig["mb_per_month_typical"] == months[0] > 0
-    assert all(a >= b for a, b in zip(months, months[1:], strict=False)) and months[2] < months[0] / 2
+    # Level 2 merges the riding hours' live windows too (parked ones are merged at level 0).
+    assert all(a >= b for a, b in zip(months, months[1:], strict=False)) and months[2] < months[0]
     assert all(0 < lv["payload_mb_per_month"] < lv["mb_per_month"] for lv in fig["levels"])
 
 
