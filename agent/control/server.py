@@ -47,10 +47,16 @@ class ControlServer:
             if _answers(self.path):
                 raise AlreadyRunning(f"another ebike-agent is serving the control socket {self.path}")
             os.unlink(self.path)
+        # Bound and listening under a temporary name, then renamed into place: a client
+        # that sees the path never meets a socket that refuses connections yet.
+        staging = self.path + ".new"
+        if os.path.lexists(staging):
+            os.unlink(staging)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o660)
+        self.sock.bind(staging)
+        os.chmod(staging, 0o660)
         self.sock.listen(4)
+        os.replace(staging, self.path)
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, "control")
 
