@@ -18,7 +18,7 @@ import pytest
 
 from agent.uplink.budget import EVAL_S, LEVELS, LIVE_FACTOR
 from devtools.broker import Mosquitto
-from tests.helpers import spawn, stop, wait_for
+from tests.helpers import spawn, stop, wait_all_stored, wait_for
 from tests.test_e2e import DEVICE, agent_config, start_consumer_and_sim
 from tests.test_e2e_sources import status_now
 
@@ -71,14 +71,8 @@ def test_a_tiny_budget_degrades_the_agent_and_every_alarm_still_arrives(tmp_path
         assert sim.returncode == 0
         assert stop(agent) == 0, agent_log.read_text()
         with sqlite3.connect(tmp_path / "outbox.sqlite") as c:
-            (next_seq,) = c.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
             saved = dict(c.execute("SELECT key, value FROM kernel_state").fetchall())
-
-        def received() -> bool:
-            with sqlite3.connect(db) as c:
-                return bool(c.execute("SELECT count(*) FROM records").fetchone()[0] == next_seq - 1)
-
-        wait_for("the consumer to store every record", received, 30, interval=0.2)
+        wait_all_stored(db, tmp_path / "outbox.sqlite")
     finally:
         for proc in (sim, agent, consumer):
             if proc is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from agent.fusion.spec import ALARM_NAMES
 from devtools.broker import Mosquitto
-from tests.helpers import log_has, spawn, stop, wait_for
+from tests.helpers import log_has, spawn, stop, wait_all_stored, wait_for
 from tests.test_e2e import DEVICE, agent_config, start_consumer_and_sim
 from tests.test_e2e_sources import status_now
 
@@ -51,14 +51,7 @@ def test_fault_alarms_and_snapshot_reach_the_cloud(tmp_path: Path, mosquitto: Mo
         wait_for("the simulated ride to end", ride_over, RIDE_S / SPEEDUP + 60, interval=0.1)
         assert sim.returncode == 0, sim_log.read_text()
         assert stop(agent) == 0, agent_log.read_text()
-        with sqlite3.connect(tmp_path / "outbox.sqlite") as c:
-            (next_seq,) = c.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-
-        def received() -> bool:
-            with sqlite3.connect(db) as c:
-                return bool(c.execute("SELECT count(*) FROM records").fetchone()[0] == next_seq - 1)
-
-        wait_for("the consumer to store every record", received, 30, interval=0.2)
+        wait_all_stored(db, tmp_path / "outbox.sqlite")
     finally:
         for proc in (sim, agent, consumer):
             if proc is not None:

@@ -8,10 +8,8 @@ kernel does not believe never do.
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,8 @@ import pytest
 from agent.fusion.spec import S_FUSED_SPEED
 from agent.signals import signal_id
 from devtools.broker import Mosquitto
-from tests.helpers import log_has, spawn, stop, wait_for
+from tests.helpers import consumer as reference_consumer
+from tests.helpers import consumer_report, spawn, stop, wait_for
 from tests.test_e2e_sources import source, source_status, status_cli, stop_and_collect, write_config
 
 pytestmark = pytest.mark.e2e
@@ -31,15 +30,9 @@ T0_MS = 1_700_000_000_000
 
 @pytest.fixture
 def consumer(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Path]:
-    db, log = tmp_path / "cloud.sqlite", tmp_path / "ingest.log"
-    proc = spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(db),
-                  "--client-id", f"e2e-raw-{uuid.uuid4().hex[:8]}"], log)
-    try:
-        wait_for("the consumer to subscribe", lambda: log_has(log, "subscribed to"), 20)
+    with reference_consumer(mosquitto.address, tmp_path, "e2e-raw") as db:
         yield db
-    finally:
-        stop(proc)
-    report = json.loads(log.read_text().strip().splitlines()[-1])
+    report = consumer_report(tmp_path)
     assert report["bad_batches"] == 0 and report["gaps"] == {} and report["raw_lost"] == {}, report
 
 

@@ -32,7 +32,8 @@ from agent.errors import AgentError
 from agent.fusion.kernel import BUILD
 from agent.signals import signal_id
 from devtools.broker import Mosquitto
-from tests.helpers import REPO, log_has, spawn, stop, wait_for
+from tests.helpers import REPO, consumer_report, spawn, stop, wait_for
+from tests.helpers import consumer as reference_consumer
 
 pytestmark = pytest.mark.e2e
 
@@ -49,15 +50,9 @@ EXACT = 1e-9
 def consumer(tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto) -> Iterator[Path]:
     """One reference consumer for the module; each test has its own device id."""
     tmp = tmp_path_factory.mktemp("consumer")
-    db, log = tmp / "cloud.sqlite", tmp / "ingest.log"
-    proc = spawn(["agent", "ingest", "--broker", mosquitto.address, "--db", str(db),
-                  "--client-id", f"e2e-sources-{uuid.uuid4().hex[:8]}"], log)
-    try:
-        wait_for("the consumer to subscribe", lambda: log_has(log, "subscribed to"), 20)
+    with reference_consumer(mosquitto.address, tmp, "e2e-sources") as db:
         yield db
-    finally:
-        stop(proc)
-    report = json.loads(log.read_text().strip().splitlines()[-1])
+    report = consumer_report(tmp)
     assert report["bad_batches"] == 0 and report["gaps"] == {}, report
 
 
