@@ -11,7 +11,7 @@ KERNEL_SRC := $(wildcard agent/fusion/_*_py.py agent/fusion/_*.pxd)
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
 # package-tools: debootstrap and, for another ARCH, qemu-user-static and binfmt-support.
-.PHONY: package-tools setup broker run test test-compiled test-pure bench fuzz soak lint clean deb
+.PHONY: package-tools bench-tools setup broker run test test-compiled test-pure bench fuzz soak lint clean deb
 
 setup: $(KERNEL)
 
@@ -31,6 +31,10 @@ $(KERNEL): $(INSTALLED) $(KERNEL_SRC) setup.py
 broker:
 	sh devtools/ensure-system.sh broker
 
+# The broker's packages and valgrind: tests/test_bench.py runs `make bench`'s smoke run.
+bench-tools:
+	sh devtools/ensure-system.sh bench
+
 run: setup broker
 	$(PY) -m devtools.demo
 
@@ -41,12 +45,12 @@ test: test-compiled test-pure
 TEST_WORKERS ?= 4
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test-compiled: setup broker package-tools
+test-compiled: setup bench-tools package-tools
 	$(PYTEST) tests
 
 # The package tests (tests/test_package.py) install the compiled package into Debian
 # roots: they run once, in the compiled half.
-test-pure: setup broker
+test-pure: setup bench-tools
 	EBIKE_AGENT_PUREPYTHON=1 $(PYTEST) -m "not package" tests
 
 # ebike-agent_<version>_<arch>.deb in dist/, built in a Debian 12 root of ARCH (as root).
@@ -60,8 +64,7 @@ package-tools:
 deb: setup package-tools
 	$(PY) -m devtools.deb --arch $(ARCH)
 
-bench: setup
-	sh devtools/ensure-system.sh bench
+bench: setup bench-tools
 	$(PY) -m devtools.bench
 
 # >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).
