@@ -112,6 +112,33 @@ def test_release_makes_rows_leasable_again(tmp_path: Path) -> None:
     assert [s for s, _ in box.lease(100, BIG)] == [1, 2, 3, 4]
 
 
+def test_a_drained_outbox_still_leases_whatever_becomes_sendable(tmp_path: Path) -> None:
+    """Once a lease finds nothing, the next ones ask no query (``drained``), yet every
+    way a row becomes sendable ends that: an append, a release, a release of all, rows
+    adopted from memory, and the newest-live-first lease after a reconnect."""
+    box = open_outbox(tmp_path)
+    box.append([(LANE_LIVE, float(i), body(i)) for i in range(2)])
+    assert [s for s, _ in box.lease(100, BIG)] == [1, 2]
+    assert box.lease(100, BIG) == [] and box.drained
+    box.append([(LANE_LIVE, 2.0, body(2))])
+    assert [s for s, _ in box.lease(100, BIG)] == [3]
+    assert box.lease(100, BIG) == []
+    box.release([])
+    assert box.drained, "releasing nothing is no reason to ask again"
+    box.release([2])
+    assert [s for s, _ in box.lease(100, BIG)] == [2]
+    assert box.lease(100, BIG) == []
+    box.release_all()
+    assert [s for s, _ in box.lease(100, BIG)] == [1, 2, 3]
+    assert box.lease(100, BIG) == []
+    box.adopt([(10, LANE_ALARM, 9.0, body(10))], 11)
+    assert [s for s, _ in box.lease(100, BIG)] == [10]
+    box.release_all()
+    assert box.lease(100, BIG) and box.lease(100, BIG) == []
+    box.release([3])
+    assert [s for s, _ in box.lease(100, BIG, newest_live_first=True)] == [3]
+
+
 def test_stats_fields(tmp_path: Path) -> None:
     box = open_outbox(tmp_path)
     empty = box.stats()
