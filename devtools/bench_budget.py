@@ -7,7 +7,7 @@ locked with its unit powered, the controller, the BMS and the GNSS receiver stil
 talking, as bench_writes.py measures it) go through the kernel the default configuration
 builds, the recorder, a real SQLite outbox and the wire's batch encoder (deflated, as by
 default). The recorder commits every ``commit_interval`` riding and every
-PARKED_COMMIT_S parked, its live windows merged PARKED_LIVE_MERGE to 1 (as the agent
+PARKED_COMMIT_S parked, its live windows merged PARKED_LIVE_MERGE times more (as the agent
 does once the vehicle is still), and each commit's records are sent at once in batches
 of at most ``max_batch_records``, as the send stage leases them. What the link carries
 is counted by the agent's data budget (agent/uplink/budget.py): each batch's payload
@@ -26,7 +26,7 @@ from typing import Any
 from agent import config, wire
 from agent.feed import make_kernel, one_dbc
 from agent.store.memory import Storage
-from agent.store.recorder import PARKED_COMMIT_S, PARKED_LIVE_MERGE, Recorder
+from agent.store.recorder import PARKED_COMMIT_S, Recorder, live_merge
 from agent.uplink.budget import LEVELS, Budget
 from devtools import ride
 
@@ -58,11 +58,11 @@ def link_bytes(rec: ride.Recorder, parked: bool, level: int, tmp: Path) -> tuple
     recorder = Recorder(cfg, kernel, outbox)
     topic = cfg.topic_prefix + "telemetry"
     budget = Budget(0.0, cfg.broker.keepalive, cfg.broker.ack == "cloud", len(cfg.topic_prefix + "ack"))
-    # Parked, as the agent does once the vehicle is still: live windows merged at least
-    # PARKED_LIVE_MERGE to 1, a commit every PARKED_COMMIT_S (the recorder decides that
+    # Parked, as the agent does once the vehicle is still: live windows merged
+    # PARKED_LIVE_MERGE times more, a commit every PARKED_COMMIT_S (the recorder decides that
     # on the real clock, which an accelerated replay does not move).
     history, live = LEVELS[level][:2]
-    recorder.coarsen(history, max(live, PARKED_LIVE_MERGE) if parked else live)
+    recorder.coarsen(history, live_merge(live, parked))
     interval = PARKED_COMMIT_S if parked else cfg.outbox.commit_interval
     committed = 0.0
     tail = b""

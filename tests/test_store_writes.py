@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent import wire
 from agent.config import Config, OutboxConfig
 from agent.feed import make_kernel
 from agent.signals import BY_NAME
@@ -223,10 +224,15 @@ class Ride:
         assert self.store.disk is not None
         self.seen = commits(self.store.disk.db)
         self.at: list[float] = []  # monotonic times of the commits
-        self.live: list[tuple[float, int]] = []  # (wall time, kernel windows merged) of each live record
-        self.rec.on_stored = lambda kind, size, windows, t: self.live.append((clock.wall, windows)) \
-            if kind == "live" else None
+        # Each live record: (wall time, its length in s, the windows the budget is told it stands for).
+        self.live: list[tuple[float, float, float]] = []
+        self.rec.on_stored = self._stored
         self.wheel = BY_NAME["Vehicle.Speed"].id
+
+    def _stored(self, kind: str, size: int, windows: float, t: float) -> None:
+        if kind == "live":
+            length_ms = wire.strict_loads(self.rec.pending[-1][2], "window", 8)["d"]
+            self.live.append((self.clock.wall, length_ms / 1000.0, windows))
 
     def __call__(self, seconds: float, kmh: float) -> None:
         for _ in range(int(seconds / STEP)):
@@ -270,18 +276,31 @@ def test_a_parked_vehicle_commits_every_parked_interval(tmp_path: Path, clock: C
 
 
 def test_a_parked_vehicle_merges_its_live_windows(tmp_path: Path, clock: Clock) -> None:
-    """Riding, a live record per 1 s window; parked, one per PARKED_LIVE_MERGE windows;
-    moving again, what was gathered is stored at once and 1 s windows come back."""
+    """Riding, a live record per 1 s window; parked, one per PARKED_LIVE_MERGE windows,
+    each told to the data budget as the one record its level 0 makes parked (else the
+    budget would see a parked hour as ten times what it costs); moving again, what was
+    gathered is stored at once and 1 s windows come back."""
     ride = Ride(tmp_path, clock)
     ride(30, 18.0)
-    assert len(ride.live) >= 25 and {windows for _, windows in ride.live} == {1}
+    assert len(ride.live) >= 25 and {(d, w) for _, d, w in ride.live} == {(1.0, 1.0)}
     ride(PARKED_AFTER_S + 5 * PARKED_LIVE_MERGE + 2, 0.0)
-    parked = [windows for _, windows in ride.live[-4:]]
-    assert parked == [PARKED_LIVE_MERGE] * 4, ride.live[-8:]
+    assert [(d, w) for _, d, w in ride.live[-4:]] == [(float(PARKED_LIVE_MERGE), 1.0)] * 4, ride.live[-8:]
     ride(0.5 * PARKED_LIVE_MERGE, 0.0)
     gathered = len(ride.live)
     moved = clock.wall
     ride(10, 18.0)
-    t, windows = ride.live[gathered]
-    assert t - moved <= 1.0 + STEP and 0 < windows < PARKED_LIVE_MERGE, "moving again, the gathered windows waited"
-    assert {w for _, w in ride.live[gathered + 1:]} == {1} and len(ride.live) - gathered >= 8
+    t, length, windows = ride.live[gathered]
+    assert t - moved <= 1.0 + STEP and 0 < length < PARKED_LIVE_MERGE, "moving again, the gathered windows waited"
+    assert windows == length / PARKED_LIVE_MERGE, "the gathered parked windows told to the budget at their base"
+    assert {(d, w) for _, d, w in ride.live[gathered + 1:]} == {(1.0, 1.0)} and len(ride.live) - gathered >= 8
+
+
+def test_parked_windows_follow_the_budget_level_ten_times_coarser(tmp_path: Path, clock: Clock) -> None:
+    """The budget merging live windows 10 to 1 (its level 2): riding 10 s records, parked
+    100 s ones; each told to the budget as 10 windows at its own full resolution."""
+    ride = Ride(tmp_path, clock)
+    ride.rec.coarsen(1, 10)
+    ride(40, 18.0)
+    assert {(d, w) for _, d, w in ride.live[1:]} == {(10.0, 10.0)}, ride.live
+    ride(PARKED_AFTER_S + 3 * 10 * PARKED_LIVE_MERGE, 0.0)
+    assert [(d, w) for _, d, w in ride.live[-2:]] == [(10.0 * PARKED_LIVE_MERGE, 10.0)] * 2, ride.live[-4:]

@@ -11,8 +11,8 @@ Every commit is an fsync of a few pages on the unit's SD card, so the stage boun
 with the commits (``Outbox.keep_state``, ``Outbox.ack_later``), written on their own
 only when no records come within the interval; and once the kernel has said the vehicle
 is still for PARKED_AFTER_S, records are committed every PARKED_COMMIT_S instead, and
-its live windows are merged PARKED_LIVE_MERGE to 1 (agent/store/coalesce.py, as the data
-budget merges them), until it moves again. Alarms and command results are committed at
+its live windows are merged PARKED_LIVE_MERGE times more (agent/store/coalesce.py, as the
+data budget merges them), until it moves again. Alarms and command results are committed at
 once whatever the interval.
 
 The raw lane (docs/raw.md): the kernel hands the raw signals' samples at every live
@@ -65,6 +65,12 @@ PARKED_COMMIT_S = 120.0
 # 1 s windows were most of what it wrote to the SD card and sent over the SIM, and a
 # parked vehicle's state changes slowly; its alarms and changes still go at once.
 PARKED_LIVE_MERGE = 10
+
+
+def live_merge(budget_live: int, parked: bool) -> int:
+    """Live windows merged into one record: the data budget's factor, times
+    PARKED_LIVE_MERGE while parked."""
+    return budget_live * (PARKED_LIVE_MERGE if parked else 1)
 MOTION_CHECK_S = 1.0
 # Alarm events a diagnostics bundle carries.
 RECENT_ALARMS = 50
@@ -92,13 +98,16 @@ class Recorder:
         self.still_since: float | None = None
         self.parked = False
         self.budget_merge = (1, 1)  # (history, live) windows merged to 1 by the data budget
+        # Live windows merged by parking alone in each live record being gathered: the budget
+        # is told what a record stands for at its own full resolution.
+        self.live_base = 1
         self.motion_checked = -MOTION_CHECK_S
         # A raw record fits a batch with room for others (the pump sends one larger alone).
         self.raw = RawLane(cfg.raw_block_s, can_decimals or {}, cfg.broker.max_batch_bytes // 2)
         # The data budget (agent/uplink/budget.py): windows merged k to 1 before they are
         # stored, what is stored reported to it, its count saved with the counters.
         self.coalescers = {LANE_LIVE: Coalescer(), LANE_HISTORY: Coalescer()}
-        self.on_stored: Callable[[str, int, int, float], None] | None = None
+        self.on_stored: Callable[[str, int, float, float], None] | None = None
         self.more_state: Callable[[], dict[str, float]] | None = None
         self.saved_state: dict[str, float] = {}
         self._restore_state()
@@ -150,13 +159,17 @@ class Recorder:
                 "gathered": len(lane.samples), "lost": lane.lost_total, "off_dropped": lane.off_dropped}
 
     def _window(self, lane: int, start: float, length: float, rows: list[Row], windows: int) -> None:
-        """A window record (``windows`` kernel windows merged into it) into ``pending``."""
+        """A window record (``windows`` kernel windows merged into it) into ``pending``;
+        to the budget, parked live windows count as the records its level 0 would make."""
         body = wire.window_record(start, length, rows)
         self.pending.append((lane, start, body))
         if lane == LANE_LIVE:
             self._remember(self.pending[-1])
+            windows_at_full = windows / self.live_base
+        else:
+            windows_at_full = windows
         if self.on_stored is not None:
-            self.on_stored("live" if lane == LANE_LIVE else "history", len(body), windows, start)
+            self.on_stored("live" if lane == LANE_LIVE else "history", len(body), windows_at_full, start)
 
     def _keep(self, lane: int, t: float, body: bytes) -> None:
         """A record the budget never merges nor withholds (alarm, event, change, result)
@@ -167,19 +180,20 @@ class Recorder:
 
     def coarsen(self, history: int, live: int) -> None:
         """History and live windows merged ``history`` and ``live`` to 1 from now on (the
-        data budget's levels; parked, live windows are merged at least PARKED_LIVE_MERGE
-        to 1); what was gathered at the old factor is stored at once when the factor falls."""
+        data budget's levels; parked, live windows are merged PARKED_LIVE_MERGE times more,
+        so the budget's model of a level, full resolution / k, holds parked too); what was
+        gathered at the old factor is stored at once when the factor falls."""
         self.budget_merge = (history, live)
         self._merge_factors()
 
     def _merge_factors(self) -> None:
         history, live = self.budget_merge
-        if self.parked:
-            live = max(live, PARKED_LIVE_MERGE)
-        for lane, k in ((LANE_HISTORY, history), (LANE_LIVE, live)):
+        base = live_merge(1, self.parked)
+        for lane, k in ((LANE_HISTORY, history), (LANE_LIVE, live_merge(live, self.parked))):
             merged = self.coalescers[lane].set_factor(k)
             if merged is not None:
-                self._window(lane, *merged)
+                self._window(lane, *merged)  # gathered at the old base
+        self.live_base = base
 
     def flush(self) -> None:
         """What is gathered in memory stored now (at a stop): the windows gathered for

@@ -266,7 +266,7 @@ class Budget:
         elif now - self.last_traffic >= self.keepalive:
             self._link(2 * _framed(MQTT_PING), now, self.fixed_rate)
 
-    def stored(self, category: str, nbytes: int, windows: int, now: float) -> None:
+    def stored(self, category: str, nbytes: int, windows: float, now: float) -> None:
         """A record the record stage stored: ``windows`` merged windows count as that
         many records of its size at full resolution."""
         self.full[category].add(nbytes * windows, now)
