@@ -1,12 +1,13 @@
 #!/bin/sh
 # Install the Debian packages a target needs when they are missing and we may (root);
-# otherwise name exactly what to install. Usage: ensure-system.sh build|broker|bench|package [ARCH]
+# otherwise name exactly what to install. Usage: ensure-system.sh build|broker|bench|postgres|package [ARCH]
 #   build:  a C compiler, the Python headers and venv, to build the Cython kernel; libfuse3's
 #           headers and pkg-config, to build pyfuse3 (a dev extra: the power-loss test's FUSE
 #           filesystem), and fuse3 for fusermount3
 #   broker: mosquitto and openssl (tests and make run start their own broker on a free loopback port;
 #           policy-rc.d keeps apt from starting the system one on 1883 here)
 #   bench:  the broker's, and valgrind (make bench counts instructions with its cachegrind tool)
+#   postgres: PostgreSQL's server (tests start their own cluster with initdb: devtools/postgres.py)
 set -eu
 PYTHON=${PYTHON:-python3}
 missing=""
@@ -30,6 +31,10 @@ case "${1:-}" in
             command -v update-binfmts >/dev/null 2>&1 || missing="$missing binfmt-support"
         fi
         ;;
+    postgres)
+        ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+            || missing="$missing postgresql"
+        ;;
     broker|bench)
         if [ "$1" = bench ]; then
             command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
@@ -38,7 +43,7 @@ case "${1:-}" in
         command -v openssl >/dev/null 2>&1 || missing="$missing openssl"  # the TLS tests make certificates
         ;;
     *)
-        echo "usage: $0 build|broker|bench|package [ARCH]" >&2
+        echo "usage: $0 build|broker|bench|postgres|package [ARCH]" >&2
         exit 2
         ;;
 esac
