@@ -19,7 +19,7 @@ $(INSTALLED): setup.py pyproject.toml
 	PYTHON=$(PYTHON) sh devtools/ensure-system.sh build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,plot]'
+	$(PY) -m pip install -q -e '.[dev,plot,fleet]'
 	touch $@
 
 $(KERNEL): $(INSTALLED) $(KERNEL_SRC) setup.py

@@ -63,6 +63,9 @@ EXTRAS = {
     "can": ["python-can>=4.3,<5"],
     # A GPIO power-loss input ([power] loss_input = "gpio:..."): libgpiod's v2 bindings.
     "gpio": ["gpiod>=2.1,<3"],
+    # ``ebike-agent ingest --db postgresql://...``: the fleet consumer writing PostgreSQL
+    # (psycopg 3, with its own libpq; make setup installs it). Never needed on a vehicle.
+    "fleet": ["psycopg[binary]>=3.2,<4"],
 }
 
 
