@@ -11,7 +11,7 @@ KERNEL_SRC := $(wildcard agent/fusion/_*_py.py agent/fusion/_*.pxd)
 export EBIKE_AGENT_BUILD_EXT ?= 1
 
 # package-tools: debootstrap and, for another ARCH, qemu-user-static and binfmt-support.
-.PHONY: package-tools bench-tools setup broker run test test-compiled test-pure bench fuzz soak lint clean deb
+.PHONY: package-tools bench-tools db-tools setup broker run test test-compiled test-pure bench fuzz soak lint clean deb
 
 setup: $(KERNEL)
 
@@ -35,6 +35,11 @@ broker:
 bench-tools:
 	sh devtools/ensure-system.sh bench
 
+# PostgreSQL's server: the ingest tests and the fleet bench make their own throwaway
+# cluster with initdb (devtools/postgres.py); no system cluster is used or started.
+db-tools:
+	sh devtools/ensure-system.sh postgres
+
 run: setup broker
 	$(PY) -m devtools.demo
 
@@ -45,12 +50,12 @@ test: test-compiled test-pure
 TEST_WORKERS ?= 4
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test-compiled: setup bench-tools package-tools
+test-compiled: setup bench-tools db-tools package-tools
 	$(PYTEST) tests
 
 # The package tests (tests/test_package.py) install the compiled package into Debian
 # roots: they run once, in the compiled half.
-test-pure: setup bench-tools
+test-pure: setup bench-tools db-tools
 	EBIKE_AGENT_PUREPYTHON=1 $(PYTEST) -m "not package" tests
 
 # ebike-agent_<version>_<arch>.deb in dist/, built in a Debian 12 root of ARCH (as root).
@@ -64,7 +69,7 @@ package-tools:
 deb: setup package-tools
 	$(PY) -m devtools.deb --arch $(ARCH)
 
-bench: setup bench-tools
+bench: setup bench-tools db-tools
 	$(PY) -m devtools.bench
 
 # >= 10^6 random and mutated streams per UART framer (make fuzz FUZZ_ARGS="--streams 20000" for a quick one).

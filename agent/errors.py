@@ -7,6 +7,7 @@
      +-- DecodeError (+ValueError)     a frame or sentence is malformed
      +-- StoreError             the outbox could not be read or written
      |    +-- StorageUnwritable        its filesystem refuses writes: read-only, denied, full
+     |    +-- StoreUnavailable         the consumers' database is unreachable now; retried with backoff
      +-- AlreadyRunning         another agent holds this outbox
      +-- AgentUnreachable       no agent answers on the control socket (CLI exit 3)
      +-- CheckFailed            a technician's check found a fault (CLI exit 1, said already)
@@ -59,6 +60,12 @@ class StorageUnwritable(StoreError):
         super().__init__(f"outbox {path} cannot be written: {cause}")
         self.path = path
         self.cause = cause
+
+
+class StoreUnavailable(StoreError):
+    """The consumers' database does not answer now (down, restarting, connection lost):
+    nothing of the batches in hand is acknowledged; the consumer reconnects with backoff
+    and the devices send again what no ack covered."""
 
 
 class AlreadyRunning(AgentError):

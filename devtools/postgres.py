@@ -124,10 +124,11 @@ class Postgres:
     def dsn(self) -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/postgres"
 
-    def psql(self, sql: str) -> str:
-        """``sql`` through psql (unaligned, tuples only): for tests and checks."""
+    def psql(self, sql: str, dsn: str | None = None) -> str:
+        """``sql`` through psql (unaligned, tuples only), on ``dsn`` (default the cluster's
+        ``postgres`` database): for tests and checks."""
         proc = subprocess.run([os.path.join(bindir(), "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                               "-d", self.dsn, "-c", sql], capture_output=True, text=True, timeout=60)
+                               "-d", dsn or self.dsn, "-c", sql], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise RuntimeError(f"psql failed: {proc.stderr.strip()}")
         return proc.stdout

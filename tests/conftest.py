@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from agent import wire
 from agent.fusion.kernel import KERNELS
 from devtools.broker import Mosquitto
+from devtools.postgres import Postgres
 
 # devtools/deb_proof.py runs the kernel tests, which encode no batch, in an arm64 root where
 # pycddl cannot be installed (it has no aarch64 wheel, and a source build needs Rust):
@@ -72,6 +74,24 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL cluster of this worker's own (initdb in a temporary directory, run
+    as an unprivileged user, on loopback and a free port), removed afterwards; a missing
+    server fails the test (make test installs it)."""
+    cluster = Postgres().start()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """A new, empty database in the worker's cluster, for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.psql(f"CREATE DATABASE {name}")
+    return postgres.dsn.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture

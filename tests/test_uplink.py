@@ -266,7 +266,9 @@ def test_ingest_counts_bad_batches_and_duplicates(tmp_path: Path) -> None:
     assert (ingest.batches, ingest.records, ingest.duplicates, ingest.bad_batches) == (4, 8, 2, 3)
     assert ingest.gaps() == {"bike-a": [(4, 5), (7, 8)], "bike-c": [(6, 6)]}
     report = ingest.report()
-    assert report["devices"]["bike-a"] == {"records": 6, "first": 1, "last": 10}
+    a = report["devices"]["bike-a"]
+    assert (a["records"], a["first"], a["last"], a["duplicates"], a["unannounced"]) == (6, 1, 10, 2, 4)
+    assert report["devices"]["bike-c"]["duplicates"] == 0 and a["active_alarms"] == []
     assert report["gaps"] == {"bike-a": [[4, 5], [7, 8]], "bike-c": [[6, 6]]}
     rows = ingest.db.execute("SELECT signal, count, min, max, mean, last FROM window_signals "
                              "WHERE device='bike-a' AND seq=2 ORDER BY signal").fetchall()

@@ -47,21 +47,68 @@ def _signer(args: argparse.Namespace) -> Signer | None:
         raise ConfigError(args.ack_key, "--ack-key", e.reason) from e
 
 
+# A flush stores what arrived in one transaction: at most this many batches, or what
+# waited this long, or whatever arrived when the broker has nothing more for now.
+FLUSH_BATCHES = 500
+FLUSH_AFTER_S = 0.05
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``ingest report``: every device as the database sees it, whichever consumer stored what."""
+    from agent.fleet.ingest import Ingest
+
+    store = Ingest(args.db)
+    try:
+        devices = store.fleet()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"devices": devices}, indent=1))
+        return 0
+    header = ("DEVICE", "LAST SEEN (UTC)", "RECORDS", "LAST SEQ", "UNANNOUNCED GAPS", "DUPLICATES", "ACTIVE ALARMS")
+    rows = [(d, v["last_seen"], str(v["records"]), str(v["last"]),
+             f"{v['unannounced']} in {len(v['gaps'])}" if v["gaps"] else "0", str(v["duplicates"]),
+             ", ".join(f"{a['name']}#{a['instance']}" for a in v["active_alarms"]) or "-")
+            for d, v in sorted(devices.items())]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(f"{len(devices)} devices, {sum(v['records'] for v in devices.values())} records, "
+          f"{sum(v['unannounced'] for v in devices.values())} missing without an announcement")
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
+    if args.action == "report":
+        return _report(args)
     from agent.fleet.ingest import Ingest, ack_for
     from agent.fleet.subscriber import Subscriber
 
+    if args.init and args.broker is None:
+        Ingest(args.db, init=True).close()
+        print("ingest: the database's schema is up to date")
+        return 0
+    if args.broker is None:
+        raise ConfigError("command line", "--broker", "required to consume (HOST:PORT)")
     host, port = args.broker
     signer = _signer(args)
-    store = Ingest(args.db)
+    store = Ingest(args.db, init=args.init)
     topic = args.prefix + "+/telemetry"
     if args.group:
         topic = f"$share/{args.group}/{topic}"
+    arrived = {"n": 0, "first": 0.0}
 
     def on_message(msg_topic: str, payload: bytes) -> None:
-        stored = store.handle(msg_topic, payload)
-        if stored and not args.no_ack:
-            sub.publish(*ack_for(msg_topic, stored, payload, signer))
+        if not store.pending:
+            arrived["first"] = time.monotonic()
+        arrived["n"] += 1
+        store.accept(msg_topic, payload)
+
+    def flush() -> None:
+        # Acks only for what the transaction that just committed holds.
+        for msg_topic, seqs, payload in store.flush():
+            if not args.no_ack:
+                sub.publish(*ack_for(msg_topic, seqs, payload, signer))
 
     # A chosen id keeps its session (what arrives during a restart waits for it); a
     # per-process one could never be resumed, so its session ends with the process and
@@ -81,10 +128,15 @@ def _ingest(args: argparse.Namespace) -> int:
     next_report = time.monotonic() + args.report_every
     try:
         while not stop["now"] and (deadline is None or time.monotonic() < deadline):
-            sub.loop(0.2)
+            before = arrived["n"]
+            sub.loop(0.0 if store.pending else 0.2)
+            if store.pending and (arrived["n"] == before or len(store.pending) >= FLUSH_BATCHES
+                                  or time.monotonic() - arrived["first"] >= FLUSH_AFTER_S):
+                flush()
             if args.report_every and time.monotonic() >= next_report:
                 print(json.dumps(store.report()), flush=True)
                 next_report += args.report_every
+        flush()
     finally:
         sub.close()
     report = store.report()
@@ -96,9 +148,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("ingest", help="cloud-side consumer: store received batches in SQLite")
-    p.add_argument("--broker", required=True, type=broker_address, help="HOST:PORT")
-    p.add_argument("--db", required=True, help="SQLite file to write")
+    p = sub.add_parser("ingest", help="cloud-side consumer: store received batches in SQLite or PostgreSQL",
+                       description="Consume the fleet's batches and acknowledge what is stored; "
+                                   "'ingest report' prints every device as the database sees it.")
+    p.add_argument("action", nargs="?", choices=["report"],
+                   help="report: per device last seen, records, unannounced gaps, duplicates refused, active alarms")
+    p.add_argument("--broker", type=broker_address, help="HOST:PORT (required to consume)")
+    p.add_argument("--db", required=True, help="SQLite file, or postgresql://USER@HOST:PORT/DB (psycopg 3)")
+    p.add_argument("--init", action="store_true", help="create or migrate the database's schema (PostgreSQL "
+                   "needs it once; SQLite makes its own); without --broker, exit after it")
+    p.add_argument("--json", action="store_true", help="report: JSON instead of a table")
     p.add_argument("--prefix", default="ebike/v1/", help="topic prefix before the device id")
     p.add_argument("--client-id", help="MQTT client id, whose session then persists (kept an hour while this "
                    "consumer is away); default ebike-ingest-<host>-<pid>, a session that ends with the process")
