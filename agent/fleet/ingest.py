@@ -19,13 +19,13 @@ import random
 import sqlite3
 import time
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from agent.errors import DecodeError, StoreError, StoreUnavailable
+from agent.fleet.rows import Batch, alarm_row, alarms_view, gap_rows, gaps_view, raw_lost_row, record_time
 from agent.fleet.signing import Signer
 from agent.wire import (
     KIND_ALARM,
-    KIND_CHANGE,
     KIND_GAP,
     KIND_RAW,
     KIND_WINDOW,
@@ -40,34 +40,6 @@ from agent.wire import (
 log = logging.getLogger(__name__)
 
 INT64_MAX = (1 << 63) - 1
-
-
-def gaps_view(dev: str) -> str:
-    """The query of the view ``unannounced_gaps``: missing sequence numbers no gap
-    record explains, per device, between the first and last known. Every stored record
-    and every announced run is a span; sorted, a span starting past the furthest reach
-    of those before it leaves a hole. Plain SQL
-    (window functions), the same in SQLite and PostgreSQL; ``dev`` is the device column."""
-    return f"""
-WITH spans AS (
-    SELECT {dev} AS dev, seq AS lo, seq AS hi FROM records
-    UNION ALL SELECT {dev}, first, last FROM announced_gaps
-), reach AS (
-    SELECT dev, max(hi) OVER w AS upto, lead(lo) OVER (PARTITION BY dev ORDER BY lo, hi) AS nxt
-    FROM spans WINDOW w AS (PARTITION BY dev ORDER BY lo, hi ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-)
-SELECT dev AS {dev}, upto + 1 AS first, nxt - 1 AS last FROM reach WHERE nxt > upto + 1
-"""
-
-
-def alarms_view(dev: str) -> str:
-    """The query of the view ``active_alarms``: alarms whose latest record (by sequence
-    number: the device's order) raised them."""
-    return f"""
-SELECT {dev}, code, instance, name, level, t_ms, seq FROM (
-    SELECT a.*, row_number() OVER (PARTITION BY {dev}, code, instance ORDER BY seq DESC) AS n FROM alarms a
-) latest WHERE n = 1 AND raised
-"""
 
 
 _SQLITE_SCHEMA = """
@@ -103,15 +75,6 @@ CREATE VIEW IF NOT EXISTS unannounced_gaps AS """ + gaps_view("device") + """;
 CREATE VIEW IF NOT EXISTS active_alarms AS """ + alarms_view("device") + ";"
 
 
-class Batch(NamedTuple):
-    """One MQTT message, decoded and checked: what a store writes and an ack names."""
-
-    topic: str
-    payload: bytes
-    device: str
-    records: list[tuple[int, dict[str, Any]]]
-
-
 class Store(Protocol):
     """Where batches go. ``put`` returns, per batch, how many of its records were new
     (the rest were stored before: duplicates), or None for a batch the store refused
@@ -125,30 +88,6 @@ class Store(Protocol):
     def query(self, sql: str) -> list[tuple[Any, ...]]: ...
 
     def close(self) -> None: ...
-
-
-def record_time(rec: dict[str, Any]) -> int:
-    """A record's time in ms: its ``t``; a change record has one per change, the first."""
-    if rec["k"] == KIND_CHANGE:
-        return min((t for _sig, t, _value in rec["c"]), default=0)
-    return int(rec["t"])
-
-
-def alarm_row(rec: dict[str, Any]) -> tuple[Any, ...]:
-    """``(t_ms, code, name, instance, level, raised, value, threshold)`` of an alarm record."""
-    return rec["t"], rec["code"], rec["name"], rec["inst"], rec["lvl"], rec["on"], rec["v"], rec["thr"]
-
-
-def gap_rows(rec: dict[str, Any]) -> list[tuple[int, int, str]]:
-    """``(first, last, why)`` of each run a gap record announces."""
-    return [(first, last, rec["why"]) for first, last in rec["runs"]]
-
-
-def raw_lost_row(rec: dict[str, Any]) -> tuple[int, int, int, int] | None:
-    """``(t_ms, dur_ms, lost, skipped)`` of a raw record that lost or skipped samples."""
-    if not rec.get("lost") and not rec.get("skip"):
-        return None
-    return rec["t"], rec["d"], rec.get("lost", 0), rec.get("skip", 0)
 
 
 def _unstorable(records: list[tuple[int, dict[str, Any]]]) -> str | None:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from agent.errors import StoreError, StoreUnavailable
-from agent.fleet.ingest import (
+from agent.fleet.rows import (
     Batch,
     alarm_row,
     alarms_view,
