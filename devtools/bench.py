@@ -45,6 +45,11 @@ Writes every round to bench-results.json.
    parked) with the default configuration, recorded rides through the agent's record and
    send stages in accelerated time, payload plus the budget's overhead estimate.
 
+11. Fleet (devtools/bench_fleet.py): 1,000 virtual devices (devtools/fleet.py) at one live
+   window a second through mosquitto into PostgreSQL, with 1, 2 and 4 consumers of one
+   shared subscription: records stored per second, ack latency p50/p99, loss and
+   duplicates, each part's CPU, and the devices one consumer carries.
+
 ``--smoke`` runs every section once at tiny sizes (about two minutes), to prove the bench
 works; its figures are not worth quoting and the JSON says ``"smoke": true``.
 """
@@ -72,7 +77,7 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_budget, bench_c_decode, bench_instr, bench_uplink, bench_wire, bench_writes, ride
+from devtools import bench_budget, bench_c_decode, bench_fleet, bench_instr, bench_uplink, bench_wire, bench_writes, ride
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H
@@ -301,7 +306,7 @@ SMOKE = {"frames": 2000, "log_lines": 2000, "rounds": 1, "framer_seconds": 0.02,
          "group": 100, "traffic_seconds": 20.0, "saturated_seconds": 2.0, "agent_warmup": 1.0, "agent_seconds": 2.0,
          "writes_rounds": 1, "writes_riding_seconds": 3.0, "writes_parked_seconds": 3.0, "writes_warmup": 1.0,
          "uplink_rounds": 1, "uplink_backlog_seconds": 600, "wire_seconds": 60.0, "instr_warmup": 1.0,
-         "instr_seconds": 3.0}
+         "instr_seconds": 3.0, "fleet_devices": 20, "fleet_seconds": 3.0}
 
 
 def _instr(saturated: ride.Recorder, reads: list[bytes], frames: int, fill: int, warmup_s: float,
@@ -378,9 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instr-warmup", type=float, default=5.0,
                    help="s of decoding under valgrind before the agent's instructions are counted")
     p.add_argument("--instr-seconds", type=float, default=30.0, help="window the agent's instructions are counted over")
+    p.add_argument("--fleet-devices", type=int, default=1000, help="virtual devices of the fleet section")
+    p.add_argument("--fleet-seconds", type=float, default=60.0, help="s each fleet run publishes for")
     p.add_argument("--smoke", action="store_true", help="every section once at tiny sizes, to prove the bench runs")
-    p.add_argument("--only", choices=("decode",),
-                   help="run one section alone: 'decode' = the DBC decode table (1.) and its summary keys")
+    p.add_argument("--only", choices=("decode", "fleet"),
+                   help="run one section alone: 'decode' = the DBC decode table (1.), 'fleet' = the fleet "
+                        "section (1,000 devices, 1, 2 and 4 consumers, PostgreSQL), and their summary keys")
     p.add_argument("--out", default="bench-results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -392,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--agent-seconds must be >= 20 (a CPU share over less is not steady)")
     if args.writes_parked_seconds < 2 * PARKED_COMMIT_S and not args.smoke:
         p.error(f"--writes-parked-seconds must be >= {2 * PARKED_COMMIT_S:g} (two parked commits)")
+    if args.only == "fleet":
+        fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds)
+        bench_fleet.report(fleet_fig)
+        Path(args.out).write_text(json.dumps({
+            "machine": platform.machine(), "python": platform.python_version(), "smoke": args.smoke,
+            "summary": bench_fleet.summary(fleet_fig), "fleet": fleet_fig}, indent=1))
+        print(f"written to {args.out}")
+        return 0
     path = profile_path("bafang")
     frames = _frames(load_cantools(path), args.frames, seed=1)
     print(f"{platform.machine()}, Python {platform.python_version()}, {args.rounds} interleaved rounds, medians"
@@ -445,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     instr = _instr(saturated, _reads(_packed(frames)), len(frames), args.can_fill, args.instr_warmup,
                    args.instr_seconds)
     budget = bench_budget.measure()
+    fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds)
 
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
     summary = {
@@ -464,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "sd_write_mb_per_h_parked": writes.get("sd_write_mb_per_h_parked"),
         **{key: instr.get(key) for key in bench_instr.SUMMARY_KEYS},
         "mb_per_month_typical": budget["mb_per_month_typical"],
+        **bench_fleet.summary(fleet_fig),
     }
     print()
     _print_decode(decode_summary)
@@ -495,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{writes[f'{case}_warmup_s']:g} s, per hour; runs {runs})")
     bench_instr.report(instr)
     bench_budget.report(budget)
+    bench_fleet.report(fleet_fig)
     Path(args.out).write_text(json.dumps({
         "machine": platform.machine(), "python": platform.python_version(), "rounds": args.rounds, "smoke": args.smoke,
         "summary": summary, "decode": decode_results, "replay": replay_results, "outbox": outbox_results,
         "framers": framers, "recorded_ride_saturated": saturated_results, "recorded_ride": traffic_results,
         "uplink": uplink, "wire": wire_figures, "agent": agent, "sd_writes": writes, "instructions": instr,
-        "budget": budget,
+        "budget": budget, "fleet": fleet_fig,
     }, indent=1))
     print(f"written to {args.out}")
     return 1 if "error" in agent or "error" in writes or "error" in instr else 0

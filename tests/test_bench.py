@@ -46,6 +46,13 @@ SUMMARY_KEYS = (
     "pi_zero2_cpu_pct_saturated",
     "pi_zero2_cpu_pct_commute",
     "mb_per_month_typical",
+    "fleet_records_per_s_1_consumers",
+    "fleet_ack_p99_s_1_consumers",
+    "fleet_records_per_s_4_consumers",
+    "fleet_ack_p99_s_4_consumers",
+    "fleet_lost",
+    "fleet_stored_twice",
+    "fleet_devices_per_consumer",
 )
 
 

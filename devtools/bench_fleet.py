@@ -1,0 +1,125 @@
+"""``make bench``'s fleet section: 1,000 virtual devices (devtools/fleet.py) at one live
+window a second through mosquitto into PostgreSQL, with 1, 2 and 4 consumers of one
+shared subscription, everything on this machine (broker, generator, consumers and the
+database share its cores). Per run: records stored per second, the ack latency p50/p99,
+records lost or stored twice, and the CPU each part took, from which the number of
+devices one consumer carries is projected (its CPU share at this load, scaled to a core).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from devtools import fleet
+from devtools.broker import Mosquitto
+from devtools.postgres import Postgres
+from devtools.procs import REPO, log_has, spawn, stop, wait_for
+
+P99_GOAL_S = 1.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pids: set[int] | None = None, session: int | None = None) -> float:
+    """CPU seconds (user + system) of processes ``pids``, or of every process of
+    ``session`` (PostgreSQL's backends come and go under its postmaster's session)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        pid, sid = int(entry), int(fields[3])
+        if (pids is not None and pid in pids) or (session is not None and sid == session):
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def _one(broker: Mosquitto, pg: Postgres, consumers: int, devices: int, rate: float, seconds: float,
+         workdir: Path) -> dict[str, Any]:
+    """One run on a fresh database: ``consumers`` in one group, the generator's report
+    and the CPU seconds of each part over the run."""
+    name = f"fleet_{uuid.uuid4().hex[:8]}"
+    pg.psql(f"CREATE DATABASE {name}")
+    url = pg.dsn.rsplit("/", 1)[0] + "/" + name
+    init = subprocess.run([sys.executable, "-m", "agent", "ingest", "--init", "--db", url],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    if init.returncode != 0:
+        raise RuntimeError(f"ingest --init failed: {init.stderr.strip()}")
+    procs = []
+    logs = [workdir / f"consumer-{consumers}-{i}.log" for i in range(consumers)]
+    try:
+        for log in logs:
+            procs.append(spawn(["agent", "ingest", "--broker", broker.address, "--db", url, "--group", "fleet"], log))
+        for log in logs:
+            wait_for("a consumer to subscribe", lambda log=log: log_has(log, "subscribed to"), 30)
+        assert pg.proc is not None and broker.proc is not None
+        own = {p.pid for p in procs}
+        before = (_cpu_s(own), _cpu_s(session=pg.proc.pid), _cpu_s({broker.proc.pid}), time.process_time())
+        start = time.monotonic()
+        report = fleet.run(broker.host, broker.port, devices=devices, rate=rate, duration=seconds, db=url)
+        wall = time.monotonic() - start
+        after = (_cpu_s(own), _cpu_s(session=pg.proc.pid), _cpu_s({broker.proc.pid}), time.process_time())
+    finally:
+        for proc in procs:
+            stop(proc)
+    cpu = [(b - a) / wall * 100 for a, b in zip(before, after, strict=True)]
+    return {**report, "consumers": consumers, "wall_s": round(wall, 1),
+            "cpu_pct_consumers": round(cpu[0], 1), "cpu_pct_postgres": round(cpu[1], 1),
+            "cpu_pct_broker": round(cpu[2], 1), "cpu_pct_generator": round(cpu[3], 1)}
+
+
+def measure(devices: int = 1000, rate: float = 1.0, seconds: float = 60.0,
+            consumer_counts: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
+    """The runs, one per consumer count, on one broker and one cluster."""
+    with tempfile.TemporaryDirectory(prefix="ebike-fleet-") as tmp:
+        os.makedirs(os.path.join(tmp, "broker"))
+        broker = Mosquitto(os.path.join(tmp, "broker")).start()
+        pg = Postgres().start()
+        try:
+            runs = [_one(broker, pg, n, devices, rate, seconds, Path(tmp)) for n in consumer_counts]
+        finally:
+            pg.remove()
+            broker.stop()
+    return {"devices": devices, "rate": rate, "seconds": seconds, "runs": runs}
+
+
+def summary(fig: dict[str, Any]) -> dict[str, Any]:
+    """The bench-results.json keys: per consumer count the stored rate and the ack
+    latencies; loss and duplicates over every run; the devices one consumer carries."""
+    out: dict[str, Any] = {}
+    for run in fig["runs"]:
+        n = run["consumers"]
+        out[f"fleet_records_per_s_{n}_consumers"] = run["acked_per_s"]
+        out[f"fleet_ack_p50_s_{n}_consumers"] = run["ack_latency_p50_s"]
+        out[f"fleet_ack_p99_s_{n}_consumers"] = run["ack_latency_p99_s"]
+    out["fleet_lost"] = sum(run["lost"] for run in fig["runs"])
+    out["fleet_stored_twice"] = sum(run["stored_twice"] for run in fig["runs"])
+    one = next(run for run in fig["runs"] if run["consumers"] == 1)
+    per_device_cpu = one["cpu_pct_consumers"] / fig["devices"]
+    out["fleet_devices_per_consumer"] = round(100 / per_device_cpu) if per_device_cpu > 0 else None
+    return out
+
+
+def report(fig: dict[str, Any]) -> None:
+    print(f"\nfleet: {fig['devices']:,} devices x {fig['rate']:g} live window/s, {fig['seconds']:g} s, mosquitto + "
+          f"PostgreSQL + generator + consumers on this machine")
+    print(f"  {'consumers':>9} {'stored/s':>9} {'ack p50':>8} {'ack p99':>8} {'lost':>5} {'twice':>5} {'unacked':>7}"
+          f" {'resends':>7}   CPU % of a core: consumers, PostgreSQL, broker, generator")
+    for run in fig["runs"]:
+        print(f"  {run['consumers']:>9} {run['acked_per_s']:>9,.0f} {run['ack_latency_p50_s']:>7.3f}s "
+              f"{run['ack_latency_p99_s']:>7.3f}s {run['lost']:>5} {run['stored_twice']:>5} {run['unacked']:>7}"
+              f" {run['resends']:>7}   {run['cpu_pct_consumers']:.0f}, {run['cpu_pct_postgres']:.0f}, "
+              f"{run['cpu_pct_broker']:.0f}, {run['cpu_pct_generator']:.0f}")
+    s = summary(fig)
+    print(f"fleet_devices_per_consumer: {s['fleet_devices_per_consumer']} (one consumer's CPU share at "
+          f"{fig['devices']:,} devices, scaled to a whole core; goal p99 <= {P99_GOAL_S:g} s, no loss, no duplicate)")
