@@ -77,7 +77,16 @@ from agent.fusion.kernel import KERNELS
 from agent.signals import limits
 from agent.store.outbox import LANE_LIVE, Outbox
 from agent.store.recorder import PARKED_COMMIT_S
-from devtools import bench_budget, bench_c_decode, bench_fleet, bench_instr, bench_uplink, bench_wire, bench_writes, ride
+from devtools import (
+    bench_budget,
+    bench_c_decode,
+    bench_fleet,
+    bench_instr,
+    bench_uplink,
+    bench_wire,
+    bench_writes,
+    ride,
+)
 from devtools.bench_agent import CPU_GOAL_PCT, RSS_GOAL_MB, AgentBenchError, agent_figures
 from devtools.bench_framers import framer_figures
 from devtools.bench_writes import PARKED_GOAL_MB_H, RIDING_GOAL_MB_H

@@ -572,14 +572,10 @@ def check_store(report: dict[str, Any], sent: dict[str, int]) -> tuple[int, int]
 
 def _stored(db: str) -> dict[str, Any]:
     """The report of the consumers' store ``db`` (a SQLite path or a postgresql:// URL),
-    opened as the consumers open it. Until agent.fleet.ingest has ``open_store``, SQLite
-    only, through ``Ingest``: that fallback goes once it has."""
-    opener = getattr(ingest, "open_store", None)
-    if opener is None and "://" in db:
-        raise ConfigError("command line", "--db", f"{db}: this consumer stores in SQLite only (no open_store yet)")
-    store = opener(db) if opener is not None else ingest.Ingest(db)
+    opened as the consumers open it."""
+    store = ingest.Ingest(db)
     try:
-        return dict(store.report())
+        return store.report()
     finally:
         store.close()
 
