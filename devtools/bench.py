@@ -315,7 +315,8 @@ SMOKE = {"frames": 2000, "log_lines": 2000, "rounds": 1, "framer_seconds": 0.02,
          "group": 100, "traffic_seconds": 20.0, "saturated_seconds": 2.0, "agent_warmup": 1.0, "agent_seconds": 2.0,
          "writes_rounds": 1, "writes_riding_seconds": 3.0, "writes_parked_seconds": 3.0, "writes_warmup": 1.0,
          "uplink_rounds": 1, "uplink_backlog_seconds": 600, "wire_seconds": 60.0, "instr_warmup": 1.0,
-         "instr_seconds": 3.0, "fleet_devices": 20, "fleet_seconds": 3.0}
+         "instr_seconds": 3.0, "fleet_devices": 20, "fleet_seconds": 5.0,
+         "fleet_ramp": (30,), "fleet_ramp_seconds": 2.0}
 
 
 def _instr(saturated: ride.Recorder, reads: list[bytes], frames: int, fill: int, warmup_s: float,
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instr-seconds", type=float, default=30.0, help="window the agent's instructions are counted over")
     p.add_argument("--fleet-devices", type=int, default=1000, help="virtual devices of the fleet section")
     p.add_argument("--fleet-seconds", type=float, default=60.0, help="s each fleet run publishes for")
+    p.add_argument("--fleet-ramp", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1500, 2000, 2500, 3000),
+                   help="device counts one consumer is then tried with, until it no longer carries them")
+    p.add_argument("--fleet-ramp-seconds", type=float, default=30.0, help="s of each ramp run")
     p.add_argument("--smoke", action="store_true", help="every section once at tiny sizes, to prove the bench runs")
     p.add_argument("--only", choices=("decode", "fleet"),
                    help="run one section alone: 'decode' = the DBC decode table (1.), 'fleet' = the fleet "
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.writes_parked_seconds < 2 * PARKED_COMMIT_S and not args.smoke:
         p.error(f"--writes-parked-seconds must be >= {2 * PARKED_COMMIT_S:g} (two parked commits)")
     if args.only == "fleet":
-        fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds)
+        fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds, ramp=args.fleet_ramp,
+                                     ramp_seconds=args.fleet_ramp_seconds)
         bench_fleet.report(fleet_fig)
         Path(args.out).write_text(json.dumps({
             "machine": platform.machine(), "python": platform.python_version(), "smoke": args.smoke,
@@ -470,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     instr = _instr(saturated, _reads(_packed(frames)), len(frames), args.can_fill, args.instr_warmup,
                    args.instr_seconds)
     budget = bench_budget.measure()
-    fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds)
+    fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds, ramp=args.fleet_ramp,
+                                     ramp_seconds=args.fleet_ramp_seconds)
 
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
     summary = {

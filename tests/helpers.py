@@ -5,6 +5,7 @@ import contextlib
 import json
 import shutil
 import sqlite3
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from devtools.procs import REPO, log_has, open_raw, reap, spawn, start_sim, stop, wait_for, wait_ready
 
 __all__ = ["REPO", "consumer", "consumer_report", "log_has", "micropython_binary", "open_raw", "reap", "spawn",
-           "start_sim", "stop", "wait_all_stored", "wait_for", "wait_ready"]
+           "start_ingest", "start_sim", "stop", "wait_all_stored", "wait_for", "wait_ready"]
 
 
 @contextlib.contextmanager
@@ -32,6 +33,13 @@ def consumer(broker: str, tmp: Path, name: str) -> Iterator[Path]:
         yield db
     finally:
         stop(proc)
+
+
+def start_ingest(broker: str, db: str | Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``ebike-agent ingest --broker broker --db db`` with ``extra`` options, once subscribed."""
+    proc = spawn(["agent", "ingest", "--broker", broker, "--db", str(db), *extra], log)
+    wait_for("the consumer to subscribe", lambda: log_has(log, "subscribed to"), 30)
+    return proc
 
 
 def consumer_report(tmp: Path) -> Any:

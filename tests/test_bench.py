@@ -53,6 +53,7 @@ SUMMARY_KEYS = (
     "fleet_lost",
     "fleet_stored_twice",
     "fleet_devices_per_consumer",
+    "fleet_devices_per_consumer_core",
 )
 
 

@@ -21,7 +21,7 @@ from agent.errors import ConfigError
 from agent.fleet.ingest import Ingest
 from devtools import fleet
 from devtools.broker import Mosquitto
-from tests.helpers import REPO, log_has, spawn, stop, wait_for
+from tests.helpers import REPO, start_ingest, stop
 
 DEVICES = 50
 
@@ -29,12 +29,6 @@ DEVICES = 50
 def prefix() -> str:
     """Device ids of the test's own: the broker is shared with other tests."""
     return f"t{uuid.uuid4().hex[:6]}-"
-
-
-def start_consumer(broker: Mosquitto, db: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    proc = spawn(["agent", "ingest", "--broker", broker.address, "--db", str(db), *extra], log)
-    wait_for("the consumer to subscribe", lambda: log_has(log, "subscribed to"), 20)
-    return proc
 
 
 def assert_latencies(report: dict[str, Any]) -> None:
@@ -48,7 +42,7 @@ def test_fleet_through_a_consumer_loses_nothing(tmp_path: Path, mosquitto: Mosqu
     record acked and stored once, and stored as what it is (a window of 21 signals, in
     fixed point); exit 0."""
     db, log = tmp_path / "cloud.sqlite", tmp_path / "ingest.log"
-    consumer = start_consumer(mosquitto, db, log)
+    consumer = start_ingest(mosquitto.address, db, log)
     try:
         out = subprocess.run(
             [sys.executable, "-m", "devtools.fleet", "--broker", mosquitto.address, "--devices", str(DEVICES),
@@ -80,7 +74,7 @@ def test_late_consumer_is_caught_up_by_resends(tmp_path: Path, mosquitto: Mosqui
         future = pool.submit(fleet.run, mosquitto.host, mosquitto.port, devices=DEVICES, duration=5.0,
                              connections=4, ack_timeout=1.0, drain_timeout=15.0, db=str(db), device_prefix=prefix())
         time.sleep(2.0)
-        consumer = start_consumer(mosquitto, db, log)
+        consumer = start_ingest(mosquitto.address, db, log)
         try:
             report = future.result(timeout=60)
         finally:
@@ -96,7 +90,7 @@ def test_a_consumer_that_does_not_ack_fails_the_run(tmp_path: Path, mosquitto: M
     """``--no-ack``: everything is stored but nothing acknowledged, so the generator
     resends until its drain ends and reports every record unacked; exit 1."""
     db, log = tmp_path / "cloud.sqlite", tmp_path / "ingest.log"
-    consumer = start_consumer(mosquitto, db, log, "--no-ack")
+    consumer = start_ingest(mosquitto.address, db, log, "--no-ack")
     try:
         out = subprocess.run(
             [sys.executable, "-m", "devtools.fleet", "--broker", mosquitto.address, "--devices", "10",

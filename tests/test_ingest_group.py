@@ -18,7 +18,7 @@ from typing import Any
 from devtools import fleet
 from devtools.broker import Mosquitto
 from devtools.postgres import Postgres
-from tests.helpers import REPO, log_has, spawn, stop, wait_for
+from tests.helpers import REPO, log_has, start_ingest, stop
 
 
 def init(url: str) -> None:
@@ -28,9 +28,7 @@ def init(url: str) -> None:
 
 
 def start_consumer(broker: Mosquitto, url: str, log: Path) -> subprocess.Popen[bytes]:
-    proc = spawn(["agent", "ingest", "--broker", broker.address, "--db", url, "--group", "cloud"], log)
-    wait_for("the consumer to subscribe", lambda: log_has(log, "subscribed to"), 30)
-    return proc
+    return start_ingest(broker.address, url, log, "--group", "cloud")
 
 
 def run_fleet(broker: Mosquitto, url: str, out: dict[str, Any], **kw: Any) -> threading.Thread:

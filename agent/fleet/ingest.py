@@ -77,13 +77,13 @@ CREATE VIEW IF NOT EXISTS active_alarms AS """ + alarms_view("device") + ";"
 
 class Store(Protocol):
     """Where batches go. ``put`` returns, per batch, how many of its records were new
-    (the rest were stored before: duplicates), or None for a batch the store refused
-    (values it cannot hold); it raises StoreUnavailable when the database does not
+    (the rest were stored before: duplicates), or why the store refused it (values it
+    cannot hold); it raises StoreUnavailable when the database does not
     answer, and then nothing of those batches may be acknowledged."""
 
     device_column: str
 
-    def put(self, batches: list[Batch]) -> list[int | None]: ...
+    def put(self, batches: list[Batch]) -> list[int | str]: ...
 
     def query(self, sql: str) -> list[tuple[Any, ...]]: ...
 
@@ -136,12 +136,11 @@ class SqliteStore:
             self.db = _open_sqlite(path)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {path}: {e}") from e
-        self.last_error = ""
 
-    def put(self, batches: list[Batch]) -> list[int | None]:
+    def put(self, batches: list[Batch]) -> list[int | str]:
         return [self._put(batch) for batch in batches]
 
-    def _put(self, batch: Batch) -> int | None:
+    def _put(self, batch: Batch) -> int | str:
         # One look for the numbers already stored, then one insert per table: a batch is
         # hundreds of records of tens of signals, and per-record statements were most of
         # the consumer's time. The look is inside the write transaction, so consumers
@@ -184,8 +183,7 @@ class SqliteStore:
         except (sqlite3.Error, OverflowError) as e:
             # Decodes but cannot be stored (a uint beyond int64 in a value): the whole
             # batch is rolled back and refused; the consumer goes on.
-            self.last_error = f"batch not stored: {e}"
-            return None
+            return f"batch not stored: {e}"
         return len(fresh)
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
@@ -283,8 +281,8 @@ class Ingest:
             return []
         out = []
         for batch, fresh in zip(batches, results, strict=True):
-            if fresh is None:
-                self._bad(batch.topic, getattr(self.store, "last_error", "") or "not stored")
+            if isinstance(fresh, str):
+                self._bad(batch.topic, fresh)
                 continue
             self.records += fresh
             self.duplicates += len(batch.records) - fresh
@@ -345,12 +343,17 @@ class Ingest:
                 out[d]["active_alarms"].append({"name": name, "instance": inst, "level": level})
         return out
 
+    def counters(self) -> dict[str, Any]:
+        """What this consumer saw: batches stored, records new and duplicate, batches
+        refused, batches not acknowledged because the database was away."""
+        return {"batches": self.batches, "records": self.records, "duplicates": self.duplicates,
+                "bad_batches": self.bad_batches, "deferred": self.deferred}
+
     def report(self) -> dict[str, Any]:
         """This consumer's counters and the database's view of every device."""
         devices = self.fleet()
         report: dict[str, Any] = {
-            "batches": self.batches, "records": self.records, "duplicates": self.duplicates,
-            "bad_batches": self.bad_batches, "deferred": self.deferred, "devices": devices,
+            **self.counters(), "devices": devices,
             "gaps": {d: v["gaps"] for d, v in devices.items() if v["gaps"]},
             "announced_drops": {d: [list(g) for g in gs] for d, gs in self.announced().items()},
         }

@@ -104,15 +104,36 @@ CREATE VIEW active_alarms AS """ + alarms_view("device_id") + ";"
 
 MIGRATIONS = {1: _V1}
 
-_TABLES = {
-    "windows": "device_id, seq, t_ms, dur_ms, signal, count, min, max, mean, last",
-    "changes": "device_id, seq, signal, t_ms, value",
-    "alarms": "device_id, seq, t_ms, code, name, instance, level, raised, value, threshold",
-    "events": "device_id, seq, t_ms, kind, code, body",
-    "raw_series": "device_id, seq, signal, t_ms, value",
-    "raw_lost": "device_id, seq, t_ms, dur_ms, lost, skipped",
-    "announced_gaps": "device_id, seq, first, last, why",
+# Each content table's columns and their types, for a binary COPY (the text form escaped
+# every array element through a regular expression: most of a consumer's time).
+_TABLES: dict[str, tuple[str, list[str]]] = {
+    "windows": ("device_id, seq, t_ms, dur_ms, signal, count, min, max, mean, last",
+                ["text", "int8", "int8", "int8", "int4[]", "int4[]", "float8[]", "float8[]", "float8[]", "float8[]"]),
+    "changes": ("device_id, seq, signal, t_ms, value", ["text", "int8", "int4[]", "int8[]", "float8[]"]),
+    "alarms": ("device_id, seq, t_ms, code, name, instance, level, raised, value, threshold",
+               ["text", "int8", "int8", "int4", "text", "int4", "int2", "bool", "float8", "float8"]),
+    "events": ("device_id, seq, t_ms, kind, code, body", ["text", "int8", "int8", "text", "int4", "bytea"]),
+    "raw_series": ("device_id, seq, signal, t_ms, value", ["text", "int8", "int4", "int8[]", "float8[]"]),
+    "raw_lost": ("device_id, seq, t_ms, dur_ms, lost, skipped", ["text", "int8", "int8", "int8", "int8", "int8"]),
+    "announced_gaps": ("device_id, seq, first, last, why", ["text", "int8", "int8", "int8", "text"]),
 }
+
+
+_INT_BOUNDS = {"int2": 1 << 15, "int4": 1 << 31, "int8": 1 << 63}
+
+
+def _misfit(table: str, row: tuple[Any, ...]) -> str | None:
+    """Why ``row`` cannot go into ``table`` as it is, or None: an integer beyond its
+    column. A binary COPY would not refuse it but keep its low bits (2^40 arrives as 0
+    in an int4), so it is checked here, and the batch refused, never stored wrong."""
+    for column, value, typ in zip(_TABLES[table][0].split(", "), row, _TABLES[table][1], strict=True):
+        bound = _INT_BOUNDS.get(typ.removesuffix("[]"))
+        if bound is None or value is None:
+            continue
+        values = value if typ.endswith("[]") else (value,)
+        if values and not (-bound <= min(values) and max(values) < bound):
+            return f"{table}.{column}: a value beyond {typ.removesuffix('[]')}"
+    return None
 
 
 def redact(url: str) -> str:
@@ -166,7 +187,10 @@ class PostgresStore:
             raise StoreError(f"cannot connect to {redact(url)}: {str(e).strip()}") from e
         if init:
             self._migrate()
-        self._check_schema()
+        try:
+            self._check_schema()
+        except psycopg.Error as e:
+            raise StoreError(f"{redact(url)}: cannot read the schema version: {str(e).strip()}") from e
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
@@ -201,8 +225,6 @@ class PostgresStore:
         except pgerrors.UndefinedTable as e:
             raise StoreError(f"{redact(self.url)} has no ingest schema: create it with "
                              f"'ebike-agent ingest --init --db URL'") from e
-        except psycopg.Error as e:
-            raise StoreError(f"{redact(self.url)}: cannot read the schema version: {str(e).strip()}") from e
         have = row[0] if row else None
         if have != SCHEMA_VERSION:
             how = "upgrade ebike-agent" if (have or 0) > SCHEMA_VERSION else \
@@ -231,33 +253,50 @@ class PostgresStore:
             raise StoreUnavailable(self.last_error)
         try:
             self.conn = self._connect()
-        except psycopg.OperationalError as e:
+            self._check_schema()
+        except psycopg.Error as e:
             raise self._lost(e) from e
-        self._check_schema()
         log.info("ingest: database %s reachable again", redact(self.url))
         self.backoff = BACKOFF_MIN_S
         return self.conn
 
-    def put(self, batches: list[Batch]) -> list[int | None]:
+    def put(self, batches: list[Batch]) -> list[int | str]:
+        contents: list[dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]] | None] = []
+        reasons: list[int | str] = []
+        for b in batches:
+            rows = {(b.device, seq): _rows(b.device, seq, rec) for seq, rec in b.records}
+            why = next((w for pairs in rows.values() for table, row in pairs if (w := _misfit(table, row))), None)
+            contents.append(None if why is not None else rows)
+            reasons.append(f"batch not stored: {why}")
+        kept = [i for i, c in enumerate(contents) if c is not None]
+        out: list[int | str] = reasons
+        if kept:
+            stored = self._put([batches[i] for i in kept], [contents[i] or {} for i in kept])
+            for i, n in zip(kept, stored, strict=True):
+                out[i] = n
+        return out
+
+    def _put(self, batches: list[Batch],
+             contents: list[dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]]]) -> list[int | str]:
         for attempt in range(WRITE_ATTEMPTS):
             conn = self._connection()
             try:
-                return self._write(conn, batches)
+                return self._write(conn, batches, contents)
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
                 if attempt == WRITE_ATTEMPTS - 1:
                     raise self._lost(e) from e
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 raise self._lost(e) from e
             except psycopg.Error as e:
-                # A value this database cannot hold (an integer out of range, a NUL in a
-                # text): find the batch, store the others.
+                # A value this database refuses (a NUL in a text, a time beyond bigint):
+                # find the batch, store the others.
                 if len(batches) == 1:
-                    self.last_error = f"batch not stored: {str(e).strip()}"
-                    return [None]
-                return [self.put([batch])[0] for batch in batches]
+                    return [f"batch not stored: {str(e).strip()}"]
+                return [self._put([b], [c])[0] for b, c in zip(batches, contents, strict=True)]
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _write(self, conn: psycopg.Connection[Any], batches: list[Batch]) -> list[int | None]:
+    def _write(self, conn: psycopg.Connection[Any], batches: list[Batch],
+               contents: list[dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]]]) -> list[int | str]:
         keys = sorted({(b.device, seq): (rec["k"], record_time(rec))
                        for b in batches for seq, rec in b.records}.items())
         with conn.transaction(), conn.cursor() as cur:
@@ -270,15 +309,16 @@ class PostgresStore:
             fresh = {(d, s) for d, s in cur.fetchall()}
             rows: dict[str, list[tuple[Any, ...]]] = {}
             written = set()
-            for b in batches:
-                for seq, rec in b.records:
-                    key = (b.device, seq)
+            for batch_rows in contents:
+                for key, pairs in batch_rows.items():
                     if key in fresh and key not in written:
                         written.add(key)
-                        for table, row in _rows(b.device, seq, rec):
+                        for table, row in pairs:
                             rows.setdefault(table, []).append(row)
             for table, table_rows in rows.items():
-                with cur.copy(f"COPY {table} ({_TABLES[table]}) FROM STDIN") as copy:
+                columns, types = _TABLES[table]
+                with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(types)
                     for row in table_rows:
                         copy.write_row(row)
             sent = Counter(b.device for b in batches for _ in b.records)
@@ -289,7 +329,7 @@ class PostgresStore:
                 " ORDER BY 1 ON CONFLICT (device_id) DO UPDATE SET last_seen = now(),"
                 " duplicates = devices.duplicates + excluded.duplicates",
                 (devices, [sent[d] - new[d] for d in devices]))
-        out: list[int | None] = []
+        out: list[int | str] = []
         claimed: set[tuple[str, int]] = set()
         for b in batches:
             mine = {(b.device, seq) for seq, _ in b.records} & (fresh - claimed)
