@@ -79,7 +79,11 @@ def _one(broker: Mosquitto, pg: Postgres, consumers: int, devices: int, rate: fl
         for proc in procs:
             stop(proc)
     cpu = [(b - a) / wall * 100 for a, b in zip(before, after, strict=True)]
+    pg.psql("VACUUM ANALYZE", url)
+    empty = int(pg.psql("SELECT pg_database_size('template1')").strip())
+    size = int(pg.psql("SELECT pg_database_size(current_database())", url).strip())
     return {**report, "consumers": consumers, "wall_s": round(wall, 1),
+            "db_bytes_per_record": round((size - empty) / max(1, report["records_sent"]), 1),
             "cpu_pct_consumers": round(cpu[0], 1), "cpu_pct_postgres": round(cpu[1], 1),
             "cpu_pct_broker": round(cpu[2], 1), "cpu_pct_generator": round(cpu[3], 1)}
 
@@ -146,6 +150,9 @@ def report(fig: dict[str, Any]) -> None:
               f"{run['ack_latency_p99_s']:>7.3f}s {run['lost']:>5} {run['stored_twice']:>5} {run['unacked']:>7}"
               f" {run['resends']:>7}   {run['cpu_pct_consumers']:.0f}, {run['cpu_pct_postgres']:.0f}, "
               f"{run['cpu_pct_broker']:.0f}, {run['cpu_pct_generator']:.0f}")
+    one = next(run for run in fig["runs"] if run["consumers"] == 1)
+    print(f"  PostgreSQL on disk: {one['db_bytes_per_record']:.0f} bytes per live window record (21 signals; "
+          f"tables and indexes, after VACUUM, less an empty database)")
     print(f"  one consumer, more devices ({fig['ramp_seconds']:g} s each):")
     for run in fig["ramp"]:
         print(f"  {run['devices']:>9,} devices: stored {run['acked_per_s']:,.0f}/s, ack p50 "

@@ -114,6 +114,9 @@ def test_a_database_crash_mid_stream_acknowledges_nothing_uncommitted(tmp_path: 
             assert not thread.is_alive(), "the generator did not finish"
             assert any(log_has(log, "nothing is acknowledged until it is back") for log in logs)
             assert any(log_has(log, "reachable again") for log in logs)
+            # A consumer that cannot store leaves the group (the others take its share) and joins again.
+            left = [log for log in logs if log_has(log, "left $share/cloud/")]
+            assert left and all(log.read_text().count("subscribed to") >= 2 for log in left)
             assert all(proc.poll() is None for proc in procs), "a consumer died with the database"
         finally:
             for proc in procs:

@@ -113,10 +113,15 @@ def _ingest(args: argparse.Namespace) -> int:
         store.accept(msg_topic, payload)
 
     def flush() -> None:
-        # Acks only for what the transaction that just committed holds.
+        # Acks only for what the transaction that just committed holds. While the
+        # database is away the consumer leaves the group, so that members which can
+        # store take its share, and joins again once it answers.
+        deferred = store.deferred
         for msg_topic, seqs, payload in store.flush():
             if not args.no_ack:
                 sub.publish(*ack_for(msg_topic, seqs, payload, signer))
+        if store.deferred > deferred:
+            sub.leave()
 
     # A chosen id keeps its session (what arrives during a restart waits for it); a
     # per-process one could never be resumed, so its session ends with the process and
@@ -138,6 +143,8 @@ def _ingest(args: argparse.Namespace) -> int:
         while not stop["now"] and (deadline is None or time.monotonic() < deadline):
             wait = FLUSH_AFTER_S - (time.monotonic() - arrived["first"]) if store.pending else 0.2
             sub.loop(max(0.0, wait))
+            if not sub.wanted and store.available():
+                sub.join()
             if store.pending and (len(store.pending) >= FLUSH_BATCHES
                                   or time.monotonic() - arrived["first"] >= FLUSH_AFTER_S):
                 flush()

@@ -290,6 +290,14 @@ class Ingest:
             out.append((batch.topic, [seq for seq, _ in batch.records], batch.payload))
         return out
 
+    def available(self) -> bool:
+        """Whether the database answers now (a reconnection is tried, within its backoff)."""
+        try:
+            self.store.query("SELECT 1")
+        except StoreUnavailable:
+            return False
+        return True
+
     def handle(self, topic: str, payload: bytes) -> list[int]:
         """One message taken in and stored at once; the sequence numbers to acknowledge."""
         self.accept(topic, payload)

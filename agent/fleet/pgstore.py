@@ -342,6 +342,8 @@ class PostgresStore:
             with self._connection().cursor() as cur:
                 cur.execute(sql)
                 return cur.fetchall()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise self._lost(e) from e
         except psycopg.Error as e:
             raise StoreError(f"{redact(self.url)}: {str(e).strip()}") from e
 

@@ -42,6 +42,7 @@ class Subscriber:
         self.persistent = persistent
         self.connected = False
         self.subscribed = False
+        self.wanted = True
         self.link = LinkFailures("consumer", host, port)
         self.client = LinkClient(client_id, self.link)
         self.client.on_connect = self._on_connect
@@ -52,7 +53,8 @@ class Subscriber:
     # paho's callbacks (API version 2); the client and properties they pass are unused.
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if not is_failure(rc):
-            self.client.subscribe(self.topic, qos=1)
+            if self.wanted:
+                self.client.subscribe(self.topic, qos=1)
             self.connected = True
             self.link.connected()
         else:
@@ -67,6 +69,20 @@ class Subscriber:
         else:
             self.subscribed = True
             log.info("consumer: subscribed to %s", self.topic)
+
+    def leave(self) -> None:
+        """Stop taking messages (unsubscribe; a shared subscription's other members take
+        them): for a consumer that cannot store them now."""
+        if self.wanted:
+            self.wanted = self.subscribed = False
+            self.client.unsubscribe(self.topic)
+            log.warning("consumer: left %s until it can store again", self.topic)
+
+    def join(self) -> None:
+        """Take messages again after ``leave``."""
+        if not self.wanted:
+            self.wanted = True
+            self.client.subscribe(self.topic, qos=1)
 
     def connect(self) -> None:
         props = session_properties(SESSION_EXPIRY_S if self.persistent else 0)
