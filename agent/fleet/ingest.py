@@ -229,7 +229,6 @@ class Ingest:
     committed transaction holds is handed back for acknowledgement."""
 
     def __init__(self, db: str, init: bool = False) -> None:
-        self.db_name = db
         self.store = open_store(db, init)
         self.pending: list[Batch] = []
         self.batches = 0
