@@ -84,3 +84,22 @@ def test_init_refusal_bad_batch_and_report(tmp_path: Path, mosquitto: Mosquitto,
     report = json.loads(cli("ingest", "report", "--db", pg_url, "--json").stdout)["devices"]["bike-x"]
     assert (report["records"], report["last"], report["gaps"], report["duplicates"]) == (3, 4, [[3, 3]], 0)
     assert report["active_alarms"] == [{"name": "overtemp", "instance": 0, "level": 2}]
+
+
+def test_report_reads_a_sqlite_store_and_refuses_a_missing_one(tmp_path: Path) -> None:
+    db = tmp_path / "cloud.sqlite"
+    missing = cli("ingest", "report", "--db", str(db))
+    assert missing.returncode != 0 and "no such SQLite database" in missing.stderr, missing.stderr
+    assert not db.exists(), "a report must not make the database it reads"
+    from agent.fleet.ingest import Ingest
+
+    store = Ingest(str(db))
+    body = wire.window_record(1.7e9, 1.0, [(SIG, 4, 1.0, 2.0, 1.5, 2.0, None)])
+    alarm = wire.alarm_record(1.7e9, 21, "undervolt", 1, 3, True, 30.0, 33.0)
+    store.handle("ebike/v1/bike-s/telemetry", wire.encode_batch("bike-s", [(1, body), (2, alarm), (5, body)]))
+    store.close()
+    table = cli("ingest", "report", "--db", str(db))
+    assert table.returncode == 0, table.stderr
+    row = table.stdout.splitlines()[1].split()
+    assert row[0] == "bike-s" and "undervolt#1" in row and "2 in 1" in table.stdout.splitlines()[1]
+    assert table.stdout.splitlines()[-1] == "1 devices, 3 records, 2 missing without an announcement"

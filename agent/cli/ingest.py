@@ -56,8 +56,10 @@ FLUSH_AFTER_S = 0.02
 
 def _report(args: argparse.Namespace) -> int:
     """``ingest report``: every device as the database sees it, whichever consumer stored what."""
-    from agent.fleet.ingest import Ingest
+    from agent.fleet.ingest import Ingest, is_postgres
 
+    if not is_postgres(args.db) and not os.path.exists(args.db):
+        raise ConfigError("command line", "--db", f"{args.db}: no such SQLite database (nothing was stored there)")
     store = Ingest(args.db)
     try:
         devices = store.fleet()
