@@ -366,6 +366,12 @@ def _print_decode(summary: Mapping[str, Any]) -> None:
               f"{summary['decode_best']} / the {C_ROW})")
 
 
+def _fleet(args: argparse.Namespace) -> dict[str, Any]:
+    """The fleet section (devtools/bench_fleet.py) at the sizes the options ask."""
+    return bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds, ramp=args.fleet_ramp,
+                               ramp_seconds=args.fleet_ramp_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.writes_parked_seconds < 2 * PARKED_COMMIT_S and not args.smoke:
         p.error(f"--writes-parked-seconds must be >= {2 * PARKED_COMMIT_S:g} (two parked commits)")
     if args.only == "fleet":
-        fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds, ramp=args.fleet_ramp,
-                                     ramp_seconds=args.fleet_ramp_seconds)
+        fleet_fig = _fleet(args)
         bench_fleet.report(fleet_fig)
         Path(args.out).write_text(json.dumps({
             "machine": platform.machine(), "python": platform.python_version(), "smoke": args.smoke,
@@ -475,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     instr = _instr(saturated, _reads(_packed(frames)), len(frames), args.can_fill, args.instr_warmup,
                    args.instr_seconds)
     budget = bench_budget.measure()
-    fleet_fig = bench_fleet.measure(args.fleet_devices, 1.0, args.fleet_seconds, ramp=args.fleet_ramp,
-                                     ramp_seconds=args.fleet_ramp_seconds)
+    fleet_fig = _fleet(args)
 
     kernel = "compiled kernel" if "c" in KERNELS else "pure kernel"
     summary = {
