@@ -66,6 +66,7 @@ from agent import wire
 from agent.cli.common import broker_address
 from agent.errors import AgentError, ConfigError, DecodeError, UplinkError
 from agent.fleet import ingest
+from agent.signals import signal_id
 from agent.uplink.mqtt import LinkClient, LinkFailures, is_failure, session_properties
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,18 @@ POLL_MAX_S = 0.05
 
 # What each virtual device reports: catalogue id (agent/signals.py) -> decimals, the grid
 # its sensor reads on (a window row then travels in fixed point, as real readings do).
-SPEED, ODOMETER, LATITUDE, LONGITUDE, ALTITUDE, HEADING, GNSS_SPEED, SATELLITES, HDOP = 1, 2, 3, 4, 5, 6, 7, 9, 10
-VOLTAGE, CURRENT, POWER, SOC, CELL_MIN, CELL_MAX, TEMP_MIN, TEMP_MAX = 11, 12, 13, 14, 16, 17, 18, 19
-MOTOR_TEMP, CONTROLLER_TEMP, CADENCE, TRIP = 26, 27, 34, 35
+_BATTERY = "Vehicle.Powertrain.TractionBattery."
+SPEED, ODOMETER, GNSS_SPEED, SATELLITES, HDOP = (signal_id(n) for n in (
+    "Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.LEV.GNSS.Speed", "Vehicle.LEV.GNSS.Satellites",
+    "Vehicle.LEV.GNSS.HDOP"))
+LATITUDE, LONGITUDE, ALTITUDE, HEADING = (signal_id("Vehicle.CurrentLocation." + n)
+                                          for n in ("Latitude", "Longitude", "Altitude", "Heading"))
+VOLTAGE, CURRENT, POWER, SOC, CELL_MIN, CELL_MAX, TEMP_MIN, TEMP_MAX = (signal_id(_BATTERY + n) for n in (
+    "CurrentVoltage", "CurrentCurrent", "CurrentPower", "StateOfCharge.Current", "CellVoltage.Min",
+    "CellVoltage.Max", "Temperature.Min", "Temperature.Max"))
+MOTOR_TEMP, CONTROLLER_TEMP, CADENCE, TRIP = (signal_id(n) for n in (
+    "Vehicle.Powertrain.ElectricMotor.Temperature", "Vehicle.LEV.Controller.Temperature", "Vehicle.LEV.Pedal.Cadence",
+    "Vehicle.LEV.TripDistance"))
 DECIMALS = {
     SPEED: 1, ODOMETER: 2, LATITUDE: 6, LONGITUDE: 6, ALTITUDE: 1, HEADING: 1, GNSS_SPEED: 1, SATELLITES: 0,
     HDOP: 2, VOLTAGE: 2, CURRENT: 2, POWER: 1, SOC: 0, CELL_MIN: 3, CELL_MAX: 3, TEMP_MIN: 1, TEMP_MAX: 1,

@@ -62,18 +62,23 @@ def test_records_stored_once_windows_as_arrays_duplicates_counted_per_device(pg_
         assert b.handle(topic("bike-a"), batch("bike-a", 2, 3, 4)) == [2, 3, 4]
         b.accept(topic("bike-b"), batch("bike-b", 1, 2))
         b.accept(topic("bike-b"), batch("bike-b", 2, 5))  # twice in one flush: stored once
+        # A device that reused number 6 for another record within one flush: the first is kept, whole.
+        b.accept(topic("bike-b"), batch("bike-b", 6))
+        b.accept(topic("bike-b"), wire.encode_batch("bike-b", [(6, wire.gap_record([(3, 4)], "quota", 1.7e9))]))
         acks = b.flush()
-        assert [seqs for _, seqs, _ in acks] == [[1, 2], [2, 5]]
-        assert (a.records, a.duplicates, b.records, b.duplicates) == (3, 0, 4, 3)
+        assert [seqs for _, seqs, _ in acks] == [[1, 2], [2, 5], [6], [6]]
+        assert (a.records, a.duplicates, b.records, b.duplicates) == (3, 0, 5, 4)
+        assert a.store.query("SELECT kind FROM records WHERE device_id = 'bike-b' AND seq = 6") == [("win",)]
+        assert a.store.query("SELECT count(*) FROM announced_gaps") == [(0,)]
         fleet = a.fleet()
         assert {d: (v["records"], v["first"], v["last"], v["duplicates"], v["gaps"]) for d, v in fleet.items()} == {
-            "bike-a": (4, 1, 4, 2, []), "bike-b": (3, 1, 5, 1, [[3, 4]])}
+            "bike-a": (4, 1, 4, 2, []), "bike-b": (4, 1, 6, 2, [[3, 4]])}
         assert fleet["bike-b"]["unannounced"] == 2 and fleet["bike-a"]["last_seen"].endswith("+00:00")
         rows = a.store.query("SELECT t_ms, dur_ms, signal, count, min, max, mean, last FROM windows"
                              " WHERE device_id = 'bike-a' AND seq = 2")
         assert rows == [(round((1.7e9 + 2) * 1000), 1000, [SIG, SIG + 1], [10, 5], [0.0, -3.25], [2.0, 4.5],
                          [1.0, 0.5], [1.0, 4.5])]
-        assert a.store.query("SELECT count(*) FROM windows") == [(7,)]
+        assert a.store.query("SELECT count(*) FROM windows") == [(8,)]
     finally:
         a.close()
         b.close()

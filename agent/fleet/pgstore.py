@@ -297,8 +297,13 @@ class PostgresStore:
 
     def _write(self, conn: psycopg.Connection[Any], batches: list[Batch],
                contents: list[dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]]]) -> list[int | str]:
-        keys = sorted({(b.device, seq): (rec["k"], record_time(rec))
-                       for b in batches for seq, rec in b.records}.items())
+        # A number twice in one flush keeps its first record, as the contents below do
+        # (and as ON CONFLICT does across flushes): key and contents always agree.
+        first: dict[tuple[str, int], tuple[str, int]] = {}
+        for b in batches:
+            for seq, rec in b.records:
+                first.setdefault((b.device, seq), (rec["k"], record_time(rec)))
+        keys = sorted(first.items())
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 "INSERT INTO records (device_id, seq, kind, t_ms)"
